@@ -1,0 +1,125 @@
+"""The NeRF field: a multiresolution hash-grid encoding in plain PyTorch and a small MLP that
+gives density and albedo.
+
+Coarse levels whose grid fits the table are stored densely and sampled with the native
+trilinear `grid_sample` (as Instant-NGP does for levels that need no hashing); finer levels
+are hashed with Instant-NGP's primes. Levels are switched on coarse-to-fine during training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cameras import BOUND_RADIUS
+
+PRIMES = (1, 2654435761, 805459861)
+
+
+@dataclass(frozen=True)
+class FieldConfig:
+    levels: int = 8
+    features_per_level: int = 2
+    log2_table_size: int = 21  # levels whose (res + 1)^3 fits are dense: on CPU that is all of them
+    base_resolution: int = 16
+    max_resolution: int = 112
+    hidden: int = 64
+    blob_density: float = 20.0  # pre-activation density added at the centre (Magic3D's blob)
+    blob_radius: float = 0.6
+    density_bias: float = -1.0
+
+
+class HashGrid(nn.Module):
+    """Multiresolution grid encoding of points in [-1, 1]^3 -> [N, levels * features]."""
+
+    def __init__(self, config: FieldConfig) -> None:
+        super().__init__()
+        self.config = config
+        growth = math.exp((math.log(config.max_resolution) - math.log(config.base_resolution)) / max(1, config.levels - 1))
+        self.resolutions = [int(math.floor(config.base_resolution * growth**i)) for i in range(config.levels)]
+        table = 2**config.log2_table_size
+        f = config.features_per_level
+        self.dense = nn.ParameterList()
+        self.hashed = nn.ParameterList()
+        for res in self.resolutions:
+            if (res + 1) ** 3 <= table:
+                self.dense.append(nn.Parameter(torch.empty(1, f, res + 1, res + 1, res + 1).uniform_(-1e-4, 1e-4)))
+            else:
+                self.hashed.append(nn.Parameter(torch.empty(table, f).uniform_(-1e-4, 1e-4)))
+        self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.int64), persistent=False)
+        self.active_levels = config.levels
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.levels * self.config.features_per_level
+
+    def _hashed_level(self, x01: torch.Tensor, table: torch.Tensor, res: int) -> torch.Tensor:
+        pos = x01 * res
+        base = pos.floor().long()
+        frac = pos - base
+        corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=x01.device)
+        idx = base[:, None, :] + corners[None]  # [N, 8, 3]
+        h = (idx * self.primes).unbind(-1)
+        slot = (h[0] ^ h[1] ^ h[2]) % table.shape[0]
+        w = torch.where(corners[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # [N, 8]
+        return (table[slot] * w[..., None]).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, 3] in [-1, 1]."""
+        outs, dense_i, hashed_i = [], 0, 0
+        grid = x.view(1, 1, 1, -1, 3)
+        for level, res in enumerate(self.resolutions):
+            if (res + 1) ** 3 <= 2**self.config.log2_table_size:
+                param = self.dense[dense_i]
+                dense_i += 1
+                if level >= self.active_levels:
+                    outs.append(x.new_zeros(x.shape[0], self.config.features_per_level))
+                    continue
+                # grid_sample wants (x, y, z) for (W, H, D); our tensor is laid out [D=z, H=y, W=x].
+                feat = F.grid_sample(param, grid, mode="bilinear", padding_mode="border", align_corners=True)
+                outs.append(feat.view(self.config.features_per_level, -1).t())
+            else:
+                table = self.hashed[hashed_i]
+                hashed_i += 1
+                if level >= self.active_levels:
+                    outs.append(x.new_zeros(x.shape[0], self.config.features_per_level))
+                    continue
+                outs.append(self._hashed_level((x.clamp(-1, 1) + 1) * 0.5, table, res))
+        return torch.cat(outs, -1)
+
+
+class NeRFField(nn.Module):
+    """Density (softplus with a centred blob) and albedo (sigmoid) at points in the bound."""
+
+    def __init__(self, config: FieldConfig = FieldConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.encoding = HashGrid(config)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.encoding.output_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, 4),
+        )
+
+    def blob(self, x: torch.Tensor) -> torch.Tensor:
+        r = x.norm(dim=-1)
+        return self.config.blob_density * (1 - r / self.config.blob_radius) + self.config.density_bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, 3] world points -> density [N], albedo [N, 3] (display colour)."""
+        h = self.mlp(self.encoding(x / BOUND_RADIUS))
+        density = F.softplus(h[:, 0] + self.blob(x))
+        return density, torch.sigmoid(h[:, 1:])
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[0]
+
+    def normals(self, x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+        """Outward unit normals, minus the normalised density gradient (central differences)."""
+        offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps
+        pts = torch.cat([x[:, None, :] + offsets, x[:, None, :] - offsets], 1).reshape(-1, 3)
+        d = self.density(pts).view(-1, 2, 3)
+        grad = (d[:, 0] - d[:, 1]) / (2 * eps)
+        return -F.normalize(grad, dim=-1)

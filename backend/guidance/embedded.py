@@ -1,0 +1,49 @@
+"""Guidance by the embedded prior: pixel space at 32x32, camera-conditioned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..cameras import Cameras
+from ..prior import WEIGHTS_DIR
+from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
+from ..shading import ShadingConfig
+from .base import Guidance, GuidanceDefaults, ModelLoadError
+
+
+class EmbeddedGuidance(Guidance):
+    """SDS against our own small prior; its "latents" are the render resized to 32x32 in [-1, 1]."""
+
+    defaults = GuidanceDefaults(
+        guidance_scale=20.0, steps=600, resolution=64, t_range=(0.02, 0.98), t_max_end=0.5,
+        shading=ShadingConfig(albedo=0.0, textureless=0.0, ambient=0.35), background="white", field_levels_start=2,
+    )
+
+    def __init__(self, path: str | Path = WEIGHTS_DIR, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        try:
+            self.prior = EmbeddedPrior.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"cannot load the embedded prior from {path}: {exc}. Reinstall PromptMesh, or rebuild the "
+                "weights with `promptmesh prior train`"
+            ) from exc
+        self.prior.requires_grad_(False).eval().to(device)
+        self.register_buffer("alphas_cumprod", self.prior.scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
+
+    def check_prompt(self, text: str) -> None:
+        self.prior.check_prompt(text)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return x * 2 - 1
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prior.encode_text(texts)
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras) -> torch.Tensor:
+        states, pooled = cond
+        return self.prior.predict_noise(noisy, t, states, pooled, camera_features(cameras).to(noisy.device))

@@ -1,0 +1,103 @@
+"""Stable Diffusion guidance (latent space), loaded with diffusers/transformers `from_pretrained`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..cameras import Cameras
+from ..shading import ShadingConfig
+from .base import Guidance, GuidanceDefaults, ModelLoadError
+
+DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-2-1-base"
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick connection attempt, so that a machine without network fails in seconds
+    rather than after the Hub client's minutes of retries."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _is_cached(model: str) -> bool:
+    try:
+        DDPMScheduler.load_config(model, subfolder="scheduler", local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class StableDiffusionGuidance(Guidance):
+    """SDS against Stable Diffusion: renders are upsampled to the UNet's native size (512 for
+    SD 2.1-base), VAE-encoded, and scored by the frozen UNet (fp16 and no grad on CUDA)."""
+
+    defaults = GuidanceDefaults(
+        guidance_scale=100.0, steps=5000, resolution=64, t_range=(0.02, 0.98), t_max_end=0.98,
+        shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp", field_levels_start=8,
+    )
+
+    def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        local = Path(model).is_dir()
+        if not local and Path(model).exists():
+            raise ModelLoadError(f"model path {model} is not a folder")
+        if local:
+            missing = [c for c in COMPONENTS if not (Path(model) / c).is_dir()]
+            if missing:
+                raise ModelLoadError(f"model folder {model} lacks the component folder(s): {', '.join(missing)}")
+        kwargs = {"local_files_only": local or _offline() or _is_cached(model)}
+        if not kwargs["local_files_only"] and not _hub_reachable():
+            raise ModelLoadError(
+                f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be reached: "
+                f"download it on a connected machine (`huggingface-cli download {model}`) or pass a local folder"
+            )
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
+            self.text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=self.dtype, **kwargs)
+            self.unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype, **kwargs)
+            self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, **kwargs)
+            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
+        except (OSError, ValueError) as exc:
+            where = "folder" if local else "Hub id"
+            hint = "" if local else (
+                " (offline: download it first with `huggingface-cli download "
+                f"{model}` on a connected machine, or pass a local folder)"
+            )
+            raise ModelLoadError(f"cannot load Stable Diffusion from {where} {model!r}{hint}: {exc}") from exc
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.requires_grad_(False).eval().to(device)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_size = self.unet.config.sample_size * vae_scale
+        self.scaling_factor = self.vae.config.scaling_factor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        posterior = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
+        return posterior.sample() * self.scaling_factor
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()

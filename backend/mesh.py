@@ -1,0 +1,106 @@
+"""Mesh extraction: density on a grid -> marching cubes -> cleanup -> vertex colours."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import trimesh
+from skimage.measure import marching_cubes
+
+from .cameras import BOUND_RADIUS
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MeshError(RuntimeError):
+    """Extraction gave no usable surface; the message says what to try."""
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh in the backend's world (Z up, front -Y); colours are display sRGB."""
+
+    vertices: np.ndarray  # [V, 3] float32
+    faces: np.ndarray  # [F, 3] int32, counter-clockwise seen from outside
+    colors: np.ndarray  # [V, 3] float32 in [0, 1], sRGB
+    normals: np.ndarray  # [V, 3] float32, unit, outward
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"vertices": int(len(self.vertices)), "faces": int(len(self.faces))}
+
+
+def auto_threshold(samples_per_ray: int = 64) -> float:
+    """The density at which one render step of a ray across the bound is half opaque."""
+    step = 2 * BOUND_RADIUS / samples_per_ray
+    return math.log(2.0) / step
+
+
+@torch.no_grad()
+def sample_grid(fn: Fn, resolution: int, device: torch.device | str = "cpu", chunk: int = 262144) -> np.ndarray:
+    """fn at the nodes of a resolution^3 grid spanning the bounding cube, as [x, y, z]."""
+    axis = torch.linspace(-BOUND_RADIUS, BOUND_RADIUS, resolution, device=device)
+    out = np.empty(resolution**3, dtype=np.float32)
+    xs = torch.meshgrid(axis, axis, axis, indexing="ij")
+    flat = torch.stack(xs, -1).view(-1, 3)
+    for i in range(0, len(flat), chunk):
+        out[i : i + chunk] = fn(flat[i : i + chunk]).float().cpu().numpy()
+    return out.reshape(resolution, resolution, resolution)
+
+
+def _keep_main_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
+    parts = mesh.split(only_watertight=False)
+    if len(parts) <= 1:
+        return mesh
+    areas = np.array([p.area for p in parts])
+    keep = [p for p, a in zip(parts, areas) if a >= min_fraction * areas.max()]
+    return trimesh.util.concatenate(keep)
+
+
+def extract_mesh(
+    density: Fn,
+    albedo: Fn,
+    resolution: int = 128,
+    threshold: float | None = None,
+    max_faces: int | None = None,
+    min_component_fraction: float = 0.1,
+    device: torch.device | str = "cpu",
+) -> Mesh:
+    """Marching cubes of `density` at `threshold` (automatic if None, lowered step by step
+    when nothing crosses it); floaters smaller than `min_component_fraction` of the largest
+    piece's area are dropped; decimated to `max_faces`; coloured by `albedo` at the vertices."""
+    grid = sample_grid(density, resolution, device)
+    finite = grid[np.isfinite(grid)]
+    if finite.size == 0:
+        raise MeshError("the density field is not finite anywhere: the optimisation diverged; lower the guidance scale")
+    level = auto_threshold() if threshold is None else threshold
+    tries = [level] if threshold is not None else [level * f for f in (1.0, 0.5, 0.25, 0.1)]
+    level = next((t for t in tries if finite.min() < t < finite.max()), None)
+    if level is None:
+        raise MeshError(
+            f"no surface: density ranges {finite.min():.3g}..{finite.max():.3g}, never crossing the threshold "
+            f"{tries[-1]:.3g}. The object did not form or fills the whole volume: run more --steps, "
+            "change the --seed, or lower --guidance-scale"
+        )
+    spacing = (2 * BOUND_RADIUS / (resolution - 1),) * 3
+    verts, faces, _, _ = marching_cubes(np.nan_to_num(grid, nan=0.0), level=level, spacing=spacing, gradient_direction="ascent")
+    verts = verts - BOUND_RADIUS
+    mesh = trimesh.Trimesh(verts, faces, process=True)
+    mesh = _keep_main_components(mesh, min_component_fraction)
+    if max_faces is not None and len(mesh.faces) > max_faces:
+        mesh = mesh.simplify_quadric_decimation(face_count=max_faces)
+    if len(mesh.faces) < 4 or mesh.area <= 0:
+        raise MeshError("the surface is degenerate (fewer than 4 faces): run more --steps or change the --seed")
+    v = torch.from_numpy(np.ascontiguousarray(mesh.vertices, dtype=np.float32)).to(device)
+    with torch.no_grad():
+        colors = torch.cat([albedo(c) for c in v.split(262144)]).float().clamp(0, 1).cpu().numpy()
+    return Mesh(
+        vertices=mesh.vertices.astype(np.float32),
+        faces=mesh.faces.astype(np.int32),
+        colors=colors.astype(np.float32),
+        normals=np.asarray(mesh.vertex_normals, dtype=np.float32),
+    )

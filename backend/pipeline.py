@@ -1,0 +1,145 @@
+"""One generation: `run(spec, on_event) -> Result`, shared by the CLI and the job server.
+
+Stages: loading -> optimising (events every step, previews every `preview_every` steps,
+checkpoints every `checkpoint_every`) -> meshing -> done. Cancellation is a threading.Event
+checked every step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from shared.spec import JobSpec
+
+from . import __version__
+from .guidance import Guidance, load_guidance
+from .mesh import Mesh, extract_mesh
+from .trainer import Trainer, TrainerConfig
+
+
+class Cancelled(RuntimeError):
+    """The job was cancelled; raised from inside `run`."""
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available."""
+
+
+@dataclass
+class StageEvent:
+    stage: str  # loading | optimising | meshing | done
+
+
+@dataclass
+class StepEvent:
+    step: int
+    total: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class PreviewEvent:
+    step: int
+    rgba: np.ndarray  # [H, W, 4] uint8
+
+
+@dataclass
+class ResultEvent:
+    result: "Result"
+
+
+Event = StageEvent | StepEvent | PreviewEvent | ResultEvent
+
+
+@dataclass
+class Result:
+    mesh: Mesh
+    metadata: dict[str, Any]
+    trainer: Trainer = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cached_guidance(model: str, device: str) -> Guidance:
+    """The most recently used prior stays loaded between jobs."""
+    return load_guidance(model, device)
+
+
+def run(
+    spec: JobSpec,
+    on_event: Callable[[Event], None] = lambda e: None,
+    cancel: threading.Event | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+) -> Result:
+    """Optimise a NeRF for `spec.prompt` and extract its mesh."""
+    spec.validate()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(spec.device)
+    on_event(StageEvent("loading"))
+    guidance = cached_guidance(spec.model, str(device))
+    embeddings = guidance.embed_prompt(spec.prompt, spec.negative)
+    d = guidance.defaults
+    config = TrainerConfig(
+        steps=spec.steps or d.steps, resolution=spec.resolution or d.resolution,
+        guidance_scale=d.guidance_scale if spec.guidance_scale is None else spec.guidance_scale, defaults=d,
+    )
+    trainer = Trainer(guidance, embeddings, config, spec.seed, device)
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
+        if state["meta"] != spec.to_dict():
+            raise ValueError(f"checkpoint {checkpoint} belongs to a different job; delete it or drop --resume")
+        trainer.load_state_dict(state["trainer"])
+    timings["load_seconds"] = time.perf_counter() - t0
+
+    on_event(StageEvent("optimising"))
+    t1 = time.perf_counter()
+    while trainer.step < config.steps:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the job was cancelled")
+        stats = trainer.train_step()
+        on_event(StepEvent(trainer.step, config.steps, stats.loss, time.perf_counter() - t1))
+        if spec.preview_every and trainer.step % spec.preview_every == 0:
+            on_event(PreviewEvent(trainer.step, trainer.preview()))
+        if checkpoint is not None and trainer.step % checkpoint_every == 0 and trainer.step < config.steps:
+            trainer.save_checkpoint(checkpoint, spec.to_dict())
+    timings["optimise_seconds"] = time.perf_counter() - t1
+
+    on_event(StageEvent("meshing"))
+    t2 = time.perf_counter()
+    field_ = trainer.field
+    mesh = extract_mesh(
+        field_.density, lambda x: field_(x)[1], resolution=spec.mesh_resolution, max_faces=spec.max_faces, device=device
+    )
+    timings["mesh_seconds"] = time.perf_counter() - t2
+    timings["total_seconds"] = time.perf_counter() - t0
+    metadata = {
+        "prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed, "model": spec.model,
+        "steps": config.steps, "resolution": config.resolution, "guidance_scale": config.guidance_scale,
+        "mesh_resolution": spec.mesh_resolution, "device": str(device), "promptmesh": __version__,
+        "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts,
+    }
+    result = Result(mesh, metadata, trainer)
+    on_event(StageEvent("done"))
+    on_event(ResultEvent(result))
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return result

@@ -1,0 +1,151 @@
+"""The embedded prior in diffusers/transformers terms: a word-level tokenizer, a tiny
+`CLIPTextModel`, a pixel-space `UNet2DConditionModel` and a DDPM schedule.
+
+Besides the caption the UNet sees the camera (elevation, azimuth, distance, field of view)
+through its class embedding, next to the pooled text embedding: our renderer knows the
+camera of every training image and of every SDS view, which makes the prior's views of
+one object agree with each other (the lever Zero-1-to-3 and MVDream pull).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from ..cameras import Cameras
+from .shapes import PALETTE, SHAPES
+
+SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
+WORDS = ["a", "an", ",", "view", "front", "side", "back", "overhead", *PALETTE, *SHAPES]
+MAX_TOKENS = 12
+IMAGE_SIZE = 32
+CAMERA_FEATURES = 6
+TEXT_WIDTH = 64
+
+
+class UnknownWordsError(ValueError):
+    """The prompt uses words the embedded prior was never trained on."""
+
+    def __init__(self, unknown: list[str], known: list[str]) -> None:
+        self.unknown, self.known = unknown, known
+        super().__init__(
+            f"the embedded prior does not know the word(s) {', '.join(repr(w) for w in unknown)}; "
+            f"it knows: {' '.join(known)}. For any other prompt use "
+            "--model stabilityai/stable-diffusion-2-1-base (a CUDA GPU is recommended)"
+        )
+
+
+def words_of(text: str) -> list[str]:
+    """The words and commas of a prompt, lower-cased, as the tokenizer splits them."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS that wraps every caption in [BOS] ... [EOS]."""
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0, bos_token_id=1, eos_token_id=3,
+        projection_dim=TEXT_WIDTH,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=16,
+        class_embed_type="projection", projection_class_embeddings_input_dim=TEXT_WIDTH + CAMERA_FEATURES,
+    )
+
+
+def build_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def camera_features(cameras: Cameras) -> torch.Tensor:
+    """[B, 6]: sin/cos of azimuth and elevation, distance and field of view, roughly unit-scaled."""
+    az, el = torch.deg2rad(cameras.azimuth), torch.deg2rad(cameras.elevation)
+    fov = torch.rad2deg(cameras.fovy)
+    return torch.stack(
+        [az.sin(), az.cos(), el.sin(), el.cos(), (cameras.distance - 2.15) / 0.25, (fov - 42.5) / 7.5], -1
+    ).float()
+
+
+class EmbeddedPrior(torch.nn.Module):
+    """Tokenizer, text encoder, UNet and schedule of the embedded prior, saved as one folder
+    with `tokenizer/`, `text_encoder/`, `unet/` and `scheduler/` like a diffusers pipeline."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, scheduler: DDPMScheduler) -> None:
+        super().__init__()
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.text_encoder, self.unet = text_encoder, unet
+
+    @classmethod
+    def create(cls) -> "EmbeddedPrior":
+        tokenizer = build_tokenizer()
+        return cls(tokenizer, build_text_encoder(len(tokenizer)), build_unet(), build_scheduler())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "EmbeddedPrior":
+        path = Path(path)
+        missing = [p for p in ("tokenizer", "text_encoder", "unet", "scheduler") if not (path / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"embedded prior folder {path} lacks {', '.join(missing)}")
+        return cls(
+            PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
+            CLIPTextModel.from_pretrained(path / "text_encoder"),
+            UNet2DConditionModel.from_pretrained(path / "unet"),
+            DDPMScheduler.from_pretrained(path / "scheduler"),
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.unet.save_pretrained(path / "unet")
+        self.scheduler.save_pretrained(path / "scheduler")
+
+    @property
+    def known_words(self) -> list[str]:
+        return [w for w in self.tokenizer.get_vocab() if w not in SPECIAL_TOKENS]
+
+    def check_prompt(self, text: str) -> None:
+        """Raise UnknownWordsError if the text has words outside the vocabulary."""
+        vocab = self.tokenizer.get_vocab()
+        unknown = [w for w in dict.fromkeys(words_of(text)) if w not in vocab]
+        if unknown:
+            raise UnknownWordsError(unknown, sorted(self.known_words))
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [B, L, D] and the pooled ([EOS]) state [B, D]."""
+        device = next(self.text_encoder.parameters()).device
+        ids = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        out = self.text_encoder(input_ids=ids.input_ids.to(device))
+        return out.last_hidden_state, out.pooler_output
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+        """Epsilon prediction for pixel-space inputs in [-1, 1]; `cameras` are camera_features."""
+        labels = torch.cat([pooled, cameras.to(pooled)], -1)
+        return self.unet(noisy, t, encoder_hidden_states=states, class_labels=labels).sample

@@ -1,0 +1,38 @@
+"""2D samples from the embedded prior with DDIM and classifier-free guidance."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from ..cameras import Cameras, orbit_cameras, view_word
+from ..prompts import view_prompt
+from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
+
+
+@torch.no_grad()
+def sample(prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """One image per camera for `prompt` (+ each camera's view suffix); [N, 3, S, S] in [0, 1]."""
+    prior.check_prompt(prompt)
+    n = len(cameras)
+    captions = [view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)]
+    states, pooled = prior.encode_text([""] * n + captions)
+    cams = camera_features(cameras).repeat(2, 1)
+    scheduler = DDIMScheduler.from_config(prior.scheduler.config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    for t in scheduler.timesteps:
+        eps_u, eps_c = prior.predict_noise(torch.cat([x, x]), t.repeat(2 * n), states, pooled, cams).chunk(2)
+        x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+def sample_grid(prior: EmbeddedPrior, prompt: str, views: int = 8, rows: int = 2, **kwargs) -> np.ndarray:
+    """`rows` x `views` samples around the object (azimuth across, a new seed per row) as uint8 HxWx3."""
+    seed = kwargs.pop("seed", 0)
+    images = [sample(prior, prompt, orbit_cameras(views), seed=seed + r, **kwargs) for r in range(rows)]
+    grid = torch.cat(images).view(rows, views, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * IMAGE_SIZE, views * IMAGE_SIZE, 3)
+    return (grid * 255).round().to(torch.uint8).numpy()

@@ -1,0 +1,137 @@
+"""The SDS optimisation loop: one step renders a random view, scores it with the guidance and
+updates the field. Holds everything a checkpoint needs to resume bit-for-bit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .background import MLPBackground, SolidBackground
+from .cameras import CameraRanges, Cameras, orbit_cameras, sample_cameras
+from .field import FieldConfig, NeRFField
+from .guidance.base import Guidance, GuidanceDefaults
+from .prompts import PromptEmbeddings
+from .renderer import OccupancyGrid, RenderConfig, render
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    steps: int
+    resolution: int
+    guidance_scale: float
+    defaults: GuidanceDefaults
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    orientation_weight: float = 1e-2
+    entropy_weight: float = 1e-3  # opacity entropy, switched on after `entropy_from` of the run
+    entropy_from: float = 0.5
+    coarse_to_fine_until: float = 0.5  # all hash-grid levels active by this fraction of the run
+    occupancy_every: int = 16
+    occupancy_warmup: int = 32
+
+
+@dataclass
+class StepStats:
+    loss: float
+    sds: float
+    samples: int
+    shading: str
+
+
+class Trainer:
+    """Owns the field, background, occupancy grid, optimiser and random state of one job."""
+
+    def __init__(self, guidance: Guidance, embeddings: PromptEmbeddings, config: TrainerConfig, seed: int, device: torch.device) -> None:
+        torch.manual_seed(seed)
+        self.guidance, self.embeddings, self.config, self.device = guidance, embeddings, config, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.field = NeRFField(FieldConfig()).to(device)
+        d = config.defaults
+        self.background = (SolidBackground() if d.background == "white" else MLPBackground()).to(device)
+        self.occupancy = OccupancyGrid(RenderConfig()).to(device)
+        groups = [
+            {"params": list(self.field.encoding.parameters()), "lr": config.lr_grid},
+            {"params": list(self.field.mlp.parameters()), "lr": config.lr_mlp},
+        ]
+        bg_params = list(self.background.parameters())
+        if bg_params:
+            groups.append({"params": bg_params, "lr": config.lr_background})
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.step = 0
+        self._update_schedule()
+
+    def _update_schedule(self) -> None:
+        levels = self.field.config.levels
+        start = min(self.config.defaults.field_levels_start, levels)
+        progress = self.step / max(1, self.config.steps * self.config.coarse_to_fine_until)
+        self.field.encoding.active_levels = min(levels, start + int(math.floor(progress * (levels - start + 1))))
+
+    def t_range(self) -> tuple[float, float]:
+        lo, hi = self.config.defaults.t_range
+        frac = self.step / max(1, self.config.steps)
+        return lo, max(lo, hi + (self.config.defaults.t_max_end - hi) * frac)
+
+    def train_step(self) -> StepStats:
+        cfg = self.config
+        if self.step >= cfg.occupancy_warmup and self.step % cfg.occupancy_every == 0:
+            self.occupancy.update(self.field, self.generator)
+        cameras = sample_cameras(1, self.generator, CameraRanges()).to(self.device)
+        shading = cfg.defaults.shading.sample(self.generator)
+        out = render(
+            self.field, self.background, cameras, cfg.resolution, cfg.resolution, shading=shading,
+            ambient=cfg.defaults.shading.ambient, occupancy=self.occupancy if self.step >= cfg.occupancy_warmup else None,
+            generator=self.generator,
+        )
+        sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, cfg.guidance_scale, self.t_range(), self.generator)
+        loss = sds + cfg.orientation_weight * out.orientation
+        if self.step >= cfg.entropy_from * cfg.steps:
+            o = out.opacity.clamp(1e-5, 1 - 1e-5)
+            loss = loss + cfg.entropy_weight * (-(o * o.log() + (1 - o) * (1 - o).log())).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self._update_schedule()
+        return StepStats(loss.item(), sds.item(), out.samples, shading)
+
+    @torch.no_grad()
+    def preview(self, size: int = 64, azimuth: float | None = None) -> np.ndarray:
+        """An RGBA uint8 render from an orbiting camera (the azimuth turns with the step)."""
+        if azimuth is None:
+            azimuth = (self.step * 7.0) % 360.0
+        return self.render_rgba(orbit_cameras(1, start_azimuth=azimuth), size)[0]
+
+    @torch.no_grad()
+    def render_rgba(self, cameras: Cameras, size: int) -> np.ndarray:
+        out = render(self.field, self.background, cameras.to(self.device), size, size, shading="lambertian",
+                     ambient=self.config.defaults.shading.ambient, occupancy=self.occupancy)
+        rgba = torch.cat([out.rgb, out.opacity], 1).clamp(0, 1).permute(0, 2, 3, 1)
+        return (rgba * 255).round().to(torch.uint8).cpu().numpy()
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "field": self.field.state_dict(), "background": self.background.state_dict(),
+            "occupancy": self.occupancy.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.field.load_state_dict(state["field"])
+        self.background.load_state_dict(state["background"])
+        self.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self._update_schedule()
+
+    def save_checkpoint(self, path: Path, meta: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"meta": meta, "trainer": self.state_dict()}, tmp)
+        tmp.replace(path)
+

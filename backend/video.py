@@ -1,0 +1,24 @@
+"""A turntable video of the final NeRF (MP4 through imageio-ffmpeg, or GIF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+
+from .cameras import orbit_cameras
+from .trainer import Trainer
+
+
+def write_turntable(trainer: Trainer, path: str | Path, frames: int = 48, size: int = 128, fps: int = 24) -> Path:
+    """Render `frames` views around the object and write them to `path` (.mp4 or .gif)."""
+    path = Path(path)
+    cams = orbit_cameras(frames)
+    rgba = np.concatenate([trainer.render_rgba(cams[i : i + 8], size) for i in range(0, frames, 8)])
+    rgb = rgba[..., :3]
+    if path.suffix.lower() == ".gif":
+        iio.imwrite(path, rgb, duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(path, rgb, fps=fps, codec="libx264", macro_block_size=16)
+    return path

@@ -1,0 +1,76 @@
+"""SDS iteration speed and peak memory on this machine, split into render forward, guidance
+(encode + UNet) and backward. Prints figures; asserts nothing.
+
+    python bench/sds_speed.py [--model embedded|PATH] [--resolution 64] [--steps 40] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from backend.cameras import CameraRanges, sample_cameras  # noqa: E402
+from backend.guidance import load_guidance  # noqa: E402
+from backend.renderer import render  # noqa: E402
+from backend.trainer import Trainer, TrainerConfig  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="tiny-sd", help="'tiny-sd' (built here), 'embedded', or a path")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=60, help="steps run first so the occupancy grid is in use")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model
+    if model == "tiny-sd":
+        from tiny_sd import save_tiny_stable_diffusion
+
+        model = str(save_tiny_stable_diffusion(Path(tempfile.mkdtemp()) / "tiny-sd"))
+    guidance = load_guidance(model)
+    emb = guidance.embed_prompt("a red cube")
+    cfg = TrainerConfig(steps=1000, resolution=args.resolution, guidance_scale=guidance.defaults.guidance_scale, defaults=guidance.defaults)
+    trainer = Trainer(guidance, emb, cfg, seed=0, device=torch.device("cpu"))
+    for _ in range(args.warmup):
+        trainer.train_step()
+    fwd = gd = bwd = 0.0
+    samples = 0
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(args.steps):
+        cams = sample_cameras(1, gen, CameraRanges())
+        t0 = time.perf_counter()
+        out = render(trainer.field, trainer.background, cams, args.resolution, args.resolution, shading="lambertian",
+                     occupancy=trainer.occupancy, generator=gen)
+        t1 = time.perf_counter()
+        loss = guidance.sds_loss(out.rgb, emb, cams, cfg.guidance_scale, (0.02, 0.98), gen) + 1e-2 * out.orientation
+        t2 = time.perf_counter()
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        t3 = time.perf_counter()
+        fwd, gd, bwd = fwd + t1 - t0, gd + t2 - t1, bwd + t3 - t2
+        samples += out.samples
+    n = args.steps
+    total = (fwd + gd + bwd) / n
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"model={args.model} resolution={args.resolution} threads={torch.get_num_threads()} "
+          f"occupied={trainer.occupancy.occupied_fraction:.2f} samples/step={samples / n:.0f}")
+    print(f"per iteration: {total:.3f} s ({1 / total:.2f} it/s) = render {fwd / n:.3f} + guidance {gd / n:.3f} "
+          f"+ backward {bwd / n:.3f}")
+    print(f"speed-up vs the 10 s/it reference port: {10.0 / total:.1f}x; peak RSS {peak_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The generation job spec and its validation, shared by the CLI, the server and the add-on.
+
+Every field is checked for type and range; a bad one raises SpecError naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+MAX_PROMPT_CHARS = 1000
+MAX_MODEL_CHARS = 512
+LIMITS: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**32 - 1),
+    "steps": (1, 20000),
+    "resolution": (16, 512),
+    "guidance_scale": (0.0, 1000.0),
+    "preview_every": (0, 100000),
+    "mesh_resolution": (32, 256),
+    "max_faces": (100, 5_000_000),
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SpecError(ValueError):
+    """A job spec field is missing, of the wrong type or out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class JobSpec:
+    """What to generate. None means "the prior's default" for steps, resolution and scale."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int | None = None
+    resolution: int | None = None
+    guidance_scale: float | None = None
+    model: str = "embedded"
+    preview_every: int = 0
+    mesh_resolution: int = 128
+    max_faces: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> "JobSpec":
+        """Check every field; returns self with the prompt's whitespace collapsed."""
+        for name in ("prompt", "negative", "model", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecError(name, f"expected text, got {type(getattr(self, name)).__name__}")
+        self.prompt = " ".join(self.prompt.split())
+        self.negative = " ".join(self.negative.split())
+        if not self.prompt:
+            raise SpecError("prompt", 'is empty: describe the object, e.g. "a red cube"')
+        for name in ("prompt", "negative"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise SpecError(name, f"has {len(getattr(self, name))} characters; at most {MAX_PROMPT_CHARS} allowed")
+        if not self.model.strip() or len(self.model) > MAX_MODEL_CHARS:
+            raise SpecError("model", f"must be 'embedded', a Hub id or a folder (1 to {MAX_MODEL_CHARS} characters)")
+        if self.device not in DEVICES:
+            raise SpecError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name, (lo, hi) in LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces"):
+                continue
+            want_int = name != "guidance_scale"
+            ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type:
+                raise SpecError(name, f"expected {'an integer' if want_int else 'a number'}, got {type(value).__name__}")
+            if not (lo <= value <= hi) or value != value:
+                raise SpecError(name, f"must be between {lo:g} and {hi:g}, got {value}")
+        if self.resolution is not None and self.resolution % 8:
+            raise SpecError("resolution", f"must be a multiple of 8, got {self.resolution}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "JobSpec":
+        """Build and validate a spec from untrusted data (unknown keys are an error)."""
+        if not isinstance(data, dict):
+            raise SpecError("spec", f"expected a mapping, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            raise SpecError(unknown[0], "is not a known field")
+        if "prompt" not in data:
+            raise SpecError("prompt", "is required")
+        return cls(**data).validate()

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random Stable Diffusion saved to disk, and external tool lookups."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_sd import save_tiny_stable_diffusion  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(available: bool, what: str) -> None:
+    """Skip locally when an external checker is missing; in CI, where .ci/run installs it, fail."""
+    if not available:
+        if IN_CI:
+            pytest.fail(f"{what} is missing in CI; .ci/run should have installed it")
+        pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def gltf_validator() -> list[str]:
+    """The command that runs the Khronos glTF validator on a file given after it."""
+    modules = Path(os.environ.get("GLTF_VALIDATOR_NODE_MODULES", ROOT / ".ci" / "node" / "node_modules"))
+    require_tool(shutil.which("node") is not None and (modules / "gltf-validator").is_dir(),
+                 f"npm gltf-validator (npm install --prefix {modules.parent} gltf-validator)")
+    os.environ["NODE_PATH"] = str(modules)
+    return ["node", str(ROOT / "tests" / "gltf_validate.js")]

@@ -1,0 +1,81 @@
+"""The `promptmesh generate` command, run as a user runs it (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "   "], "prompt: is empty"),
+        (["generate", "a red cube", "--steps", "0"], "--steps"),
+        (["generate", "a red cube", "--resolution", "4096"], "--resolution"),
+        (["generate", "a red cube", "--resolution", "60"], "multiple of 8"),
+        (["generate", "a red cube", "-o", "/no/such/folder/x.glb"], "does not exist"),
+        (["generate", "a red cube", "--model", "./missing-folder", "--steps", "1"], "unknown model"),
+        (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
+        (["generate", "a red cube", "-o", "x.fbx"], "promptmesh export"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, fragment, tmp_path):
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    proc = promptmesh(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_unwritable_folder_is_refused_before_work(tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/proc/promptmesh-test.glb")  # not writable even for root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        target = ro / "x.glb"
+    proc = promptmesh("generate", "a red cube", "-o", str(target), "--steps", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot write" in proc.stderr
+
+
+def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_sd, tmp_path):
+    out = tmp_path / "cube.glb"
+    args = ["generate", "a red cube", "--model", str(tiny_sd), "--steps", "12", "--resolution", "32",
+            "--mesh-resolution", "48", "-o", str(out), "--preview-dir", str(tmp_path / "previews"), "--preview-every", "4"]
+    proc = promptmesh(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "optimising" in proc.stderr and "it/s" in proc.stderr or "s/it" in proc.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["prompt"] == "a red cube" and meta["steps"] == 12 and meta["model"] == str(tiny_sd)
+    scene = trimesh.load(out)
+    geom = next(iter(scene.geometry.values()))
+    assert len(geom.faces) == meta["faces"] > 0 and len(geom.vertices) == meta["vertices"]
+    colours = geom.visual.vertex_colors
+    assert colours.shape == (meta["vertices"], 4) and np.ptp(colours[:, :3]) >= 0
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"step_{s:05d}.png" for s in (4, 8, 12)]
+    assert not out.with_name("cube.ckpt.pt").exists()  # the checkpoint is removed once the mesh is written
+
+    # the same seed on CPU gives the same mesh
+    again = tmp_path / "again.glb"
+    proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-4]])
+    assert proc.returncode == 0, proc.stderr
+    other = next(iter(trimesh.load(again).geometry.values()))
+    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_colors, colours)

@@ -1,0 +1,92 @@
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from backend.export import srgb_to_linear, write_mesh
+from backend.mesh import MeshError, auto_threshold, extract_mesh
+
+RED = (0.86, 0.10, 0.10)
+
+
+def sphere_density(radius=0.5, centre=(0.0, 0.0, 0.0)):
+    c = torch.tensor(centre)
+    return lambda x: 1000.0 * ((x - c).norm(dim=-1) < radius).float()
+
+
+def constant_albedo(rgb=RED):
+    return lambda x: torch.tensor(rgb).expand(len(x), 3)
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_marching_cubes_of_a_sphere_is_a_sphere(resolution):
+    mesh = extract_mesh(sphere_density(0.5), constant_albedo(), resolution=resolution)
+    cell = 2.0 / (resolution - 1)
+    r = np.linalg.norm(mesh.vertices, axis=1)
+    assert np.abs(r - 0.5).max() < cell
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight and tm.volume > 0  # closed and wound outward
+    assert (np.sum(mesh.normals * mesh.vertices, axis=1) > 0).all()
+    assert np.allclose(mesh.colors, RED, atol=1e-6)
+
+
+def test_floaters_are_dropped_and_decimation_keeps_the_budget():
+    main = sphere_density(0.5)
+    speck = sphere_density(0.08, (0.8, 0.0, 0.0))
+    mesh = extract_mesh(lambda x: main(x) + speck(x), constant_albedo(), resolution=96)
+    assert np.linalg.norm(mesh.vertices, axis=1).max() < 0.6
+    smooth = lambda x: 100.0 * torch.sigmoid((0.5 - x.norm(dim=-1)) * 20)  # noqa: E731  like a trained field
+    small = extract_mesh(smooth, constant_albedo(), resolution=96, max_faces=1000)
+    assert 500 <= len(small.faces) <= 1000
+
+
+def test_empty_field_is_an_error_with_advice():
+    with pytest.raises(MeshError, match="steps"):
+        extract_mesh(lambda x: torch.zeros(len(x)), constant_albedo(), resolution=32)
+    with pytest.raises(MeshError):
+        extract_mesh(lambda x: torch.full((len(x),), 1e4), constant_albedo(), resolution=32)
+
+
+def test_threshold_falls_back_for_a_faint_field():
+    faint = lambda x: 0.4 * auto_threshold() * (x.norm(dim=-1) < 0.5).float()  # noqa: E731
+    mesh = extract_mesh(faint, constant_albedo(), resolution=48)
+    assert abs(np.linalg.norm(mesh.vertices, axis=1).mean() - 0.5) < 0.05
+
+
+@pytest.fixture(scope="module")
+def cone_mesh():
+    """An asymmetric object: a cone whose tip points up (+Z) and sits at the front (-Y)."""
+    def density(x):
+        h = (0.5 - x[:, 2]) / 1.0  # 0 at the tip z=0.5, 1 at the base z=-0.5
+        r = torch.sqrt(x[:, 0] ** 2 + (x[:, 1] + 0.1) ** 2)
+        return 1000.0 * ((h > 0) & (h < 1) & (r < 0.4 * h)).float()
+    return extract_mesh(density, constant_albedo(), resolution=64)
+
+
+def test_glb_passes_the_khronos_validator_with_linear_colours_and_y_up(cone_mesh, tmp_path, gltf_validator):
+    path = write_mesh(cone_mesh, tmp_path / "cone.glb")
+    report = json.loads(subprocess.run(gltf_validator + [str(path)], capture_output=True, text=True, check=True).stdout)
+    assert report["issues"]["numErrors"] == 0, report["issues"]["messages"]
+    assert report["info"]["totalTriangleCount"] == len(cone_mesh.faces)
+    scene = trimesh.load(path)
+    geom = next(iter(scene.geometry.values()))
+    top = geom.vertices[:, 1].argmax()  # Y up in glTF
+    assert geom.vertices[top, 1] > 0.45
+    assert np.allclose(geom.vertices[:, 2].mean(), 0.1, atol=0.03)  # our front (-Y) becomes glTF front (+Z)
+    colour = geom.visual.vertex_colors[:, :3].mean(0) / 255
+    assert np.allclose(colour, srgb_to_linear(np.array(RED)), atol=2 / 255)
+
+
+def test_ply_is_z_up_and_obj_y_up_both_srgb(cone_mesh, tmp_path):
+    ply = trimesh.load(write_mesh(cone_mesh, tmp_path / "cone.ply"), process=False)
+    assert ply.vertices[:, 2].max() > 0.45 and np.allclose(ply.vertices[:, 1].mean(), -0.1, atol=0.03)
+    assert np.allclose(ply.visual.vertex_colors[:, :3].mean(0) / 255, RED, atol=1 / 255)
+    obj_text = write_mesh(cone_mesh, tmp_path / "cone.obj").read_text()
+    verts = np.array([[float(v) for v in line.split()[1:]] for line in obj_text.splitlines() if line.startswith("v ")])
+    assert verts.shape[1] == 6  # x y z r g b
+    assert verts[:, 1].max() > 0.45
+    assert np.allclose(verts[:, 3:].mean(0), RED, atol=1 / 255)
+    assert len(verts) == len(cone_mesh.vertices)

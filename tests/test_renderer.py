@@ -1,0 +1,121 @@
+import math
+
+import torch
+from torch import nn
+
+from backend.background import SolidBackground
+from backend.cameras import make_cameras
+from backend.field import FieldConfig, NeRFField
+from backend.renderer import OccupancyGrid, RenderConfig, render
+
+RADIUS = 0.5
+
+
+class AnalyticSphere(nn.Module):
+    """A hard sphere of constant albedo, with the field's interface."""
+
+    def forward(self, x):
+        inside = (x.norm(dim=-1) < RADIUS).float()
+        return inside * 1e4, torch.tensor([0.8, 0.2, 0.1]).expand(len(x), 3)
+
+    def density(self, x):
+        return self.forward(x)[0]
+
+    def normals(self, x):
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+def front_camera(fov=40.0, distance=2.0):
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return make_cameras(one(0), one(0), one(distance), one(fov))
+
+
+def test_sphere_silhouette_and_depth_are_right_to_a_pixel():
+    size, fov, dist = 64, 40.0, 2.0
+    cams = front_camera(fov, dist)
+    out = render(AnalyticSphere(), SolidBackground(), cams, size, size, shading="albedo")
+    focal = 0.5 * size / math.tan(math.radians(fov) / 2)
+    radius_px = focal * math.tan(math.asin(RADIUS / dist))
+    c = (torch.arange(size) + 0.5 - size / 2)
+    r = torch.sqrt(c[None, :] ** 2 + c[:, None] ** 2)
+    opaque = out.opacity[0, 0] > 0.5
+    clear = (r - radius_px).abs() > 1.0  # pixels more than a pixel away from the true edge
+    assert torch.equal(opaque[clear], (r < radius_px)[clear])
+    # depth along each ray vs the analytic ray-sphere intersection, within one sample step
+    _, dirs = __import__("backend.cameras", fromlist=["ray_bundle"]).ray_bundle(cams, size, size)
+    o = cams.origins[0]
+    d = dirs[0]
+    b = (d * o).sum(-1)
+    disc = b * b - (o @ o - RADIUS**2)
+    true_depth = -b - torch.sqrt(disc.clamp_min(0))
+    step = 2.0 / RenderConfig().samples_per_ray
+    inside = opaque & clear
+    err = (out.depth[0, 0][inside] / out.opacity[0, 0][inside] - true_depth[inside]).abs()
+    assert err.max() < step
+    # background is white where nothing was hit, the albedo where the sphere is
+    assert torch.allclose(out.rgb[0, :, 0, 0], torch.ones(3), atol=1e-4)
+    assert torch.allclose(out.rgb[0, :, size // 2, size // 2], torch.tensor([0.8, 0.2, 0.1]), atol=1e-3)
+
+
+def test_lambertian_is_brightest_facing_the_light():
+    cams = front_camera()
+    out = render(AnalyticSphere(), SolidBackground(), cams, 32, 32, shading="lambertian", ambient=0.2)
+    red = out.rgb[0, 0]
+    centre = red[16, 16]
+    edge = red[16, 11]  # closer to the silhouette: the normal turns away from the light (at the camera)
+    assert centre > edge > 0.2 * 0.8 - 1e-3
+    assert torch.allclose(out.normals[0, :, 16, 16], torch.tensor([0.0, -1.0, 0.0]), atol=0.1)
+
+
+def test_occupancy_grid_skips_empty_space_without_changing_the_image():
+    field = NeRFField(FieldConfig())
+    grid = OccupancyGrid(RenderConfig())
+    grid.update(field)
+    assert 0.0 < grid.occupied_fraction < 0.6  # the initial blob, not the whole cube
+    cams = front_camera()
+    with torch.no_grad():
+        full = render(field, SolidBackground(), cams, 32, 32, shading="albedo")
+        culled = render(field, SolidBackground(), cams, 32, 32, shading="albedo", occupancy=grid)
+    assert culled.samples < full.samples
+    assert torch.allclose(full.rgb, culled.rgb, atol=2e-3)
+
+
+def test_field_gradients_reach_the_grid_through_render():
+    field = NeRFField(FieldConfig())
+    out = render(field, SolidBackground(), front_camera(), 16, 16, shading="lambertian",
+                 generator=torch.Generator().manual_seed(0))
+    out.rgb.mean().backward()
+    grads = [p.grad for p in field.encoding.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_hashed_level_hits_its_table_at_nodes_and_interpolates_between():
+    cfg = FieldConfig(levels=1, base_resolution=8, max_resolution=8, log2_table_size=9)  # 9^3 > 2^9: hashed
+    enc = NeRFField(cfg).encoding
+    assert len(enc.hashed) == 1 and not len(enc.dense)
+    table = enc.hashed[0].data
+    table.normal_()
+    nodes = torch.tensor([[1, 2, 3], [4, 4, 4], [7, 0, 5]])
+    x = nodes / 8 * 2 - 1
+    h = (nodes * enc.primes).unbind(-1)
+    expected = table[(h[0] ^ h[1] ^ h[2]) % table.shape[0]]
+    assert torch.allclose(enc(x), expected, atol=1e-5)
+    # halfway between two nodes along x, y or z: the mean of the two node features
+    for axis in range(3):
+        step = torch.zeros(3)
+        step[axis] = 1.0
+        a, b = nodes[0].float(), nodes[0].float() + step
+        mid = ((a + b) / 2) / 8 * 2 - 1
+        ha, hb = (a.long() * enc.primes).unbind(-1), (b.long() * enc.primes).unbind(-1)
+        fa, fb = table[(ha[0] ^ ha[1] ^ ha[2]) % 512], table[(hb[0] ^ hb[1] ^ hb[2]) % 512]
+        assert torch.allclose(enc(mid[None])[0], (fa + fb) / 2, atol=1e-5)
+
+
+def test_dense_level_matches_trilinear_interpolation_axis_order():
+    cfg = FieldConfig(levels=1, base_resolution=4, max_resolution=4)
+    enc = NeRFField(cfg).encoding
+    grid = enc.dense[0].data  # [1, F, z, y, x]
+    grid.normal_()
+    node = torch.tensor([1, 2, 3])  # (x, y, z)
+    x = (node / 4 * 2 - 1)[None].float()
+    assert torch.allclose(enc(x)[0], grid[0, :, 3, 2, 1], atol=1e-5)
