@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from shared.spec import LIMITS, JobSpec, SpecError
 
 EXIT_ERROR = 2
@@ -60,14 +62,18 @@ def output_path(out: str | None, fmt: str | None, prompt: str) -> tuple[Path, st
     return path, fmt
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    if args.model is None:
-        print("using the embedded prior (pass --model stabilityai/stable-diffusion-2-1-base for Stable Diffusion)", file=sys.stderr)
-    spec = JobSpec(
+def _spec(args: argparse.Namespace) -> JobSpec:
+    return JobSpec(
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, resolution=args.resolution,
         guidance_scale=args.guidance_scale, model=args.model or "embedded", preview_every=args.preview_every,
         mesh_resolution=args.mesh_resolution, max_faces=args.max_faces, device=args.device,
     ).validate()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.model is None:
+        print("using the embedded prior (pass --model stabilityai/stable-diffusion-2-1-base for Stable Diffusion)", file=sys.stderr)
+    spec = _spec(args)
     out, fmt = output_path(args.output, args.format, spec.prompt)
     preview_dir = Path(args.preview_dir) if args.preview_dir else None
     if preview_dir is not None:
@@ -139,6 +145,125 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    _quiet_libraries()
+    from backend.server import Server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None)
+    print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from backend.keys import generate
+
+    public, secret = generate(Path(args.folder), args.name)
+    print(f"wrote {public} (share it) and {secret} (keep it private)", file=sys.stderr)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from shared.client import Client
+
+    server_key = client_keys = None
+    if args.server_key:
+        import zmq.auth
+
+        server_key, _ = zmq.auth.load_certificate(args.server_key)
+        if args.client_key:
+            client_keys = zmq.auth.load_certificate(args.client_key)
+    client = Client(args.endpoint, server_key=server_key, client_keys=client_keys)
+    try:
+        client.hello(timeout=args.timeout)
+    except Exception:
+        client.close()
+        raise
+    return client
+
+
+def _write_result(message, out: Path) -> Path:
+    from backend.export import write_json, write_mesh
+    from backend.mesh import Mesh
+
+    mesh = Mesh(**{k: np.asarray(message.arrays[k]) for k in ("vertices", "faces", "colors", "normals")})
+    out_path, fmt = output_path(str(out), None, "mesh")
+    write_mesh(mesh, out_path, fmt)
+    write_json(message.fields.get("meta") or {}, out_path.with_suffix(".json"))
+    return out_path
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if args.output:
+        output_path(args.output, None, spec.prompt)
+    with _client(args) as client:
+        accepted = client.request("generate", spec=spec.to_dict(), timeout=args.timeout)
+        job = accepted.job
+        print(job)
+        if not args.wait:
+            return 0
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"job {job}", unit="it", dynamic_ncols=True, file=sys.stderr)
+        while True:
+            for msg in client.poll(1.0):
+                if msg.job != job:
+                    continue
+                if msg.type == "progress" and msg.fields.get("total"):
+                    bar.total = msg.fields["total"]
+                    bar.update(msg.fields["step"] - bar.n)
+                    bar.set_postfix(stage=msg.fields["stage"], refresh=False)
+                elif msg.type == "error":
+                    bar.close()
+                    raise CliError(f"job {job} {'was cancelled' if msg.fields.get('code') == 'CANCELLED' else 'failed'}: {msg.fields.get('message')}")
+                elif msg.type == "done":
+                    bar.close()
+                    if args.output:
+                        path = _write_result(client.request("result", job, timeout=60), Path(args.output))
+                        print(f"wrote {path}", file=sys.stderr)
+                    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = client.request("status", timeout=args.timeout).fields["jobs"]
+    for j in jobs:
+        took = f"{j['finished'] - j['started']:.0f}s" if j.get("finished") and j.get("started") else "-"
+        pos = "" if j.get("position") is None else f" #{j['position']}"
+        print(f"{j['job']}  {j['state']:<9}{pos:<4} {took:>6}  {j['prompt']}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    output_path(args.output, None, "mesh")
+    with _client(args) as client:
+        path = _write_result(client.request("result", args.job, timeout=max(args.timeout, 60)), Path(args.output))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.send("cancel", args.job)
+        deadline = args.timeout
+        while deadline > 0:
+            for msg in client.poll(0.5):
+                if msg.job == args.job and msg.type == "error":
+                    if msg.fields.get("code") == "CANCELLED":
+                        print(f"cancelled {args.job}", file=sys.stderr)
+                        return 0
+                    raise CliError(msg.fields.get("message", "cannot cancel"))
+            deadline -= 0.5
+    raise CliError(f"no confirmation of the cancellation of {args.job} within {args.timeout:g} s")
+
+
 def _int_in(name: str):
     lo, hi = LIMITS[name]
 
@@ -154,6 +279,27 @@ def _int_in(name: str):
     return parse
 
 
+def _generation_options(g: argparse.ArgumentParser) -> None:
+    g.add_argument("prompt")
+    g.add_argument("--model", help="'embedded' (default), a Hub id such as stabilityai/stable-diffusion-2-1-base, or a folder")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=_int_in("steps"), help="optimisation steps (default: the model's)")
+    g.add_argument("--seed", type=_int_in("seed"), default=0)
+    g.add_argument("--resolution", type=_int_in("resolution"), help="render size in pixels, a multiple of 8")
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--preview-every", type=_int_in("preview_every"), default=0)
+    g.add_argument("--mesh-resolution", type=_int_in("mesh_resolution"), default=128, help="marching cubes grid (32..256)")
+    g.add_argument("--max-faces", type=_int_in("max_faces"), help="decimate the mesh to at most this many faces")
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    p.add_argument("--server-key", help="the server's public key file (CURVE)")
+    p.add_argument("--client-key", help="this client's secret key file (CURVE)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit code 2."""
 
@@ -166,24 +312,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="optimise a NeRF for a prompt and write a vertex-coloured mesh")
-    g.add_argument("prompt")
     g.add_argument("-o", "--output", help="output file (default: the prompt's words .glb)")
     g.add_argument("--format", choices=("glb", "ply", "obj"), help="file format (default: from -o, else glb)")
-    g.add_argument("--model", help="'embedded' (default), a Hub id such as stabilityai/stable-diffusion-2-1-base, or a folder")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=_int_in("steps"), help="optimisation steps (default: the model's)")
-    g.add_argument("--seed", type=_int_in("seed"), default=0)
-    g.add_argument("--resolution", type=_int_in("resolution"), help="render size in pixels, a multiple of 8")
-    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _generation_options(g)
     g.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
-    g.add_argument("--preview-every", type=_int_in("preview_every"), default=0)
-    g.add_argument("--mesh-resolution", type=_int_in("mesh_resolution"), default=128, help="marching cubes grid (32..256)")
-    g.add_argument("--max-faces", type=_int_in("max_faces"), help="decimate the mesh to at most this many faces")
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
     g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (OUT.ckpt.pt)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
     g.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the job server")
+    srv.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    srv.add_argument("--data-dir", default="promptmesh-data")
+    srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    srv.add_argument("--keys", help="folder with server.key_secret and authorized/ (required off loopback)")
+    srv.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True, parser_class=Parser)
+    kg = keys.add_parser("generate", help="write a CURVE key pair NAME.key and NAME.key_secret")
+    kg.add_argument("folder")
+    kg.add_argument("--name", default="client")
+    kg.set_defaults(func=cmd_keys_generate)
+
+    sm = sub.add_parser("submit", help="send a job to a server")
+    _client_options(sm)
+    sm.add_argument("-o", "--output", help="with --wait: write the result here")
+    sm.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    _generation_options(sm)
+    sm.set_defaults(func=cmd_submit)
+    jb = sub.add_parser("jobs", help="list a server's jobs")
+    _client_options(jb)
+    jb.set_defaults(func=cmd_jobs)
+    ft = sub.add_parser("fetch", help="download a finished job's mesh")
+    _client_options(ft)
+    ft.add_argument("job")
+    ft.add_argument("-o", "--output", required=True)
+    ft.set_defaults(func=cmd_fetch)
+    cn = sub.add_parser("cancel", help="cancel a queued or running job")
+    _client_options(cn)
+    cn.add_argument("job")
+    cn.set_defaults(func=cmd_cancel)
 
     prior = sub.add_parser("prior", help="train or sample the embedded prior").add_subparsers(dest="prior_command", required=True, parser_class=Parser)
     t = prior.add_parser("train", help="train the embedded prior from scratch (CPU is fine; hours)")
@@ -212,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     from backend.guidance.base import ModelLoadError
     from backend.mesh import MeshError
     from backend.pipeline import Cancelled, DeviceError
+    from shared.client import ClientError
 
     try:
         return args.func(args)
-    except (CliError, SpecError, ModelLoadError, DeviceError, MeshError, Cancelled) as exc:
+    except (CliError, SpecError, ModelLoadError, DeviceError, MeshError, Cancelled, ClientError) as exc:
         print(f"promptmesh: error: {exc}", file=sys.stderr)
     except ValueError as exc:  # e.g. words the embedded prior does not know, a foreign checkpoint
         print(f"promptmesh: error: {exc}", file=sys.stderr)

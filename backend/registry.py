@@ -1,0 +1,127 @@
+"""The job registry: one SQLite database (WAL) in the data directory, plus a folder per job."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.spec import JobSpec
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error_code TEXT,
+    error TEXT,
+    meta TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    state: str
+    spec: JobSpec
+    created: float
+    started: float | None
+    finished: float | None
+    error_code: str | None
+    error: str | None
+    meta: dict[str, Any] | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job": self.id, "state": self.state, "prompt": self.spec.prompt, "created": self.created,
+            "started": self.started, "finished": self.finished, "error_code": self.error_code, "error": self.error,
+        }
+
+
+class Registry:
+    """Thread-safe access to the jobs table; job folders live under `root/jobs/<id>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def recover(self) -> list[str]:
+        """After a restart: jobs that were running are failed (the process died under them)."""
+        with self._lock:
+            rows = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            self._db.execute(
+                "UPDATE jobs SET state='failed', finished=?, error_code='INTERNAL', "
+                "error='the server stopped while this job was running' WHERE state='running'", (time.time(),)
+            )
+        return rows
+
+    def add(self, spec: JobSpec) -> Job:
+        job_id = uuid.uuid4().hex[:16]
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            self._db.execute(
+                "INSERT INTO jobs (id, seq, state, spec, created) VALUES (?, ?, 'queued', ?, ?)",
+                (job_id, seq, json.dumps(spec.to_dict()), time.time()),
+            )
+        self.folder(job_id).mkdir(parents=True, exist_ok=True)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list(self, limit: int = 200) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in reversed(rows)]
+
+    def queued(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq").fetchall()
+        return [_job(r) for r in rows]
+
+    def set_state(self, job_id: str, state: str, *, error_code: str | None = None, error: str | None = None,
+                  meta: dict[str, Any] | None = None) -> None:
+        assert state in STATES
+        now = time.time()
+        with self._lock:
+            if state == "running":
+                self._db.execute("UPDATE jobs SET state=?, started=? WHERE id=?", (state, now, job_id))
+            else:
+                self._db.execute(
+                    "UPDATE jobs SET state=?, finished=?, error_code=?, error=?, meta=COALESCE(?, meta) WHERE id=?",
+                    (state, now, error_code, error, json.dumps(meta) if meta is not None else None, job_id),
+                )
+
+
+def _job(row: tuple) -> Job:
+    id_, seq, state, spec, created, started, finished, code, error, meta = row
+    return Job(id_, seq, state, JobSpec(**json.loads(spec)), created, started, finished, code, error,
+               json.loads(meta) if meta else None)

@@ -1,0 +1,155 @@
+"""The PromptMesh wire protocol: `[msgpack header, *raw frames]` over ZeroMQ.
+
+The header is a msgpack map `{v, type, id, job?, ...fields}`; arrays travel as raw frames,
+described in the header's `arrays` list as `{name, dtype, shape}` in frame order. `decode`
+checks everything a peer sends and raises ProtocolError naming the field at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .spec import JobSpec, SpecError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_ID_CHARS = 64
+DTYPES = ("uint8", "int32", "uint32", "float32")
+
+CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result")
+SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "result", "error", "status")
+
+# error codes
+BAD_REQUEST = "BAD_REQUEST"
+VERSION = "VERSION"
+BUSY = "BUSY"
+NOT_FOUND = "NOT_FOUND"
+OOM = "OOM"
+CANCELLED = "CANCELLED"
+INTERNAL = "INTERNAL"
+
+
+class ProtocolError(ValueError):
+    """A malformed or invalid message; `code` is one of the error codes above."""
+
+    def __init__(self, message: str, field: str | None = None, code: str = BAD_REQUEST) -> None:
+        self.field, self.code = field, code
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+@dataclass
+class Message:
+    type: str
+    id: str = ""
+    job: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames for `msg`: the header first, then one frame per array (C order)."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.type, "id": msg.id, **msg.fields}
+    if msg.job is not None:
+        header["job"] = msg.job
+    frames: list[bytes] = []
+    if msg.arrays:
+        header["arrays"] = []
+        for name, arr in msg.arrays.items():
+            arr = np.ascontiguousarray(arr)
+            if arr.dtype.name not in DTYPES:
+                raise ProtocolError(f"dtype {arr.dtype.name} cannot travel; use one of {DTYPES}", name)
+            header["arrays"].append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
+            frames.append(arr.tobytes())
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _str(value: Any, name: str, max_chars: int, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"expected text, got {type(value).__name__}", name)
+    if len(value) > max_chars:
+        raise ProtocolError(f"longer than {max_chars} characters", name)
+    if not allow_empty and not value:
+        raise ProtocolError("must not be empty", name)
+    return value
+
+
+def decode(frames: list[bytes], expect: tuple[str, ...] = CLIENT_TYPES) -> Message:
+    """Parse and validate a multipart message whose type must be one of `expect`."""
+    if not frames:
+        raise ProtocolError("empty message", "header")
+    raw = frames[0]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}", "header")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(f"not valid msgpack ({type(exc).__name__})", "header") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"expected a map, got {type(header).__name__}", "header")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}", "v", VERSION)
+    kind = header.get("type")
+    if kind not in expect:
+        raise ProtocolError(f"unknown message type {kind!r}; expected one of {', '.join(expect)}", "type")
+    msg_id = _str(header.get("id", ""), "id", MAX_ID_CHARS)
+    job = header.get("job")
+    if job is not None:
+        job = _str(job, "job", MAX_ID_CHARS, allow_empty=False)
+    arrays = _decode_arrays(header.get("arrays", []), frames[1:])
+    fields = {k: v for k, v in header.items() if k not in ("v", "type", "id", "job", "arrays")}
+    msg = Message(kind, msg_id, job, fields, arrays)
+    if expect is CLIENT_TYPES:
+        _validate_client(msg)
+    return msg
+
+
+def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list):
+        raise ProtocolError("expected a list", "arrays")
+    if len(specs) != len(frames):
+        raise ProtocolError(f"{len(specs)} arrays described but {len(frames)} frames sent", "arrays")
+    out = {}
+    for i, (spec, frame) in enumerate(zip(specs, frames)):
+        where = f"arrays[{i}]"
+        if not isinstance(spec, dict):
+            raise ProtocolError("expected a map", where)
+        name = _str(spec.get("name"), f"{where}.name", 32, allow_empty=False)
+        dtype = spec.get("dtype")
+        if dtype not in DTYPES:
+            raise ProtocolError(f"dtype must be one of {DTYPES}", f"{where}.dtype")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) > 4 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in shape):
+            raise ProtocolError("expected up to 4 non-negative integers", f"{where}.shape")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if len(frame) > MAX_FRAME_BYTES or nbytes != len(frame):
+            raise ProtocolError(f"frame has {len(frame)} bytes, shape {shape} of {dtype} needs {nbytes}", where)
+        out[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
+    return out
+
+
+def _validate_client(msg: Message) -> None:
+    """Per-type checks of what a client may send; unknown fields are refused."""
+    allowed: dict[str, tuple[str, ...]] = {"hello": ("client", "protocol"), "ping": (), "cancel": (), "status": (), "result": ()}
+    if msg.type == "generate":
+        try:
+            msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
+        except SpecError as exc:
+            raise ProtocolError(str(exc).split(": ", 1)[-1], f"spec.{exc.field}") from None
+        except TypeError as exc:
+            raise ProtocolError(str(exc), "spec") from None
+        extra = set(msg.fields) - {"spec"}
+    else:
+        extra = set(msg.fields) - set(allowed[msg.type])
+    if extra:
+        raise ProtocolError("is not a known field", sorted(extra)[0])
+    if msg.type in ("cancel", "result") and msg.job is None:
+        raise ProtocolError("is required", "job")
+    if msg.arrays:
+        raise ProtocolError("clients send no arrays", "arrays")
+    if msg.type == "hello" and "client" in msg.fields:
+        _str(msg.fields["client"], "client", 128)

@@ -1,0 +1,76 @@
+"""The embedded prior: its data renderer, vocabulary, shipped weights and what it draws."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.cameras import make_cameras
+from backend.guidance import load_guidance
+from backend.guidance.embedded import EmbeddedGuidance
+from backend.prior import WEIGHTS_DIR
+from backend.prior.data import make_batch, render_primitives
+from backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer
+from backend.prior.shapes import PALETTE
+
+
+def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    cams = make_cameras(one(0), one(0), one(2.0), one(40))
+    image = render_primitives(["sphere"], torch.tensor([PALETTE["red"]]), cams, 64, supersample=1)[0]
+    focal = 32 / math.tan(math.radians(20))
+    radius_px = focal * math.tan(math.asin(0.55 / 2.0))
+    c = torch.arange(64) + 0.5 - 32
+    r = torch.sqrt(c[None] ** 2 + c[:, None] ** 2)
+    is_bg = (image == 1.0).all(0)
+    clear = (r - radius_px).abs() > 1
+    assert torch.equal(~is_bg[clear], (r < radius_px)[clear])
+    disc = image[:, r < radius_px - 1]
+    assert (disc[0] > 2 * disc[1]).all() and (disc[0] > 2 * disc[2]).all()  # red everywhere on the disc
+    # lit from the camera: the centre is the brightest, at the full albedo
+    assert torch.allclose(image[:, 32, 32], torch.tensor(PALETTE["red"]), atol=0.02)
+
+
+def test_batches_are_deterministic_and_captioned():
+    a = make_batch(16, 32, torch.Generator().manual_seed(5))
+    b = make_batch(16, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    for caption in a.captions:
+        assert caption == "" or (caption.startswith("a ") and caption.endswith(" view"))
+
+
+def test_tokenizer_maps_known_words_and_flags_unknown_ones():
+    tok = build_tokenizer()
+    ids = tok(["a red cube, front view"]).input_ids[0]
+    vocab = tok.get_vocab()
+    assert ids == [vocab[w] for w in ["[BOS]", "a", "red", "cube", ",", "front", "view", "[EOS]"]]
+    prior = EmbeddedPrior(tok, None, None, None)
+    prior.check_prompt("A Red CUBE")
+    with pytest.raises(UnknownWordsError) as err:
+        prior.check_prompt("a shiny red dragon")
+    message = str(err.value)
+    assert "'shiny'" in message and "'dragon'" in message and "cube" in message
+    assert "stable-diffusion-2-1-base" in message
+
+
+def test_shipped_weights_load_through_the_real_loading_path():
+    assert (WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    g = load_guidance("embedded")
+    assert isinstance(g, EmbeddedGuidance)
+    assert sum(p.numel() for p in g.prior.unet.parameters()) > 1e6
+    with pytest.raises(ValueError, match="dragon"):
+        g.embed_prompt("a dragon")
+
+
+def test_samples_of_a_red_cube_are_mostly_red():
+    from backend.cameras import orbit_cameras
+    from backend.prior.sample import sample
+
+    prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR)
+    images = sample(prior, "a red cube", orbit_cameras(4), guidance_scale=3.0, steps=25, seed=0)
+    px = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    object_px = px[(px < 0.9).any(-1)]  # not background white
+    assert len(object_px) > 0.05 * len(px)
+    red = (object_px[:, 0] > object_px[:, 1] + 0.15) & (object_px[:, 0] > object_px[:, 2] + 0.15)
+    assert red.float().mean() > 0.6

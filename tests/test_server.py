@@ -1,0 +1,290 @@
+"""The job server over real loopback sockets, run as a separate process like a user runs it."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared import protocol as P
+from shared.client import Client, ClientError
+from shared.protocol import Message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
+        self.data_dir = data_dir
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        self.log = open(data_dir.parent / f"server-{data_dir.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir), "--device", "cpu", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        with Client(self.endpoint) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    c.hello(timeout=1.0)
+                    break
+                except ClientError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("server did not start: " + (data_dir.parent / f"server-{data_dir.name}.log").read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = ServerProcess(tmp_path / "data")
+    yield srv
+    srv.stop(signal.SIGINT)
+
+
+def small_spec(tiny_sd: Path, prompt: str = "a red cube", **kw) -> dict:
+    spec = {"prompt": prompt, "model": str(tiny_sd), "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
+    spec.update(kw)
+    return spec
+
+
+def wait_for(client: Client, job: str, until: tuple[str, ...] = ("done", "error"), timeout: float = 180) -> list[Message]:
+    seen: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in client.poll(0.5):
+            seen.append(msg)
+            if msg.job == job and msg.type in until:
+                return seen
+    raise AssertionError(f"job {job} did not reach {until}: saw {[m.type for m in seen]}")
+
+
+def test_a_job_streams_progress_and_previews_then_its_result(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        welcome = c.hello()
+        assert welcome.fields["protocol"] == P.PROTOCOL_VERSION and welcome.fields["device"] == "cpu"
+        t0 = time.monotonic()
+        job = c.request("generate", spec=small_spec(tiny_sd, preview_every=1)).job
+        events = wait_for(c, job)
+        assert events[-1].type == "done", events[-1].fields
+        steps = [m.fields["step"] for m in events if m.type == "progress" and m.fields["stage"] == "optimising" and m.fields["total"]]
+        assert steps == sorted(steps) and steps[-1] == 4
+        previews = [m for m in events if m.type == "preview"]
+        assert previews and previews[0].arrays["rgba"].shape == (previews[0].fields["h"], previews[0].fields["w"], 4)
+        first_preview = next(i for i, m in enumerate(events) if m.type == "preview")
+        assert first_preview < len(events) - 1
+        result = c.request("result", job, timeout=30)
+        meta = events[-1].fields["meta"]
+        assert result.arrays["vertices"].shape == (meta["vertices"], 3)
+        assert result.arrays["faces"].shape == (meta["faces"], 3) and result.arrays["colors"].dtype == np.float32
+        folder = server.data_dir / "jobs" / job
+        assert {"mesh.glb", "mesh.ply", "meta.json", "mesh.npz"} <= {p.name for p in folder.iterdir()}
+        assert not list(folder.glob("*.tmp*"))
+        print(f"generate -> done in {time.monotonic() - t0:.1f} s")
+
+
+def test_malformed_messages_are_answered_and_the_server_survives(server, tiny_sd):
+    rng = random.Random(0)
+    ctx = zmq.Context()
+    socks = [ctx.socket(zmq.DEALER) for _ in range(4)]
+    for s in socks:
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(server.endpoint)
+    valid = P.encode(Message("generate", "x", fields={"spec": small_spec(tiny_sd)}))
+    header = msgpack.unpackb(valid[0])
+    bad = [
+        lambda: [rng.randbytes(rng.randint(0, 64))],
+        lambda: [msgpack.packb(rng.choice([1, "x", [1, 2], None, 3.5, {"v": 1}]))],
+        lambda: [msgpack.packb({**header, "v": rng.choice([0, 2, "1", None])})],
+        lambda: [msgpack.packb({**header, "type": rng.choice(["", "GENERATE", "done", 7])})],
+        lambda: [msgpack.packb({**header, "spec": {**header["spec"], "steps": rng.choice([-1, 0, 10**9, "5", 2.5])}})],
+        lambda: [msgpack.packb({**header, "spec": {**header["spec"], "prompt": rng.choice(["", "   ", "x" * 5000, 5, None])}})],
+        lambda: [msgpack.packb({**header, "spec": {**header["spec"], "resolution": rng.choice([7, 13, 100000, True])}})],
+        lambda: [msgpack.packb({**header, "spec": "not a map"})],
+        lambda: [msgpack.packb({"v": 1, "type": "cancel", "id": "c"})],
+        lambda: [msgpack.packb({"v": 1, "type": "result", "id": "c", "job": "../../etc/passwd"})],
+        lambda: [valid[0], b"extra frame"],
+        lambda: [msgpack.packb({"v": 1, "type": "ping", "id": "p", "arrays": [{"name": "a", "dtype": "uint8", "shape": [2]}]}), b"xyz"],
+        lambda: [msgpack.packb({"v": 1, "type": "ping", "id": "x" * 500})],
+    ]
+    sent = 0
+    for i in range(10_000):
+        frames = rng.choice(bad)()
+        socks[i % 4].send_multipart(frames)
+        sent += 1
+        if i % 500 == 0:  # drain answers so nothing backs up
+            for s in socks:
+                while s.poll(0):
+                    s.recv_multipart()
+    # an oversized message is dropped by ZMQ_MAXMSGSIZE (the peer is disconnected), not processed
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(server.endpoint)
+    big.send_multipart([b"x" * (2 << 20)])
+    answers = 0
+    for s in socks:
+        while s.poll(200):
+            frames = s.recv_multipart()
+            msg = P.decode(frames, P.SERVER_TYPES)
+            assert msg.type == "error" and msg.fields["code"] in (P.BAD_REQUEST, P.VERSION, P.NOT_FOUND)
+            answers += 1
+    for s in [*socks, big]:
+        s.close()
+    ctx.term()
+    assert answers > 0
+    with Client(server.endpoint) as c:
+        pong = c.request("ping")
+        assert pong.fields["queue"] == 0
+        job = c.request("generate", spec=small_spec(tiny_sd)).job
+        assert wait_for(c, job)[-1].type == "done"
+    assert not (server.data_dir / "etc").exists()
+
+
+INT64 = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.dictionaries(st.sampled_from(["v", "type", "id", "job", "spec", "arrays", "extra"]),
+                              st.one_of(st.none(), st.booleans(), INT64, st.floats(), st.text(max_size=20),
+                                        st.lists(INT64, max_size=3), st.dictionaries(st.text(max_size=5), INT64, max_size=3))),
+       frames=st.lists(st.binary(max_size=16), max_size=3))
+def test_decode_turns_any_structured_garbage_into_protocol_errors(header, frames):
+    try:
+        P.decode([msgpack.packb(header), *frames])
+    except P.ProtocolError as exc:
+        assert exc.code in (P.BAD_REQUEST, P.VERSION)
+
+
+def test_eight_clients_fifo_each_sees_only_its_own_job(server, tiny_sd):
+    clients = [Client(server.endpoint) for _ in range(8)]
+    try:
+        jobs = []
+        for i, c in enumerate(clients):
+            jobs.append(c.request("generate", spec=small_spec(tiny_sd, seed=i, steps=2)).job)
+        finished: dict[str, float] = {}
+        seen: dict[int, set] = {i: set() for i in range(8)}
+        deadline = time.monotonic() + 300
+        while len(finished) < 8 and time.monotonic() < deadline:
+            for i, c in enumerate(clients):
+                for msg in c.poll(0.05):
+                    seen[i].add(msg.job)
+                    if msg.type == "done":
+                        finished[msg.job] = time.monotonic()
+                    assert msg.type != "error", msg.fields
+        assert len(finished) == 8
+        assert sorted(jobs, key=finished.get) == jobs  # FIFO
+        for i in range(8):
+            assert seen[i] == {jobs[i]}
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_cancel_running_and_queued(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        running = c.request("generate", spec=small_spec(tiny_sd, steps=2000)).job
+        queued = c.request("generate", spec=small_spec(tiny_sd)).job
+        status = {j["job"]: j for j in c.request("status").fields["jobs"]}
+        assert status[queued]["position"] == 1
+        # wait until the first job is optimising
+        wait_for(c, running, until=("progress",))
+        c.send("cancel", queued)
+        c.send("cancel", running)
+        errors = {}
+        deadline = time.monotonic() + 60
+        while len(errors) < 2 and time.monotonic() < deadline:
+            for m in c.poll(0.5):
+                if m.type == "error":
+                    errors[m.job] = m.fields["code"]
+        assert errors == {queued: P.CANCELLED, running: P.CANCELLED}
+        states = {j["job"]: j["state"] for j in c.request("status").fields["jobs"]}
+        assert states[running] == states[queued] == "cancelled"
+        assert c.request("ping").fields["busy"] is None
+
+
+def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, tiny_sd):
+    data = tmp_path / "data"
+    srv = ServerProcess(data)
+    with Client(srv.endpoint) as c:
+        done_job = c.request("generate", spec=small_spec(tiny_sd)).job
+        assert wait_for(c, done_job)[-1].type == "done"
+        before = (data / "jobs" / done_job / "mesh.glb").read_bytes()
+        long_job = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
+        wait_for(c, long_job, until=("progress",))
+    srv.stop(signal.SIGKILL)
+    srv2 = ServerProcess(data, bind=srv.endpoint)
+    try:
+        with Client(srv2.endpoint) as c:
+            states = {j["job"]: j for j in c.request("status").fields["jobs"]}
+            assert states[long_job]["state"] == "failed" and "stopped" in states[long_job]["error"]
+            assert states[done_job]["state"] == "done"
+            result = c.request("result", done_job, timeout=30)
+            assert len(result.arrays["faces"]) > 0
+        assert (data / "jobs" / done_job / "mesh.glb").read_bytes() == before
+    finally:
+        srv2.stop(signal.SIGINT)
+
+
+def test_non_loopback_bind_needs_keys(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://0.0.0.0:0", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2 and "CURVE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_path):
+    from backend.keys import generate
+
+    keys = tmp_path / "keys"
+    generate(keys, "server")
+    (keys / "authorized").mkdir()
+    generate(keys / "authorized", "artist")
+    generate(tmp_path / "stranger", "stranger")
+    srv_port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", f"tcp://127.0.0.1:{srv_port}",
+                             "--data-dir", str(tmp_path / "data"), "--keys", str(keys)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+        artist = zmq.auth.load_certificate(str(keys / "authorized" / "artist.key_secret"))
+        stranger = zmq.auth.load_certificate(str(tmp_path / "stranger" / "stranger.key_secret"))
+        deadline = time.monotonic() + 60
+        while True:
+            with Client(f"tcp://127.0.0.1:{srv_port}", server_key=server_public, client_keys=artist) as c:
+                try:
+                    assert c.hello(timeout=1.0).type == "welcome"
+                    break
+                except ClientError:
+                    assert time.monotonic() < deadline
+        with Client(f"tcp://127.0.0.1:{srv_port}", server_key=server_public, client_keys=stranger) as c:
+            with pytest.raises(ClientError):
+                c.hello(timeout=2.0)
+        with Client(f"tcp://127.0.0.1:{srv_port}") as c:  # plain text
+            with pytest.raises(ClientError):
+                c.hello(timeout=2.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
