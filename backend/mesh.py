@@ -70,15 +70,15 @@ def extract_mesh(
     min_component_fraction: float = 0.1,
     device: torch.device | str = "cpu",
 ) -> Mesh:
-    """Marching cubes of `density` at `threshold` (automatic if None, lowered step by step
-    when nothing crosses it); floaters smaller than `min_component_fraction` of the largest
+    """Marching cubes of `density` at `threshold` (by default the density at which one render
+    step is half opaque), lowered step by step when nothing crosses it; floaters smaller than `min_component_fraction` of the largest
     piece's area are dropped; decimated to `max_faces`; coloured by `albedo` at the vertices."""
     grid = sample_grid(density, resolution, device)
     finite = grid[np.isfinite(grid)]
     if finite.size == 0:
         raise MeshError("the density field is not finite anywhere: the optimisation diverged; lower the guidance scale")
     level = auto_threshold() if threshold is None else threshold
-    tries = [level] if threshold is not None else [level * f for f in (1.0, 0.5, 0.25, 0.1)]
+    tries = [level * f for f in (1.0, 0.5, 0.25, 0.1)]
     level = next((t for t in tries if finite.min() < t < finite.max()), None)
     if level is None:
         raise MeshError(

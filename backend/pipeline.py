@@ -127,7 +127,8 @@ def run(
     t2 = time.perf_counter()
     field_ = trainer.field
     mesh = extract_mesh(
-        field_.density, lambda x: field_(x)[1], resolution=spec.mesh_resolution, max_faces=spec.max_faces, device=device
+        field_.density, lambda x: field_(x)[1], resolution=spec.mesh_resolution, threshold=trainer.surface_density(),
+        max_faces=spec.max_faces, device=device,
     )
     timings["mesh_seconds"] = time.perf_counter() - t2
     timings["total_seconds"] = time.perf_counter() - t0

@@ -71,7 +71,7 @@ class RenderOutput:
     opacity: torch.Tensor  # [B, 1, H, W]
     depth: torch.Tensor  # [B, 1, H, W] distance along the ray, 0 where empty
     normals: torch.Tensor  # [B, 3, H, W] world-space, at the expected surface
-    orientation: torch.Tensor  # scalar: mean opacity-weighted relu(n . d)^2 (Ref-NeRF)
+    orientation: torch.Tensor  # scalar: opacity-weighted relu(n . d)^2 summed per image (Ref-NeRF)
     samples: int  # field evaluations spent on the samples
 
 
@@ -137,7 +137,7 @@ def render(
     color = shade(shading, albedo_c, opacity, normals, light, ambient)
     color = color + (1 - opacity) * background(d)
     facing_away = (normals * d).sum(-1).clamp_min(0) ** 2
-    orientation = (opacity[:, 0].detach() * facing_away).mean()
+    orientation = (opacity[:, 0].detach() * facing_away).sum() / batch
 
     def image(x: torch.Tensor) -> torch.Tensor:
         return x.view(batch, height, width, -1).permute(0, 3, 1, 2)

@@ -70,6 +70,7 @@ class Server:
         self.endpoint = self._bind(bind)
         self.events: queue.Queue = queue.Queue()
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
+        self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
         self.pending: list[str] = [j.id for j in self.registry.queued()]  # FIFO of queued jobs
         self.running: Running | None = None
         self.wake = threading.Condition()
@@ -171,7 +172,8 @@ class Server:
                 return
         if self.running and self.running.job == msg.job:
             self.running.cancel.set()
-            return  # the worker reports CANCELLED within one step
+            self.watchers.setdefault(msg.job, set()).add(client)
+            return  # the worker reports CANCELLED within one step, to the owner and to this client
         self._error(client, P.BAD_REQUEST, f"job {msg.job} is {job.state}; only queued or running jobs can be cancelled", msg.id, msg.job)
 
     def _on_status(self, client: bytes, msg: Message) -> None:
@@ -220,8 +222,11 @@ class Server:
             self._route(job, msg)
 
     def _route(self, job: str, msg: Message) -> None:
-        client = self.owners.get(job)
-        if client is not None:
+        clients = {self.owners[job]} if job in self.owners else set()
+        if msg.type in ("done", "error"):  # the job's end: forget who was listening
+            clients |= self.watchers.pop(job, set())
+            self.owners.pop(job, None)
+        for client in clients:
             self._send(client, msg)
 
     def _device_name(self) -> str:
@@ -245,14 +250,16 @@ class Server:
                 job_id = self.pending.pop(0)
                 self.running = Running(job_id, self.owners.get(job_id, b""))
             try:
-                self._run_job(job_id, self.running.cancel)
+                kind, fields = self._run_job(job_id, self.running.cancel)
             finally:
                 self.running = None
+            self._post(job_id, kind, fields)  # after `running` is cleared: a ping then reads idle
 
     def _post(self, job: str, kind: str, fields: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> None:
         self.events.put((job, Message(kind, "", job, fields or {}, arrays or {})))
 
-    def _run_job(self, job_id: str, cancel: threading.Event) -> None:
+    def _run_job(self, job_id: str, cancel: threading.Event) -> tuple[str, dict[str, Any]]:
+        """Run one job and record its outcome; returns the final message (done or error)."""
         job = self.registry.get(job_id)
         spec = job.spec
         spec.device = spec.device if spec.device != "auto" else self.device
@@ -279,15 +286,15 @@ class Server:
             meta = {**result.metadata, "job": job_id}
             write_json(meta, folder / "meta.json")
             self.registry.set_state(job_id, "done", meta=meta)
-            self._post(job_id, "done", {"meta": meta})
+            return "done", {"meta": meta}
         except Cancelled:
             self.registry.set_state(job_id, "cancelled", error_code=P.CANCELLED, error="cancelled while running")
-            self._post(job_id, "error", {"code": P.CANCELLED, "message": "cancelled while running"})
+            return "error", {"code": P.CANCELLED, "message": "cancelled while running"}
         except Exception as exc:
             code, message = _classify(exc)
             log.error("job %s failed: %s", job_id, traceback.format_exc())
             self.registry.set_state(job_id, "failed", error_code=code, error=message)
-            self._post(job_id, "error", {"code": code, "message": message})
+            return "error", {"code": code, "message": message}
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .background import MLPBackground, SolidBackground
-from .cameras import CameraRanges, Cameras, orbit_cameras, sample_cameras
+from .cameras import CameraRanges, Cameras, orbit_cameras, ray_bundle, sample_cameras
 from .field import FieldConfig, NeRFField
 from .guidance.base import Guidance, GuidanceDefaults
 from .prompts import PromptEmbeddings
@@ -27,9 +27,11 @@ class TrainerConfig:
     lr_grid: float = 1e-2
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
-    orientation_weight: float = 1e-2
-    entropy_weight: float = 1e-3  # opacity entropy, switched on after `entropy_from` of the run
-    entropy_from: float = 0.5
+    # Regularisers are summed over pixels like the SDS loss, so their weights do not depend
+    # on the resolution relative to it.
+    orientation_weight: float = 0.1
+    entropy_weight: float = 0.5  # opacity entropy, switched on after `entropy_from` of the run
+    entropy_from: float = 0.3
     coarse_to_fine_until: float = 0.5  # all hash-grid levels active by this fraction of the run
     occupancy_every: int = 16
     occupancy_warmup: int = 32
@@ -91,7 +93,8 @@ class Trainer:
         loss = sds + cfg.orientation_weight * out.orientation
         if self.step >= cfg.entropy_from * cfg.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)
-            loss = loss + cfg.entropy_weight * (-(o * o.log() + (1 - o) * (1 - o).log())).mean()
+            entropy = -(o * o.log() + (1 - o) * (1 - o).log())
+            loss = loss + cfg.entropy_weight * entropy.sum() / o.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -112,6 +115,21 @@ class Trainer:
                      ambient=self.config.defaults.shading.ambient, occupancy=self.occupancy)
         rgba = torch.cat([out.rgb, out.opacity], 1).clamp(0, 1).permute(0, 2, 3, 1)
         return (rgba * 255).round().to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
+    def surface_density(self, views: int = 8, size: int = 64) -> float | None:
+        """The median density at the rendered surface (expected depth of the opaque pixels)
+        seen from an orbit: the iso-level whose mesh matches what the renders show."""
+        cams = orbit_cameras(views).to(self.device)
+        out = render(self.field, self.background, cams, size, size, shading="albedo", occupancy=self.occupancy)
+        origins, dirs = ray_bundle(cams, size, size)
+        opacity = out.opacity.permute(0, 2, 3, 1)[..., 0]
+        depth = out.depth.permute(0, 2, 3, 1)[..., 0]
+        solid = opacity > 0.5
+        if int(solid.sum()) < 16:
+            return None
+        points = origins[solid] + dirs[solid] * (depth[solid] / opacity[solid])[:, None]
+        return float(self.field.density(points).median())
 
     def state_dict(self) -> dict:
         return {

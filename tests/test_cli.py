@@ -59,7 +59,7 @@ def test_unwritable_folder_is_refused_before_work(tmp_path):
 def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_sd, tmp_path):
     out = tmp_path / "cube.glb"
     args = ["generate", "a red cube", "--model", str(tiny_sd), "--steps", "12", "--resolution", "32",
-            "--mesh-resolution", "48", "-o", str(out), "--preview-dir", str(tmp_path / "previews"), "--preview-every", "4"]
+            "--mesh-resolution", "48", "-o", str(out), "--video", "--preview-dir", str(tmp_path / "previews"), "--preview-every", "4"]
     proc = promptmesh(*args)
     assert proc.returncode == 0, proc.stderr
     assert "optimising" in proc.stderr and "it/s" in proc.stderr or "s/it" in proc.stderr
@@ -72,10 +72,15 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     assert colours.shape == (meta["vertices"], 4) and np.ptp(colours[:, :3]) >= 0
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"step_{s:05d}.png" for s in (4, 8, 12)]
     assert not out.with_name("cube.ckpt.pt").exists()  # the checkpoint is removed once the mesh is written
+    import imageio.v3 as iio
+
+    frames = iio.imread(out.with_suffix(".mp4"))
+    assert meta["video"] == "cube.mp4" and frames.shape[0] == 48 and frames.shape[-1] == 3
+    assert frames[0].std() > 0  # the object, not a blank frame
 
     # the same seed on CPU gives the same mesh
     again = tmp_path / "again.glb"
-    proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-4]])
+    proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-5]])
     assert proc.returncode == 0, proc.stderr
     other = next(iter(trimesh.load(again).geometry.values()))
     assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_colors, colours)

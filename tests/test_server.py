@@ -288,3 +288,36 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_cli_client_commands_submit_wait_jobs_fetch_cancel(server, tiny_sd, tmp_path):
+    ep = ["--endpoint", server.endpoint]
+    out = tmp_path / "cube.glb"
+    proc = cli("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3", "--resolution", "16",
+               "--mesh-resolution", "32", "--wait", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    listing = cli("jobs", *ep)
+    assert listing.returncode == 0 and job in listing.stdout and "done" in listing.stdout
+    again = tmp_path / "again.ply"
+    assert cli("fetch", job, *ep, "-o", str(again)).returncode == 0 and again.stat().st_size > 0
+    long = cli("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3000", "--resolution", "16")
+    long_job = long.stdout.strip()
+    cancelled = cli("cancel", long_job, *ep, "--timeout", "60")
+    assert cancelled.returncode == 0, cancelled.stderr
+    missing = cli("fetch", "nosuchjob", *ep, "-o", str(tmp_path / "x.glb"))
+    assert missing.returncode == 2 and "no job" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_cli_client_unreachable_server_fails_fast_with_one_line():
+    t0 = time.monotonic()
+    proc = cli("jobs", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no answer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 30
