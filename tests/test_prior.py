@@ -74,3 +74,14 @@ def test_samples_of_a_red_cube_are_mostly_red():
     assert len(object_px) > 0.05 * len(px)
     red = (object_px[:, 0] > object_px[:, 1] + 0.15) & (object_px[:, 0] > object_px[:, 2] + 0.15)
     assert red.float().mean() > 0.6
+
+
+def test_short_generation_with_the_embedded_prior_has_the_prompted_colour():
+    from backend.pipeline import run
+    from backend.prior.judge import judge_mesh
+    from shared.spec import JobSpec
+
+    result = run(JobSpec(prompt="a yellow sphere", seed=0, steps=150, mesh_resolution=64))
+    verdict = judge_mesh(result.mesh)
+    assert verdict.color == "yellow", verdict
+    assert result.metadata["model"] == "embedded" and len(result.mesh.faces) > 100
