@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.spec import LIMITS, JobSpec, SpecError
+from shared.spec import JobSpec, SpecError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -264,33 +264,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     raise CliError(f"no confirmation of the cancellation of {args.job} within {args.timeout:g} s")
 
 
-def _int_in(name: str):
-    lo, hi = LIMITS[name]
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}, got {value}")
-        return value
-
-    return parse
-
-
 def _generation_options(g: argparse.ArgumentParser) -> None:
+    """Options that make a JobSpec; its validate() checks their ranges."""
     g.add_argument("prompt")
     g.add_argument("--model", help="'embedded' (default), a Hub id such as stabilityai/stable-diffusion-2-1-base, or a folder")
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=_int_in("steps"), help="optimisation steps (default: the model's)")
-    g.add_argument("--seed", type=_int_in("seed"), default=0)
-    g.add_argument("--resolution", type=_int_in("resolution"), help="render size in pixels, a multiple of 8")
+    g.add_argument("--steps", type=int, help="optimisation steps (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=int, help="render size in pixels, a multiple of 8")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--preview-every", type=_int_in("preview_every"), default=0)
-    g.add_argument("--mesh-resolution", type=_int_in("mesh_resolution"), default=128, help="marching cubes grid (32..256)")
-    g.add_argument("--max-faces", type=_int_in("max_faces"), help="decimate the mesh to at most this many faces")
+    g.add_argument("--preview-every", type=int, default=0)
+    g.add_argument("--mesh-resolution", type=int, default=128, help="marching cubes grid (32..256)")
+    g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:

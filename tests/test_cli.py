@@ -22,8 +22,9 @@ def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     "args, fragment",
     [
         (["generate", "   "], "prompt: is empty"),
-        (["generate", "a red cube", "--steps", "0"], "--steps"),
-        (["generate", "a red cube", "--resolution", "4096"], "--resolution"),
+        (["generate", "a red cube", "--steps", "0"], "steps: must be between"),
+        (["generate", "a red cube", "--resolution", "4096"], "resolution: must be between"),
+        (["generate", "a red cube", "--seed", "x"], "--seed"),
         (["generate", "a red cube", "--resolution", "60"], "multiple of 8"),
         (["generate", "a red cube", "-o", "/no/such/folder/x.glb"], "does not exist"),
         (["generate", "a red cube", "--model", "./missing-folder", "--steps", "1"], "unknown model"),

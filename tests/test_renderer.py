@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from backend.background import SolidBackground
-from backend.cameras import make_cameras
+from backend.cameras import make_cameras, ray_bundle
 from backend.field import FieldConfig, NeRFField
 from backend.renderer import OccupancyGrid, RenderConfig, render
 
@@ -42,7 +42,7 @@ def test_sphere_silhouette_and_depth_are_right_to_a_pixel():
     clear = (r - radius_px).abs() > 1.0  # pixels more than a pixel away from the true edge
     assert torch.equal(opaque[clear], (r < radius_px)[clear])
     # depth along each ray vs the analytic ray-sphere intersection, within one sample step
-    _, dirs = __import__("backend.cameras", fromlist=["ray_bundle"]).ray_bundle(cams, size, size)
+    _, dirs = ray_bundle(cams, size, size)
     o = cams.origins[0]
     d = dirs[0]
     b = (d * o).sum(-1)
