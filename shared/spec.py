@@ -71,7 +71,7 @@ class JobSpec:
             if isinstance(value, bool) or not ok_type:
                 raise SpecError(name, f"expected {'an integer' if want_int else 'a number'}, got {type(value).__name__}")
             if not (lo <= value <= hi) or value != value:
-                raise SpecError(name, f"must be between {lo:g} and {hi:g}, got {value}")
+                raise SpecError(name, f"must be between {lo} and {hi}, got {value}")
         if self.resolution is not None and self.resolution % 8:
             raise SpecError("resolution", f"must be a multiple of 8, got {self.resolution}")
         return self
