@@ -71,8 +71,9 @@ def extract_mesh(
     device: torch.device | str = "cpu",
 ) -> Mesh:
     """Marching cubes of `density` at `threshold` (by default the density at which one render
-    step is half opaque), lowered step by step when nothing crosses it; floaters smaller than `min_component_fraction` of the largest
-    piece's area are dropped; decimated to `max_faces`; coloured by `albedo` at the vertices."""
+    step is half opaque), lowered step by step when nothing crosses it; floaters smaller than
+    `min_component_fraction` of the largest piece's area are dropped; decimated to
+    `max_faces`; coloured by `albedo` at the vertices."""
     grid = sample_grid(density, resolution, device)
     finite = grid[np.isfinite(grid)]
     if finite.size == 0:

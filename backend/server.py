@@ -52,6 +52,7 @@ class Server:
         if not is_loopback(bind) and curve_dir is None:
             raise ValueError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
         self.device = device
+        self.device_name = _device_name(device)  # fails fast when CUDA is asked for but absent
         self.registry = Registry(data_dir)
         for job in self.registry.recover():
             log.warning("job %s was running when the server stopped: marked failed", job)
@@ -144,11 +145,11 @@ class Server:
 
     def _on_hello(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("welcome", msg.id, fields={
-            "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self._device_name()}))
+            "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self.device_name}))
 
     def _on_ping(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("pong", msg.id, fields={
-            "device": self._device_name(), "busy": self.running.job if self.running else None,
+            "device": self.device_name, "busy": self.running.job if self.running else None,
             "queue": len(self.pending)}))
 
     def _on_generate(self, client: bytes, msg: Message) -> None:
@@ -229,16 +230,6 @@ class Server:
         for client in clients:
             self._send(client, msg)
 
-    def _device_name(self) -> str:
-        from .pipeline import resolve_device
-
-        device = resolve_device(self.device)
-        if device.type == "cuda":
-            import torch
-
-            return f"cuda: {torch.cuda.get_device_name(device)}"
-        return "cpu"
-
     # ---- worker thread -----------------------------------------------------------------
     def _work(self) -> None:
         while not self.stopping.is_set():
@@ -295,6 +286,17 @@ class Server:
             log.error("job %s failed: %s", job_id, traceback.format_exc())
             self.registry.set_state(job_id, "failed", error_code=code, error=message)
             return "error", {"code": code, "message": message}
+
+
+def _device_name(name: str) -> str:
+    from .pipeline import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda":
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return "cpu"
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

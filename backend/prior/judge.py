@@ -30,26 +30,21 @@ def _unit_grid(n: int = GRID) -> np.ndarray:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
 
-def _normalise(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Map the box [lo, hi] to [-1, 1]^3 with one scale for x and y (keeps the footprint's
-    aspect, which tells a cube from a cylinder) and its own for z."""
-    centre = (lo + hi) / 2
+def _box_grid(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The unit judge grid stretched over the box [lo, hi]: one scale for x and y (keeps the
+    footprint's aspect, which tells a cube from a cylinder) and its own for z."""
     half = (hi - lo) / 2
     half_xy = max(half[0], half[1])
-    return (points - centre) / np.array([half_xy, half_xy, half[2]])
+    return grid * np.array([half_xy, half_xy, half[2]]) + (lo + hi) / 2
 
 
 def _primitive_occupancy(shape: str, yaw: float, grid: np.ndarray) -> np.ndarray:
-    fine = _unit_grid(64) * 1.0
+    fine = _unit_grid(64)
     inside = fine[sdf(shape, torch.from_numpy(fine).float()).numpy() < 0]
     c, s = np.cos(yaw), np.sin(yaw)
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     inside = inside @ rot.T
-    lo, hi = inside.min(0), inside.max(0)
-    # occupancy on the judge grid: sample the primitive at the grid points mapped back
-    centre, half = (lo + hi) / 2, (hi - lo) / 2
-    half_xy = max(half[0], half[1])
-    world = grid * np.array([half_xy, half_xy, half[2]]) + centre
+    world = _box_grid(grid, inside.min(0), inside.max(0))
     return sdf(shape, torch.from_numpy(world @ rot).float()).numpy() < 0
 
 
@@ -60,9 +55,7 @@ def judge_mesh(mesh: Mesh) -> Verdict:
     grid = _unit_grid()
     tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     lo, hi = tm.bounds
-    half = (hi - lo) / 2
-    half_xy = max(half[0], half[1])
-    world = grid * np.array([half_xy, half_xy, half[2]]) + (lo + hi) / 2
+    world = _box_grid(grid, lo, hi)
     # surface voxels at twice the judge's resolution, holes filled, looked up at the grid
     voxels = tm.voxelized(pitch=float((hi - lo).min()) / (2 * GRID)).fill()
     occ = voxels.is_filled(world)
