@@ -20,6 +20,20 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_faces": (100, 5_000_000),
 }
 DEVICES = ("auto", "cpu", "cuda")
+# Quality presets: what each changes from the model's defaults (None = the model's default).
+QUALITY = ("draft", "standard", "high")
+_PRESETS = {
+    "embedded": {"draft": {"steps": 200}, "standard": {}, "high": {"steps": 1000, "mesh_resolution": 192}},
+    "diffusion": {"draft": {"steps": 1500, "resolution": 64}, "standard": {},
+                  "high": {"steps": 10000, "resolution": 128, "mesh_resolution": 192}},
+}
+
+
+def quality_settings(model: str, quality: str) -> dict[str, int]:
+    """The spec fields a quality preset sets for `model` ('embedded' or a diffusion model)."""
+    if quality not in QUALITY:
+        raise SpecError("quality", f"must be one of {', '.join(QUALITY)}, got {quality!r}")
+    return dict(_PRESETS["embedded" if model == "embedded" else "diffusion"][quality])
 
 
 class SpecError(ValueError):

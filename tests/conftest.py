@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_sd import save_tiny_stable_diffusion  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
+# Blender (the bpy module) keeps its user files here, not in the home folder: set before bpy loads.
+os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="promptmesh-blender-"))
 
 
 def require_tool(available: bool, what: str) -> None:

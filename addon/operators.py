@@ -1,0 +1,225 @@
+"""Operators: connect, generate, cancel, import, open folder, export, start/stop the backend.
+
+Every failure is reported as one line (`self.report`), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import backend_process, session
+from .importer import import_job
+from .preferences import preferences
+from .shared.blender_io import MeshImportError, export_objects
+from .shared.spec import SpecError
+
+EXPORT_ITEMS = [("fbx", "Export FBX (Cinema 4D)", "FBX 7.4 with sRGB vertex colours, no leaf bones, no animation"),
+                ("glb", "Export GLB", "Binary glTF with the colour attribute as COLOR_0"),
+                ("obj", "Export OBJ", "OBJ with vertex colours")]
+
+
+def _job_item(context: bpy.types.Context, job: str):
+    st = session.state(context)
+    if job:
+        return st.job(job)
+    return st.jobs[st.jobs_index] if 0 <= st.jobs_index < len(st.jobs) else None
+
+
+class PROMPTMESH_OT_connect(bpy.types.Operator):
+    bl_idname = "promptmesh.connect"
+    bl_label = "Connect"
+    bl_description = "Connect to the backend set in the add-on preferences"
+
+    def execute(self, context):
+        if session.connect(context) is None:
+            self.report({"ERROR"}, session.state(context).status)
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_generate(bpy.types.Operator):
+    bl_idname = "promptmesh.generate"
+    bl_label = "Generate"
+    bl_description = "Send the prompt to the backend; the object arrives when the job is done"
+
+    @classmethod
+    def poll(cls, context):
+        if not context.scene.promptmesh.prompt.strip():
+            cls.poll_message_set("Type a prompt first, e.g. 'a red cube'")
+            return False
+        return True
+
+    def execute(self, context):
+        settings = context.scene.promptmesh
+        try:
+            spec = settings.to_spec()
+        except SpecError as exc:
+            self.report({"ERROR"}, f"Cannot generate: {exc}")
+            return {"CANCELLED"}
+        item = session.submit(context, spec.to_dict(), spec.prompt, spec.seed)
+        if item is None:
+            self.report({"ERROR"}, session.state(context).status)
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_cancel(bpy.types.Operator):
+    bl_idname = "promptmesh.cancel"
+    bl_label = "Cancel"
+    bl_description = "Stop the running job (or take it out of the queue)"
+
+    job: StringProperty(options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        st = session.state(context)
+        item = st.job(st.active_job)
+        if item is None or item.state not in ("QUEUED", "RUNNING") or session.session() is None:
+            cls.poll_message_set("No queued or running job to cancel")
+            return False
+        return True
+
+    def execute(self, context):
+        session.cancel(self.job or session.state(context).active_job)
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_import(bpy.types.Operator):
+    bl_idname = "promptmesh.import_job"
+    bl_label = "Import"
+    bl_description = "Put the job's mesh into the scene at the 3D cursor"
+    bl_options = {"REGISTER", "UNDO"}
+
+    job: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        item = _job_item(context, self.job)
+        if item is None or item.state != "DONE":
+            self.report({"ERROR"}, "Pick a finished job to import")
+            return {"CANCELLED"}
+        try:
+            obj = import_job(context, item.job)
+        except (MeshImportError, OSError, ValueError, KeyError) as exc:
+            self.report({"ERROR"}, f"Import failed: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_open_folder(bpy.types.Operator):
+    bl_idname = "promptmesh.open_folder"
+    bl_label = "Open Folder"
+    bl_description = "Show the job's files (mesh.npz, meta.json) in the file browser"
+
+    job: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        item = _job_item(context, self.job)
+        if item is None or not item.job:
+            self.report({"ERROR"}, "The job has no folder yet")
+            return {"CANCELLED"}
+        folder = session.job_folder(item.job)
+        folder.mkdir(parents=True, exist_ok=True)
+        bpy.ops.wm.path_open(filepath=str(folder))
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_export(bpy.types.Operator):
+    bl_idname = "promptmesh.export"
+    bl_label = "Export"
+    bl_description = "Export the selected meshes with their vertex colours"
+
+    format: EnumProperty(items=EXPORT_ITEMS)
+    filepath: StringProperty(subtype="FILE_PATH")
+    check_existing: bpy.props.BoolProperty(default=True, options={"HIDDEN"})
+
+    @classmethod
+    def poll(cls, context):
+        if not any(o.type == "MESH" for o in context.selected_objects):
+            cls.poll_message_set("Select a mesh object to export")
+            return False
+        return True
+
+    def invoke(self, context, event):
+        if not self.filepath:
+            stem = re.sub(r"[^\w-]+", "_", context.active_object.name if context.active_object else "promptmesh")
+            folder = Path(bpy.path.abspath("//")) if bpy.data.filepath else Path.home()
+            self.filepath = str(folder / f"{stem}.{self.format}")
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        path = Path(bpy.path.abspath(self.filepath))
+        if path.suffix.lower() != f".{self.format}":
+            path = path.with_name(path.name + f".{self.format}")
+        objects = [o for o in context.selected_objects if o.type == "MESH"]
+        try:
+            export_objects(context, objects, path, self.format)
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"Export failed: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Wrote {path}")
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_backend_start(bpy.types.Operator):
+    bl_idname = "promptmesh.backend_start"
+    bl_label = "Start"
+    bl_description = "Start the backend command from the preferences and connect to it"
+
+    @classmethod
+    def poll(cls, context):
+        if backend_process.running():
+            cls.poll_message_set("The backend is already running")
+            return False
+        return True
+
+    def execute(self, context):
+        prefs, st = preferences(context), session.state(context)
+        log = Path(bpy.utils.extension_path_user(__package__, create=True)) / "backend.log"
+        try:
+            backend_process.start(prefs.backend_command, prefs.endpoint.strip(), log)
+        except backend_process.BackendStartError as exc:
+            st.backend_log = str(exc)
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        st.backend_log = ""
+        session.connect(context)
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
+    bl_idname = "promptmesh.backend_stop"
+    bl_label = "Stop"
+    bl_description = "Stop the backend this add-on started"
+
+    @classmethod
+    def poll(cls, context):
+        if not backend_process.running():
+            cls.poll_message_set("No backend started from Blender is running")
+            return False
+        return True
+
+    def execute(self, context):
+        session.disconnect()
+        backend_process.stop()
+        session.state(context).connection = "OFFLINE"
+        return {"FINISHED"}
+
+
+CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_import,
+           PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,108 @@
+"""The PromptMesh tab in the 3D viewport's sidebar. Drawing reads state only: no I/O here."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import session
+from .operators import EXPORT_ITEMS
+from .properties import CONNECTION, JOB_STATES
+
+CONNECTION_ICONS = {c[0]: c[3] for c in CONNECTION}
+STATE_ICONS = {s[0]: s[3] for s in JOB_STATES}
+
+
+class PromptMeshPanel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "PromptMesh"
+
+
+class PROMPTMESH_PT_main(PromptMeshPanel, bpy.types.Panel):
+    bl_idname = "PROMPTMESH_PT_main"
+    bl_label = "PromptMesh"
+
+    def draw(self, context):
+        layout, settings, st = self.layout, context.scene.promptmesh, session.state(context)
+        row = layout.row(align=True)
+        badge = st.device if st.connection == "ONLINE" else st.bl_rna.properties["connection"].enum_items[st.connection].name
+        row.label(text=badge, icon=CONNECTION_ICONS[st.connection])
+        row.operator("promptmesh.connect", text="", icon="FILE_REFRESH")
+        layout.prop(settings, "prompt", text="")
+        layout.prop(settings, "negative")
+        row = layout.row(align=True)
+        row.prop(settings, "seed")
+        row.prop(settings, "quality", text="")
+        row = layout.row(align=True)
+        row.scale_y = 1.4
+        row.operator("promptmesh.generate", icon="SHADERFX")
+        row.operator("promptmesh.cancel", text="", icon="CANCEL")
+        active = st.job(st.active_job)
+        if active is not None and active.state not in ("DONE", "FAILED", "CANCELLED"):
+            text = f"{st.stage} {active.step}/{active.total}" if active.total else st.stage
+            layout.progress(factor=st.progress, type="BAR", text=text)
+        if st.preview_step and session.preview().icon_id:
+            layout.template_icon(icon_value=session.preview().icon_id, scale=8.0)
+        if st.status:
+            box = layout.box()
+            box.alert = st.status_is_error
+            box.label(text=st.status, icon="ERROR" if st.status_is_error else "INFO")
+
+
+class PROMPTMESH_PT_advanced(PromptMeshPanel, bpy.types.Panel):
+    bl_label = "Advanced"
+    bl_parent_id = "PROMPTMESH_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout, settings = self.layout, context.scene.promptmesh
+        layout.use_property_split = True
+        for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "mesh_resolution",
+                     "max_faces", "device", "import_when_done"):
+            layout.prop(settings, name)
+
+
+class PROMPTMESH_UL_jobs(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
+        row = layout.row(align=True)
+        row.label(text=item.prompt or item.job, icon=STATE_ICONS[item.state])
+        if item.state == "RUNNING" and item.total:
+            row.label(text=f"{item.step}/{item.total}")
+        sub = row.row(align=True)
+        sub.enabled = item.state == "DONE"
+        sub.operator("promptmesh.import_job", text="", icon="IMPORT").job = item.job
+        sub.operator("promptmesh.open_folder", text="", icon="FILE_FOLDER").job = item.job
+
+
+class PROMPTMESH_PT_history(PromptMeshPanel, bpy.types.Panel):
+    bl_label = "Jobs"
+    bl_parent_id = "PROMPTMESH_PT_main"
+
+    def draw(self, context):
+        st = session.state(context)
+        self.layout.template_list("PROMPTMESH_UL_jobs", "", st, "jobs", st, "jobs_index", rows=3)
+        if 0 <= st.jobs_index < len(st.jobs) and st.jobs[st.jobs_index].message:
+            self.layout.label(text=st.jobs[st.jobs_index].message, icon="INFO")
+
+
+class PROMPTMESH_PT_export(PromptMeshPanel, bpy.types.Panel):
+    bl_label = "Export Selected"
+    bl_parent_id = "PROMPTMESH_PT_main"
+
+    def draw(self, context):
+        col = self.layout.column(align=True)
+        for fmt, label, _ in EXPORT_ITEMS:
+            col.operator("promptmesh.export", text=label, icon="EXPORT").format = fmt
+
+
+CLASSES = (PROMPTMESH_PT_main, PROMPTMESH_PT_advanced, PROMPTMESH_UL_jobs, PROMPTMESH_PT_history, PROMPTMESH_PT_export)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,116 @@
+"""Add-on data: the user's inputs on the Scene, transient job state on the WindowManager."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
+                       PointerProperty, StringProperty)
+
+from .shared.spec import LIMITS, QUALITY, JobSpec, quality_settings
+
+JOB_STATES = [
+    ("SUBMITTING", "Submitting", "Sent to the backend, not yet accepted", "SORTTIME", 0),
+    ("QUEUED", "Queued", "Waiting for the backend's worker", "PREVIEW_RANGE", 1),
+    ("RUNNING", "Running", "Being generated", "PLAY", 2),
+    ("FETCHING", "Fetching", "Finished; downloading the mesh", "IMPORT", 3),
+    ("DONE", "Done", "The mesh is here and can be imported", "CHECKMARK", 4),
+    ("FAILED", "Failed", "The job failed; see its message", "ERROR", 5),
+    ("CANCELLED", "Cancelled", "The job was cancelled", "CANCEL", 6),
+]
+STATE_NAMES = {s[0] for s in JOB_STATES}
+FINAL_STATES = {"DONE", "FAILED", "CANCELLED"}
+CONNECTION = [
+    ("OFFLINE", "Offline", "Not connected", "UNLINKED", 0),
+    ("CONNECTING", "Connecting", "Waiting for the backend's answer", "SORTTIME", 1),
+    ("ONLINE", "Online", "Connected to the backend", "LINKED", 2),
+    ("ERROR", "Error", "The backend could not be used", "ERROR", 3),
+]
+
+
+class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
+    """What to generate (saved with the .blend)."""
+
+    prompt: StringProperty(name="Prompt", description="What to make, e.g. 'a red cube'", maxlen=1000)
+    negative: StringProperty(name="Negative", description="What to avoid", maxlen=1000)
+    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=0)
+    quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in QUALITY],
+                          default="STANDARD", description="Steps and resolution, from the model's defaults")
+    model: StringProperty(name="Model", default="embedded",
+                          description="'embedded', a Hub id (stabilityai/stable-diffusion-2-1-base) or a folder on the backend")
+    steps: IntProperty(name="Steps", min=0, max=int(LIMITS["steps"][1]), default=0, description="0: from the quality preset")
+    resolution: IntProperty(name="Resolution", min=0, max=int(LIMITS["resolution"][1]), step=8, default=0,
+                            description="Render size in pixels (multiple of 8); 0: from the preset")
+    guidance_scale: FloatProperty(name="Guidance", min=0.0, max=LIMITS["guidance_scale"][1], default=0.0,
+                                  description="Classifier-free guidance scale; 0: the model's default")
+    preview_every: IntProperty(name="Preview Every", min=0, max=1000, default=5, description="Steps between previews; 0: none")
+    mesh_resolution: IntProperty(name="Mesh Grid", min=0, max=int(LIMITS["mesh_resolution"][1]), default=0,
+                                 description="Marching-cubes grid size; 0: from the preset")
+    max_faces: IntProperty(name="Max Faces", min=0, max=int(LIMITS["max_faces"][1]), default=0,
+                           description="Decimate to at most this many faces; 0: no limit")
+    device: EnumProperty(name="Device", items=[("auto", "Auto", "The backend's choice"), ("cpu", "CPU", ""),
+                                                 ("cuda", "CUDA", "")], default="auto")
+    import_when_done: BoolProperty(name="Import When Done", default=True,
+                                   description="Put the object into the scene as soon as it is ready")
+
+    def to_spec(self) -> JobSpec:
+        """The validated JobSpec (SpecError names the bad field)."""
+        fields = {"mesh_resolution": 128, **quality_settings(self.model.strip(), self.quality.lower())}
+        for name in ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces"):
+            value = getattr(self, name)
+            if value:
+                fields[name] = value
+        return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
+                       preview_every=self.preview_every, device=self.device, **fields).validate()
+
+
+class PROMPTMESH_PG_job(bpy.types.PropertyGroup):
+    """One job in the history list."""
+
+    job: StringProperty(name="Job")
+    request: StringProperty(description="Message id of the generate request until it is accepted")
+    prompt: StringProperty(name="Prompt")
+    seed: IntProperty()
+    state: EnumProperty(name="State", items=JOB_STATES, default="SUBMITTING")
+    message: StringProperty(name="Message")
+    step: IntProperty()
+    total: IntProperty()
+
+
+class PROMPTMESH_PG_state(bpy.types.PropertyGroup):
+    """Transient state, on the WindowManager: never saved in a .blend."""
+
+    connection: EnumProperty(name="Connection", items=CONNECTION, default="OFFLINE")
+    device: StringProperty(name="Device")
+    status: StringProperty(name="Status")
+    status_is_error: BoolProperty()
+    stage: StringProperty(name="Stage")
+    progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
+    active_job: StringProperty()
+    preview_step: IntProperty()
+    backend_log: StringProperty(description="The last lines of the backend's log when it failed to start")
+    history_loaded: BoolProperty(description="The job folders were read into `jobs`")
+    jobs: CollectionProperty(type=PROMPTMESH_PG_job)
+    jobs_index: IntProperty()
+
+    def job(self, job_id: str) -> PROMPTMESH_PG_job | None:
+        return next((j for j in self.jobs if j.job == job_id), None) if job_id else None
+
+    def say(self, text: str, error: bool = False) -> None:
+        self.status, self.status_is_error = text, error
+
+
+CLASSES = (PROMPTMESH_PG_settings, PROMPTMESH_PG_job, PROMPTMESH_PG_state)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.promptmesh = PointerProperty(type=PROMPTMESH_PG_settings)
+    bpy.types.WindowManager.promptmesh = PointerProperty(type=PROMPTMESH_PG_state)
+
+
+def unregister() -> None:
+    del bpy.types.WindowManager.promptmesh
+    del bpy.types.Scene.promptmesh
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

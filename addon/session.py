@@ -1,0 +1,389 @@
+"""The connection to the backend, driven by one `bpy.app.timers` function: `pump`.
+
+No threads: `pump` does non-blocking receives for at most BUDGET_S seconds per tick, keeps
+only the newest preview, fetches each finished mesh into the add-on's user folder (so a result
+survives Blender closing) and returns the next interval: fast while a job is live, backing off
+to IDLE_S when nothing happens, and None (timer stops) when there is no connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import bpy
+import numpy as np
+
+from . import backend_process
+from .preferences import preferences
+from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
+from .shared import protocol as P
+from .shared.client import Client
+from .shared.protocol import Message
+
+BUDGET_S = 0.004
+FAST_S = 0.05
+IDLE_S = 1.0
+PING_S = 5.0
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SERVER_STATES = {"queued": "QUEUED", "running": "RUNNING", "done": "FETCHING", "failed": "FAILED",
+                 "cancelled": "CANCELLED"}
+
+
+class Session:
+    """One DEALER connection plus the requests still waiting for an answer."""
+
+    def __init__(self, endpoint: str, timeout: float, server_key: bytes | None = None,
+                 client_keys: tuple[bytes, bytes] | None = None) -> None:
+        self.endpoint, self.timeout = endpoint, timeout
+        self.client = Client(endpoint, server_key, client_keys)
+        self.pending: dict[str, tuple[str, float]] = {}  # message id -> (kind, sent at)
+        self.last_heard = time.monotonic()
+        self.preview: Message | None = None
+        self.interval = FAST_S
+
+    def send(self, kind: str, job: str | None = None, **fields: Any) -> str:
+        msg_id = self.client.send(kind, job, **fields)
+        self.pending[msg_id] = (kind, time.monotonic())
+        return msg_id
+
+    def close(self) -> None:
+        self.client.close()  # LINGER 0, then the context is terminated
+
+
+_session: Session | None = None
+_previews: Any = None
+
+
+def session() -> Session | None:
+    return _session
+
+
+def state(context: Any = None) -> PROMPTMESH_PG_state:
+    return (context or bpy.context).window_manager.promptmesh
+
+
+# ---- job folders ------------------------------------------------------------------------
+def jobs_root() -> Path:
+    return Path(bpy.utils.extension_path_user(__package__, path="jobs", create=True))
+
+
+def job_folder(job: str) -> Path:
+    if not JOB_ID.fullmatch(job):
+        raise ValueError(f"not a job id: {job!r}")
+    return jobs_root() / job
+
+
+def save_record(item: Any) -> None:
+    """The job's history entry, beside its result, so a restart of Blender keeps it."""
+    folder = job_folder(item.job)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"job": item.job, "prompt": item.prompt, "seed": item.seed, "state": item.state, "message": item.message}
+    tmp = folder / "job.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / "job.json")
+
+
+def load_history(st: PROMPTMESH_PG_state) -> None:
+    """Fill the history list from the job folders (oldest first)."""
+    st.history_loaded = True
+    records = []
+    for path in jobs_root().glob("*/job.json"):
+        try:
+            records.append((path.stat().st_mtime, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    for _, rec in sorted(records, key=lambda r: r[0]):
+        if not isinstance(rec, dict) or not JOB_ID.fullmatch(str(rec.get("job", ""))) or st.job(rec["job"]):
+            continue
+        item = st.jobs.add()
+        item.job, item.prompt, item.seed = rec["job"], str(rec.get("prompt", "")), int(rec.get("seed", 0))
+        item.state = rec.get("state") if rec.get("state") in STATE_NAMES else "FAILED"
+        item.message = str(rec.get("message", ""))
+        if item.state == "DONE" and not (job_folder(item.job) / "mesh.npz").is_file():
+            item.state = "FETCHING"
+
+
+# ---- connecting ---------------------------------------------------------------------------
+def connect(context: Any) -> Session | None:
+    """(Re)connect with the preferences' endpoint and keys; the answer arrives through `pump`."""
+    global _session
+    disconnect()
+    prefs, st = preferences(context), state(context)
+    server_key, pair = prefs.curve()
+    try:
+        _session = Session(prefs.endpoint.strip(), prefs.timeout, server_key, pair)
+    except Exception as exc:  # zmq refuses a malformed endpoint or key
+        st.connection = "ERROR"
+        st.say(f"cannot use endpoint {prefs.endpoint!r}: {exc}", error=True)
+        return None
+    _session.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
+    st.connection = "CONNECTING"
+    st.say(f"connecting to {_session.endpoint}")
+    start_timer()
+    return _session
+
+
+def disconnect() -> None:
+    global _session
+    if _session is not None:
+        _session.close()
+        _session = None
+
+
+def start_timer() -> None:
+    if not bpy.app.timers.is_registered(pump):
+        bpy.app.timers.register(pump, first_interval=0.0, persistent=True)
+
+
+def stop_timer() -> None:
+    if bpy.app.timers.is_registered(pump):
+        bpy.app.timers.unregister(pump)
+
+
+def submit(context: Any, spec: dict[str, Any], prompt: str, seed: int) -> Any:
+    """Queue a generate request (connecting first if needed); returns the history item."""
+    st = state(context)
+    sess = _session if _session is not None and st.connection in ("ONLINE", "CONNECTING") else connect(context)
+    if sess is None:
+        return None
+    item = st.jobs.add()
+    item.request = sess.send("generate", spec=spec)
+    item.prompt, item.seed, item.state = prompt, seed, "SUBMITTING"
+    st.jobs_index = len(st.jobs) - 1
+    st.stage, st.progress, st.active_job = "submitting", 0.0, ""
+    start_timer()
+    return item
+
+
+def cancel(job: str) -> None:
+    if _session is not None:
+        _session.send("cancel", job)
+
+
+# ---- the pump -----------------------------------------------------------------------------
+def pump() -> float | None:
+    """One timer tick. Plain function: tests call it directly."""
+    st = state()
+    if not st.history_loaded:
+        load_history(st)
+    died = backend_process.exited()
+    if died:
+        st.backend_log = died
+        st.say("the local backend stopped: its last lines are in the add-on preferences", error=True)
+    sess = _session
+    if sess is None:
+        return None
+    t0, heard = time.perf_counter(), False
+    while time.perf_counter() - t0 < BUDGET_S:
+        messages = sess.client.poll(0.0, max_messages=16)
+        if not messages:
+            break
+        heard = True
+        sess.last_heard = time.monotonic()
+        for msg in messages:
+            handle(st, sess, msg)
+            if _session is not sess:  # the message closed the session
+                return _redraw(None)
+    if sess.preview is not None:
+        show_preview(st, sess.preview)
+        sess.preview = None
+    if not check_timeouts(st, sess):
+        return _redraw(None)
+    if st.connection == "ONLINE" and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
+        sess.send("ping")
+    live = sess.pending or any(j.state not in FINAL_STATES for j in st.jobs)
+    sess.interval = FAST_S if (live or heard) else min(IDLE_S, sess.interval * 2)
+    return _redraw(sess.interval) if heard else sess.interval
+
+
+def _redraw(interval: float | None) -> float | None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "PREFERENCES"):
+                area.tag_redraw()
+    return interval
+
+
+def check_timeouts(st: PROMPTMESH_PG_state, sess: Session) -> bool:
+    """Give up on a backend that does not answer; False when the session was closed."""
+    now = time.monotonic()
+    late = [kind for kind, sent in sess.pending.values() if now - sent > sess.timeout]
+    if not late:
+        return True
+    if backend_process.starting():  # our own backend is still loading: keep waiting
+        return True
+    for item in st.jobs:
+        if item.state == "SUBMITTING":
+            item.state, item.message = "FAILED", "not sent: the backend did not answer"
+    st.connection = "OFFLINE"
+    st.say(f"backend unreachable at {sess.endpoint} (no answer in {sess.timeout:g} s): start it with "
+           "`promptmesh serve` or with Start in the add-on preferences", error=True)
+    disconnect()
+    return False
+
+
+def handle(st: PROMPTMESH_PG_state, sess: Session, msg: Message) -> None:
+    kind = sess.pending.pop(msg.id, ("", 0.0))[0]
+    handler = HANDLERS.get(msg.type)
+    if handler is not None:
+        handler(st, sess, msg, kind)
+
+
+def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    if msg.fields.get("protocol") != P.PROTOCOL_VERSION:
+        version_mismatch(st, msg.fields.get("protocol"))
+        return
+    st.connection, st.device = "ONLINE", str(msg.fields.get("device", "?"))
+    st.say(f"connected: backend {msg.fields.get('version', '?')} on {st.device}")
+    for item in st.jobs:  # catch up with jobs that moved on while we were away
+        if item.job and item.state not in FINAL_STATES:
+            sess.send("status", item.job)
+
+
+def version_mismatch(st: PROMPTMESH_PG_state, theirs: Any) -> None:
+    st.connection = "ERROR"
+    st.say(f"the backend speaks protocol {theirs}, this add-on {P.PROTOCOL_VERSION}: "
+           "update the add-on and the backend to the same release", error=True)
+    disconnect()
+
+
+def on_pong(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    st.connection, st.device = "ONLINE", str(msg.fields.get("device", st.device))
+
+
+def on_status(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    for summary in msg.fields.get("jobs", []):
+        item = st.job(str(summary.get("job", "")))
+        new = SERVER_STATES.get(summary.get("state"))
+        if item is None or new is None or item.state == new:
+            continue
+        item.state, item.message = new, str(summary.get("error") or "")
+        if new == "FETCHING":
+            sess.send("result", item.job)
+        save_record(item)
+
+
+def on_accepted(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    item = next((j for j in st.jobs if j.request == msg.id), None)
+    if item is None or not msg.job or not JOB_ID.fullmatch(msg.job):
+        return
+    item.job, item.request, item.state = msg.job, "", "QUEUED"
+    position = msg.fields.get("position", 0)
+    item.message = f"{position} job(s) ahead" if position else ""
+    st.active_job, st.stage, st.progress = msg.job, "queued", 0.0
+    save_record(item)
+
+
+def on_progress(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    item = st.job(msg.job or "")
+    if item is None:
+        return
+    step, total = int(msg.fields.get("step", 0)), int(msg.fields.get("total", 0))
+    if item.state != "RUNNING":
+        item.state, item.message = "RUNNING", ""
+        save_record(item)
+    item.step, item.total = step, total
+    if msg.job == st.active_job:
+        st.stage = str(msg.fields.get("stage", ""))
+        if total:
+            st.progress = step / total
+
+
+def on_preview(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    if msg.job == st.active_job and "rgba" in msg.arrays:
+        sess.preview = msg  # only the newest is drawn
+
+
+def on_done(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    item = st.job(msg.job or "")
+    if item is not None:
+        item.state = "FETCHING"
+        save_record(item)
+        sess.send("result", item.job)
+    if msg.job == st.active_job:
+        st.stage, st.progress = "fetching", 1.0
+
+
+def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    item = st.job(msg.job or "")
+    if item is None or not {"vertices", "faces", "colors"} <= msg.arrays.keys():
+        return
+    folder = job_folder(item.job)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "mesh.tmp.npz"
+    np.savez(tmp, **msg.arrays)
+    tmp.replace(folder / "mesh.npz")
+    (folder / "meta.json").write_text(json.dumps(msg.fields.get("meta", {}), indent=2))
+    item.state, item.message = "DONE", ""
+    save_record(item)
+    if item.job == st.active_job:
+        st.stage = "done"
+        st.say(f"done: {item.prompt}")
+        if bpy.context.scene.promptmesh.import_when_done:
+            from .importer import import_job
+
+            try:
+                import_job(bpy.context, item.job)
+            except Exception as exc:  # shown in the panel, never as a traceback
+                st.say(f"import failed: {exc}", error=True)
+
+
+def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    code, text = str(msg.fields.get("code", P.INTERNAL)), str(msg.fields.get("message", "error"))
+    if code == P.VERSION:
+        version_mismatch(st, "another version")
+        return
+    item = st.job(msg.job or "") or next((j for j in st.jobs if j.request and j.request == msg.id), None)
+    if item is not None and kind != "status":
+        item.state = "CANCELLED" if code == P.CANCELLED else "FAILED"
+        item.message = text
+        if item.job:
+            save_record(item)
+        if item.job == st.active_job or kind == "generate":
+            st.stage = item.state.lower()
+    elif item is not None and code == P.NOT_FOUND:
+        item.state, item.message = "FAILED", "this backend does not know the job"
+        save_record(item)
+    st.say(f"{'cancelled' if code == P.CANCELLED else 'backend error'}: {text}", error=code != P.CANCELLED)
+
+
+HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted,
+            "progress": on_progress, "preview": on_preview, "done": on_done, "result": on_result, "error": on_error}
+
+
+# ---- the live preview -----------------------------------------------------------------------
+def preview() -> Any:
+    """The preview icon (bpy.utils.previews), created on first use."""
+    global _previews
+    import bpy.utils.previews
+
+    if _previews is None:
+        _previews = bpy.utils.previews.new()
+    return _previews.get("live") or _previews.new("live")
+
+
+def show_preview(st: PROMPTMESH_PG_state, msg: Message) -> None:
+    rgba = msg.arrays["rgba"]
+    if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[2] != 4:
+        return
+    h, w = rgba.shape[:2]
+    icon = preview()
+    icon.image_size = (w, h)
+    icon.image_pixels_float.foreach_set((rgba[::-1].astype(np.float32) / 255.0).ravel())  # Blender is bottom-up
+    st.preview_step = int(msg.fields.get("step", 0))
+
+
+def release() -> None:
+    """Everything register() or use created: timer, socket and context, preview icons."""
+    global _previews
+    stop_timer()
+    disconnect()
+    if _previews is not None:
+        import bpy.utils.previews
+
+        bpy.utils.previews.remove(_previews)
+        _previews = None

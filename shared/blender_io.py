@@ -1,0 +1,139 @@
+"""Meshes in and out of Blender: used by the add-on and by `promptmesh export` (bpy module).
+
+Import builds the object from numpy arrays with `foreach_set` (no per-vertex Python), with a
+POINT byte-colour attribute written through `color_srgb` and a material whose Base Color
+comes from that attribute. Export runs Blender's own FBX, glTF and OBJ exporters on the
+given objects. `bpy` is imported inside the functions so this module imports anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+COLOR_ATTRIBUTE = "Color"
+EXPORT_FORMATS = ("fbx", "glb", "obj")
+
+
+class MeshImportError(ValueError):
+    """The arrays do not describe a usable triangle mesh."""
+
+
+def check_arrays(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> None:
+    """Raise MeshImportError unless the arrays make a non-empty, consistent triangle mesh."""
+    if len(vertices) == 0 or len(faces) == 0:
+        raise MeshImportError("the mesh is empty (no vertices or faces): nothing to import")
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
+        raise MeshImportError(f"expected vertices [V,3] and faces [F,3], got {vertices.shape} and {faces.shape}")
+    if colors.shape not in ((len(vertices), 3), (len(vertices), 4)):
+        raise MeshImportError(f"expected one colour per vertex, got {colors.shape} for {len(vertices)} vertices")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise MeshImportError("a face refers to a vertex that does not exist")
+
+
+def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, colors_srgb: np.ndarray) -> Any:
+    """A new bpy Mesh: triangles, smooth shading, POINT colour attribute (active and render)."""
+    import bpy
+
+    vertices = np.ascontiguousarray(vertices, np.float32)
+    faces = np.ascontiguousarray(faces, np.int32)
+    colors_srgb = np.asarray(colors_srgb, np.float32)
+    check_arrays(vertices, faces, colors_srgb)
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(vertices))
+    mesh.vertices.foreach_set("co", vertices.ravel())
+    mesh.loops.add(faces.size)
+    mesh.loops.foreach_set("vertex_index", faces.ravel())
+    mesh.polygons.add(len(faces))
+    mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
+    rgba = np.ones((len(vertices), 4), np.float32)
+    rgba[:, :3] = np.clip(colors_srgb[:, :3], 0.0, 1.0)
+    attribute = mesh.color_attributes.new(COLOR_ATTRIBUTE, "BYTE_COLOR", "POINT")
+    attribute.data.foreach_set("color_srgb", rgba.ravel())
+    mesh.color_attributes.active_color_name = COLOR_ATTRIBUTE
+    mesh.color_attributes.default_color_name = COLOR_ATTRIBUTE
+    mesh.update()
+    mesh.shade_smooth()
+    return mesh
+
+
+def vertex_color_material(name: str) -> Any:
+    """A Principled BSDF material whose Base Color is the mesh's colour attribute."""
+    import bpy
+
+    material = bpy.data.materials.new(name)
+    material.use_nodes = True
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
+    attribute = nodes.new("ShaderNodeVertexColor")
+    attribute.layer_name = COLOR_ATTRIBUTE
+    attribute.location = (bsdf.location.x - 300, bsdf.location.y)
+    links.new(attribute.outputs["Color"], bsdf.inputs["Base Color"])
+    bsdf.inputs["Roughness"].default_value = 0.6
+    return material
+
+
+def create_object(context: Any, name: str, vertices: np.ndarray, faces: np.ndarray, colors_srgb: np.ndarray,
+                  location: Iterable[float] = (0.0, 0.0, 0.0), properties: dict[str, Any] | None = None) -> Any:
+    """Link a new coloured mesh object into the active collection, selected and active."""
+    import bpy
+
+    mesh = build_mesh(name, vertices, faces, colors_srgb)
+    mesh.materials.append(vertex_color_material(name))
+    obj = bpy.data.objects.new(name, mesh)
+    obj.location = tuple(location)
+    for key, value in (properties or {}).items():
+        obj[key] = value
+    context.collection.objects.link(obj)
+    for other in context.view_layer.objects.selected:
+        other.select_set(False)
+    obj.select_set(True)
+    context.view_layer.objects.active = obj
+    return obj
+
+
+def export_objects(context: Any, objects: list[Any], path: str | Path, fmt: str | None = None) -> Path:
+    """Export `objects` (meshes, with their vertex colours) with Blender's exporter for `fmt`."""
+    import bpy
+
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if not objects:
+        raise ValueError("nothing to export: select a mesh object")
+    if not path.parent.is_dir():
+        raise ValueError(f"folder {path.parent} does not exist")
+    for obj in context.view_layer.objects.selected:
+        obj.select_set(False)
+    for obj in objects:
+        obj.select_set(True)
+    context.view_layer.objects.active = objects[0]
+    if fmt == "fbx":  # the settings Cinema 4D reads best
+        result = bpy.ops.export_scene.fbx(
+            filepath=str(path), use_selection=True, object_types={"MESH"}, colors_type="SRGB",
+            prioritize_active_color=True, add_leaf_bones=False, bake_anim=False)
+    elif fmt == "glb":
+        result = bpy.ops.export_scene.gltf(filepath=str(path), export_format="GLB", use_selection=True,
+                                           **gltf_color_options())
+    else:
+        result = bpy.ops.wm.obj_export(filepath=str(path), export_selected_objects=True, export_colors=True,
+                                       export_materials=False)
+    if "FINISHED" not in result or not path.is_file():
+        raise RuntimeError(f"Blender's {fmt.upper()} exporter did not write {path}")
+    return path
+
+
+def gltf_color_options() -> dict[str, Any]:
+    """The glTF exporter's vertex-colour switch, whichever this Blender version has."""
+    import bpy
+
+    props = bpy.ops.export_scene.gltf.get_rna_type().properties
+    if "export_vertex_color" in props:  # 4.2+: an enum
+        options: dict[str, Any] = {"export_vertex_color": "ACTIVE"}
+        if "export_active_vertex_color_when_no_material" in props:
+            options["export_active_vertex_color_when_no_material"] = True
+        return options
+    return {"export_colors": True}

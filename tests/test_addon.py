@@ -1,0 +1,312 @@
+"""The Blender add-on in real Blender (the `bpy` module from PyPI), installed from the built zip.
+
+A real backend runs on a random loopback port; the add-on is driven through its operators and
+its timer function `pump`, called here directly as Blender's timer would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import trimesh
+import zmq
+
+from conftest import ROOT, require_tool
+
+sys.path.insert(0, str(ROOT))
+import build_addon  # noqa: E402
+
+MODULE = "bl_ext.user_default.promptmesh"
+PROMPT = "a red sphere"
+
+
+@pytest.fixture(scope="module")
+def bpy():
+    require_tool(importlib.util.find_spec("bpy") is not None, 'bpy (pip install "bpy==4.5.*")')
+    import bpy
+
+    return bpy
+
+
+@pytest.fixture(scope="module")
+def addon_zip(tmp_path_factory) -> Path:
+    (zip_path,) = build_addon.build(tmp_path_factory.mktemp("dist"), ["linux-x64"])
+    return zip_path
+
+
+@pytest.fixture(scope="module")
+def addon(bpy, addon_zip):
+    """The installed, enabled extension's modules: (package, session module)."""
+    result = bpy.ops.extensions.package_install_files(filepath=str(addon_zip), repo="user_default",
+                                                      enable_on_install=True)
+    assert result == {"FINISHED"}
+    yield sys.modules[MODULE], sys.modules[f"{MODULE}.session"]
+    import addon_utils
+
+    addon_utils.disable(MODULE, default_set=True)
+
+
+@pytest.fixture()
+def prefs(bpy, addon):
+    p = bpy.context.preferences.addons[MODULE].preferences
+    yield p
+    addon[1].release()
+    st = bpy.context.window_manager.promptmesh
+    st.jobs.clear()
+    st.active_job, st.status, st.connection = "", "", "OFFLINE"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pump_until(session, done, timeout: float) -> float:
+    """Call the timer function as Blender would, until done() or the timeout; returns seconds."""
+    t0 = time.monotonic()
+    while not done():
+        interval = session.pump()
+        assert time.monotonic() - t0 < timeout, "the add-on did not get there in time"
+        if interval is None and not done():
+            raise AssertionError("the pump stopped before the condition held")
+        time.sleep(min(interval or 0.0, 0.05))
+    return time.monotonic() - t0
+
+
+def mean_colour(obj) -> np.ndarray:
+    attribute = obj.data.color_attributes[0]
+    rgba = np.zeros(len(attribute.data) * 4, np.float32)
+    attribute.data.foreach_get("color_srgb", rgba)
+    return rgba.reshape(-1, 4)[:, :3].mean(0)
+
+
+# ---- the build -------------------------------------------------------------------------------
+def test_build_makes_one_installable_zip_per_platform(tmp_path):
+    zips = build_addon.build(tmp_path, None)
+    assert [z.name for z in zips] == [f"promptmesh-0.1.0-{p}.zip" for p in ("linux_x64", "windows_x64", "macos_arm64")]
+    shared = sorted(p.name for p in (ROOT / "shared").glob("*.py"))
+    for path, platform in zip(zips, build_addon.PLATFORMS):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            manifest = tomllib.loads(zf.read("blender_manifest.toml").decode())
+            assert manifest["platforms"] == [platform]
+            wheels = manifest["wheels"]
+            assert sorted(w.removeprefix("./") for w in wheels) == sorted(n for n in names if n.startswith("wheels/"))
+            tags = {(re.match(r"(\w+)-[\d.]+-(cp\d+)", Path(w).name).groups()) for w in wheels}
+            assert tags == {("msgpack", "cp311"), ("msgpack", "cp313"), ("pyzmq", "cp311"), ("pyzmq", "cp312")}
+            for name in shared:  # vendored byte for byte
+                assert zf.read(f"shared/{name}") == (ROOT / "shared" / name).read_bytes()
+            code = "\n".join(zf.read(n).decode() for n in names if n.endswith(".py"))
+            assert not re.search(r"^\s*(import|from)\s+(torch|backend|shared)\b", code, re.M)  # relative only
+            assert manifest["permissions"]["network"] and manifest["blender_version_min"] == "4.2.0"
+        print(f"{path.name}: {path.stat().st_size / 1e6:.2f} MB")
+
+
+@pytest.mark.parametrize("change, complaint", [
+    ({"blender_version_min": "4.1.0"}, "4.2.0"),
+    ({"permissions": {}}, "network"),
+    ({"tagline": "Ends with a period."}, "tagline"),
+    ({"wheels": ["wheels/pyzmq.whl"]}, "./wheels/"),
+])
+def test_build_refuses_a_bad_manifest(change, complaint):
+    manifest = tomllib.loads((ROOT / "addon" / "blender_manifest.toml").read_text())
+    manifest.update(change)
+    with pytest.raises(build_addon.BuildError, match=re.escape(complaint)):
+        build_addon.check_manifest(manifest)
+
+
+def test_build_says_what_to_do_when_a_wheel_cannot_be_fetched(tmp_path):
+    with pytest.raises(build_addon.BuildError, match="Offline"):
+        build_addon.fetch_wheel("pyzmq-0.0.1-cp311-cp311-win_amd64.whl", tmp_path)
+
+
+# ---- in Blender -------------------------------------------------------------------------------
+def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
+    import addon_utils
+
+    package, session = addon
+    site = Path(bpy.utils.user_resource("EXTENSIONS", path=".local"))
+    assert list(site.rglob("zmq/__init__.py")) and list(site.rglob("msgpack/__init__.py"))  # wheels installed
+    for _ in range(2):
+        session.connect(bpy.context)  # a socket, a context and the timer exist now
+        assert bpy.app.timers.is_registered(session.pump)
+        addon_utils.disable(MODULE, default_set=True)
+        assert not hasattr(bpy.types.Scene, "promptmesh") and not hasattr(bpy.types.WindowManager, "promptmesh")
+        assert not hasattr(bpy.types, "PROMPTMESH_OT_generate") and not hasattr(bpy.types, "PROMPTMESH_PT_main")
+        assert not bpy.app.timers.is_registered(session.pump) and session.session() is None
+        addon_utils.enable(MODULE, default_set=True)
+        session = sys.modules[f"{MODULE}.session"]
+        assert hasattr(bpy.types, "PROMPTMESH_PT_main")
+        bpy.context.scene.promptmesh.prompt = "  "
+        assert not bpy.ops.promptmesh.generate.poll()  # disabled until there is a prompt
+        bpy.context.scene.promptmesh.prompt = PROMPT
+        assert bpy.ops.promptmesh.generate.poll()
+
+
+def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, prefs, tmp_path, gltf_validator):
+    from test_server import ServerProcess
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data")
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt, settings.seed, settings.quality = PROMPT, 0, "DRAFT"
+        settings.steps, settings.preview_every, settings.mesh_resolution = 80, 5, 48
+        settings.device, settings.import_when_done = "cpu", False
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        progress, previews = [], []
+
+        def finished() -> bool:
+            progress.append(st.progress)
+            if st.preview_step and (not previews or previews[-1] != st.preview_step):
+                previews.append(st.preview_step)
+            return len(st.jobs) == 1 and st.jobs[0].state in ("DONE", "FAILED", "CANCELLED")
+
+        pump_until(session, finished, timeout=400)
+        job = st.jobs[0]
+        assert job.state == "DONE", job.message
+        assert st.connection == "ONLINE" and st.device == "cpu"
+        assert len(previews) >= 3 and previews == sorted(previews)  # newest wins, never goes back
+        icon = session.preview()
+        assert tuple(icon.image_size) == (64, 64)
+        pixels = np.array(icon.image_pixels_float[:]).reshape(64, 64, 4)
+        assert pixels[..., 3].max() == 1.0 and pixels[..., :3].std() > 0.01  # a picture, not a blank
+        rising = [p for p in progress if p > 0]
+        assert rising == sorted(rising) and rising[-1] == 1.0 and len(set(rising)) > 5
+        meta = json.loads((session.job_folder(job.job) / "meta.json").read_text())
+
+        bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+        assert bpy.ops.promptmesh.import_job(job=job.job) == {"FINISHED"}
+        obj = bpy.context.active_object
+        assert obj.name == PROMPT and obj.select_get() and tuple(obj.location) == (1.0, 2.0, 3.0)
+        assert (len(obj.data.vertices), len(obj.data.polygons)) == (meta["vertices"], meta["faces"])
+        attribute = obj.data.color_attributes.active_color
+        assert (attribute.domain, obj.data.color_attributes.default_color_name) == ("POINT", attribute.name)
+        colour = mean_colour(obj)
+        assert colour[0] > 0.4 and colour[0] > 2 * colour[1] and colour[0] > 2 * colour[2], colour  # red
+        links = obj.active_material.node_tree.links
+        assert any(link.from_node.type == "VERTEX_COLOR" and link.from_node.layer_name == attribute.name
+                   and link.to_socket.name == "Base Color" for link in links)
+        assert (obj["promptmesh_prompt"], obj["promptmesh_seed"], obj["promptmesh_job"]) == (PROMPT, 0, job.job)
+        assert obj.dimensions.z > 0.3  # upright and solid, not a sliver
+
+        counts = (len(obj.data.vertices), len(obj.data.polygons))
+        for fmt in ("fbx", "glb", "obj"):
+            path = tmp_path / f"out.{fmt}"
+            for other in bpy.context.scene.objects:
+                other.select_set(other == obj)
+            assert bpy.ops.promptmesh.export(format=fmt, filepath=str(path)) == {"FINISHED"}
+            back = reimport(bpy, path)
+            assert (len(back.data.vertices), len(back.data.polygons)) == counts, fmt
+            assert np.abs(mean_colour(back) - colour).max() <= 2 / 255, fmt
+            bpy.data.objects.remove(back)
+        assert_assimp_reads(tmp_path / "out.fbx", counts[1], colour)
+        assert subprocess.run([*gltf_validator, str(tmp_path / "out.glb")], capture_output=True).returncode == 0
+    finally:
+        server.stop()
+
+
+def reimport(bpy, path: Path):
+    before = set(bpy.context.scene.objects)
+    if path.suffix == ".fbx":
+        bpy.ops.import_scene.fbx(filepath=str(path))
+    elif path.suffix == ".glb":
+        bpy.ops.import_scene.gltf(filepath=str(path))
+    else:
+        bpy.ops.wm.obj_import(filepath=str(path))
+    (obj,) = [o for o in bpy.context.scene.objects if o not in before and o.type == "MESH"]
+    return obj
+
+
+def assert_assimp_reads(path: Path, faces: int, colour: np.ndarray) -> None:
+    """An independent FBX reader (Open Asset Import Library) finds the mesh and its colours."""
+    import shutil
+
+    require_tool(shutil.which("assimp") is not None, "assimp (apt-get install assimp-utils)")
+    info = subprocess.run(["assimp", "info", str(path)], capture_output=True, text=True, check=True).stdout
+    assert int(re.search(r"^Faces:\s+(\d+)", info, re.M)[1]) == faces
+    ply = path.with_suffix(".assimp.ply")
+    subprocess.run(["assimp", "export", str(path), str(ply)], capture_output=True, check=True)
+    mesh = trimesh.load(ply, process=False)
+    rgb = mesh.visual.vertex_colors[:, :3] / 255.0
+    assert len(rgb) and np.abs(rgb.mean(0) - colour).max() <= 2 / 255
+
+
+def test_backend_down_gives_a_clear_status_within_the_timeout(bpy, addon, prefs):
+    _, session = addon
+    prefs.endpoint, prefs.timeout = f"tcp://127.0.0.1:{free_port()}", 1.0
+    st = bpy.context.window_manager.promptmesh
+    bpy.context.scene.promptmesh.prompt = PROMPT
+    assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+    seconds = pump_until(session, lambda: st.connection == "OFFLINE", timeout=5)
+    assert seconds < prefs.timeout + 1.0
+    assert st.status_is_error and prefs.endpoint in st.status and "promptmesh serve" in st.status
+    assert st.jobs[-1].state == "FAILED" and session.session() is None and session.pump() is None
+
+
+def test_a_backend_of_another_protocol_version_is_refused(bpy, addon, prefs):
+    _, session = addon
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        prefs.endpoint, prefs.timeout = f"tcp://127.0.0.1:{port}", 5.0
+        bpy.ops.promptmesh.connect()
+        session.pump()
+        assert router.poll(5000)
+        identity, header = router.recv_multipart()
+        hello = msgpack.unpackb(header)
+        assert hello["type"] == "hello"
+        router.send_multipart([identity, msgpack.packb({"v": 1, "type": "welcome", "id": hello["id"], "protocol": 99})])
+        st = bpy.context.window_manager.promptmesh
+        pump_until(session, lambda: st.connection == "ERROR", timeout=5)
+        assert "protocol 99" in st.status and st.status_is_error
+    finally:
+        router.close(linger=0)
+        ctx.term()
+
+
+def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
+    from test_server import ServerProcess
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data")
+    try:
+        prefs.endpoint = server.endpoint
+        bpy.context.scene.promptmesh.prompt = "a gleaming spaceship"  # words the embedded prior lacks
+        bpy.context.scene.promptmesh.model = "embedded"
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        st = bpy.context.window_manager.promptmesh
+        pump_until(session, lambda: st.jobs and st.jobs[-1].state == "FAILED", timeout=120)
+        assert "gleaming" in st.jobs[-1].message and "gleaming" in st.status and st.status_is_error
+    finally:
+        server.stop()
+
+
+def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
+    _, session = addon
+    st = bpy.context.window_manager.promptmesh
+    item = st.jobs.add()
+    item.job, item.prompt, item.state = "0" * 32, "nothing", "DONE"
+    folder = session.job_folder(item.job)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "mesh.npz", vertices=np.zeros((0, 3), np.float32), faces=np.zeros((0, 3), np.int32),
+             colors=np.zeros((0, 3), np.float32))
+    before = len(bpy.data.objects)
+    with pytest.raises(RuntimeError, match="Import failed: the mesh is empty"):
+        bpy.ops.promptmesh.import_job(job=item.job)
+    assert len(bpy.data.objects) == before
