@@ -38,18 +38,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "mesh"
 
 
-def output_path(out: str | None, fmt: str | None, prompt: str) -> tuple[Path, str]:
+def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[str, ...] | None = None) -> tuple[Path, str]:
     """The output file and its format; refuses unknown formats and unwritable folders now,
     before minutes of optimisation, rather than after."""
     from backend.export import FORMATS
 
+    formats = formats or FORMATS
     path = Path(out) if out else Path(f"{slug(prompt)}.{fmt or 'glb'}")
     suffix = path.suffix.lstrip(".").lower()
     fmt = (fmt or suffix or "glb").lower()
-    if fmt not in FORMATS:
-        raise CliError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)} (FBX: `promptmesh export`)")
+    if fmt not in formats:
+        raise CliError(f"unknown output format {fmt!r}: use one of {', '.join(formats)}"
+                       + ("" if "fbx" in formats else " (FBX: `promptmesh export`)"))
     if suffix != fmt:
-        path = path.with_name(path.name + f".{fmt}") if suffix not in FORMATS else path.with_suffix(f".{fmt}")
+        path = path.with_name(path.name + f".{fmt}") if suffix not in formats else path.with_suffix(f".{fmt}")
     folder = path.parent.resolve()
     if not folder.is_dir():
         raise CliError(f"cannot write {path}: the folder {folder} does not exist")
@@ -189,8 +191,7 @@ def _client(args: argparse.Namespace):
 
 
 def _write_result(message, out: Path) -> Path:
-    from backend.export import write_json, write_mesh
-    from backend.mesh import Mesh
+    from backend.export import Mesh, write_json, write_mesh
 
     mesh = Mesh(**{k: np.asarray(message.arrays[k]) for k in ("vertices", "faces", "colors", "normals")})
     out_path, fmt = output_path(str(out), None, "mesh")
@@ -246,6 +247,43 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     with _client(args) as client:
         path = _write_result(client.request("result", args.job, timeout=max(args.timeout, 60)), Path(args.output))
     print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+BPY_HINT = ('`promptmesh export` runs Blender\'s own exporters through the bpy module, which is not installed: '
+            'pip install "bpy==4.5.*" (Python 3.11, numpy<2), or export from Blender with the PromptMesh add-on')
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A job's mesh or a mesh file -> FBX/GLB/OBJ written by Blender's exporters (bpy module)."""
+    import json
+
+    from backend.export import read_mesh
+    from shared.blender_io import EXPORT_FORMATS, create_object, export_objects
+
+    source = Path(args.source)
+    if source.is_file():
+        mesh_path, meta_path = source, source.with_suffix(".json")
+    elif JOB_ID.fullmatch(args.source):
+        folder = Path(args.data_dir) / "jobs" / args.source
+        mesh_path, meta_path = folder / "mesh.npz", folder / "meta.json"
+        if not mesh_path.is_file():
+            raise CliError(f"no finished job {args.source} in {args.data_dir} (see `promptmesh jobs`)")
+    else:
+        raise CliError(f"{args.source} is neither a mesh file nor a job id")
+    out, fmt = output_path(args.output, args.format, source.stem, EXPORT_FORMATS)
+    mesh = read_mesh(mesh_path)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        import bpy
+    except ImportError:
+        raise CliError(BPY_HINT) from None
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    name = str(meta.get("prompt") or source.stem)[:63]
+    obj = create_object(bpy.context, name, mesh.vertices, mesh.faces, mesh.colors)
+    export_objects(bpy.context, [obj], out, fmt)
+    print(f"wrote {out} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)", file=sys.stderr)
     return 0
 
 
@@ -339,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("job")
     cn.set_defaults(func=cmd_cancel)
 
+    ex = sub.add_parser("export", help="write FBX (Cinema 4D), GLB or OBJ with Blender's exporters (needs bpy)")
+    ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")
+    ex.add_argument("-f", "--format", choices=("fbx", "glb", "obj"), help="default: from -o")
+    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--data-dir", default="promptmesh-data", help="the server's data folder, for job ids")
+    ex.set_defaults(func=cmd_export)
+
     prior = sub.add_parser("prior", help="train or sample the embedded prior").add_subparsers(dest="prior_command", required=True, parser_class=Parser)
     t = prior.add_parser("train", help="train the embedded prior from scratch (CPU is fine; hours)")
     t.add_argument("--steps", type=int, default=6000)
@@ -361,24 +406,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors meant for the user, by module: an exception of a class can only exist once its module
+# is loaded, so these are looked up in sys.modules and no command pays for importing torch.
+USER_ERRORS = (("backend.guidance.base", "ModelLoadError"), ("backend.mesh", "MeshError"),
+               ("backend.pipeline", "Cancelled"), ("backend.pipeline", "DeviceError"), ("shared.client", "ClientError"))
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return (CliError, SpecError, ValueError, *loaded)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from backend.guidance.base import ModelLoadError
-    from backend.mesh import MeshError
-    from backend.pipeline import Cancelled, DeviceError
-    from shared.client import ClientError
-
     try:
         return args.func(args)
-    except (CliError, SpecError, ModelLoadError, DeviceError, MeshError, Cancelled, ClientError) as exc:
-        print(f"promptmesh: error: {exc}", file=sys.stderr)
-    except ValueError as exc:  # e.g. words the embedded prior does not know, a foreign checkpoint
-        print(f"promptmesh: error: {exc}", file=sys.stderr)
-    except OSError as exc:
-        print(f"promptmesh: error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
     except KeyboardInterrupt:
         print("promptmesh: interrupted (run again with --resume to continue from the last checkpoint)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"promptmesh: error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):  # e.g. words the prior does not know are a ValueError
+            raise
+        print(f"promptmesh: error: {exc}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -12,26 +11,13 @@ import trimesh
 from skimage.measure import marching_cubes
 
 from .cameras import BOUND_RADIUS
+from .export import Mesh
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class MeshError(RuntimeError):
     """Extraction gave no usable surface; the message says what to try."""
-
-
-@dataclass
-class Mesh:
-    """A triangle mesh in the backend's world (Z up, front -Y); colours are display sRGB."""
-
-    vertices: np.ndarray  # [V, 3] float32
-    faces: np.ndarray  # [F, 3] int32, counter-clockwise seen from outside
-    colors: np.ndarray  # [V, 3] float32 in [0, 1], sRGB
-    normals: np.ndarray  # [V, 3] float32, unit, outward
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {"vertices": int(len(self.vertices)), "faces": int(len(self.faces))}
 
 
 def auto_threshold(samples_per_ray: int = 64) -> float:

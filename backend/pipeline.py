@@ -21,7 +21,8 @@ from shared.spec import JobSpec
 
 from . import __version__
 from .guidance import Guidance, load_guidance
-from .mesh import Mesh, extract_mesh
+from .export import Mesh
+from .mesh import extract_mesh
 from .trainer import Trainer, TrainerConfig
 
 

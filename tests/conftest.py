@@ -41,3 +41,22 @@ def gltf_validator() -> list[str]:
                  f"npm gltf-validator (npm install --prefix {modules.parent} gltf-validator)")
     os.environ["NODE_PATH"] = str(modules)
     return ["node", str(ROOT / "tests" / "gltf_validate.js")]
+
+
+_exit_status: int | None = None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave at once when Blender and torch share this process. bpy 4.5's exit handlers
+    deadlock there after a glTF export (its file-closing thread waits on a condition variable
+    its own destructor is destroying); `promptmesh export` avoids it by never loading torch.
+    Every report has been written by now."""
+    if _exit_status is not None and "bpy" in sys.modules and "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import socket
 import subprocess
@@ -215,7 +216,8 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
             assert np.abs(mean_colour(back) - colour).max() <= 2 / 255, fmt
             bpy.data.objects.remove(back)
         assert_assimp_reads(tmp_path / "out.fbx", counts[1], colour)
-        assert subprocess.run([*gltf_validator, str(tmp_path / "out.glb")], capture_output=True).returncode == 0
+        report = json.loads(subprocess.run([*gltf_validator, str(tmp_path / "out.glb")], capture_output=True, text=True).stdout)
+        assert report["issues"]["numErrors"] == 0
     finally:
         server.stop()
 
@@ -310,3 +312,30 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
     with pytest.raises(RuntimeError, match="Import failed: the mesh is empty"):
         bpy.ops.promptmesh.import_job(job=item.job)
     assert len(bpy.data.objects) == before
+
+
+def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, gltf_validator):
+    from backend.export import write_mesh
+    from backend.export import Mesh
+
+    sphere = trimesh.creation.icosphere(3)
+    colour = np.array([0.2, 0.7, 0.3], np.float32)
+    mesh = Mesh(sphere.vertices.astype(np.float32), sphere.faces.astype(np.int32),
+                np.tile(colour, (len(sphere.vertices), 1)), sphere.vertex_normals.astype(np.float32))
+    job = "ab" * 16
+    folder = tmp_path / "data" / "jobs" / job
+    folder.mkdir(parents=True)
+    np.savez(folder / "mesh.npz", vertices=mesh.vertices, faces=mesh.faces, colors=mesh.colors, normals=mesh.normals)
+    (folder / "meta.json").write_text(json.dumps({"prompt": "a green sphere"}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "backend.cli", "export"]
+    proc = subprocess.run([*cli, job, "--data-dir", str(tmp_path / "data"), "-f", "fbx", "-o", str(tmp_path / "job.fbx")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert_assimp_reads(tmp_path / "job.fbx", len(mesh.faces), colour)
+    write_mesh(mesh, tmp_path / "m.ply")
+    proc = subprocess.run([*cli, str(tmp_path / "m.ply"), "-o", str(tmp_path / "m.glb")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(subprocess.run([*gltf_validator, str(tmp_path / "m.glb")], capture_output=True, text=True).stdout)
+    assert report["issues"]["numErrors"] == 0 and report["info"]["totalTriangleCount"] == len(mesh.faces)

@@ -30,6 +30,8 @@ def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
         (["generate", "a red cube", "--model", "./missing-folder", "--steps", "1"], "unknown model"),
         (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
         (["generate", "a red cube", "-o", "x.fbx"], "promptmesh export"),
+        (["export", "no-such-thing", "-o", "x.fbx"], "neither a mesh file nor a job id"),
+        (["export", "0" * 32, "-o", "x.fbx"], "no finished job"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, fragment, tmp_path):
@@ -85,3 +87,13 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     assert proc.returncode == 0, proc.stderr
     other = next(iter(trimesh.load(again).geometry.values()))
     assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_colors, colours)
+
+
+def test_export_without_bpy_says_how_to_install_it(tmp_path):
+    np.savez(tmp_path / "m.npz", vertices=np.eye(3, dtype=np.float32), faces=np.array([[0, 1, 2]], np.int32),
+             colors=np.ones((3, 3), np.float32), normals=np.eye(3, dtype=np.float32))
+    code = ("import sys; sys.modules['bpy'] = None; from backend.cli import main; "
+            f"sys.exit(main(['export', {str(tmp_path / 'm.npz')!r}, '-o', {str(tmp_path / 'm.fbx')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and 'pip install "bpy==4.5.*"' in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.fbx").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from backend.export import srgb_to_linear, write_mesh
+from backend.export import read_mesh, srgb_to_linear, write_mesh
 from backend.mesh import MeshError, auto_threshold, extract_mesh
 
 RED = (0.86, 0.10, 0.10)
@@ -90,3 +90,17 @@ def test_ply_is_z_up_and_obj_y_up_both_srgb(cone_mesh, tmp_path):
     assert verts[:, 1].max() > 0.45
     assert np.allclose(verts[:, 3:].mean(0), RED, atol=1 / 255)
     assert len(verts) == len(cone_mesh.vertices)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "ply", "obj", "npz"])
+def test_read_mesh_undoes_each_formats_axes_and_colour_space(cone_mesh, tmp_path, fmt):
+    path = tmp_path / f"cone.{fmt}"
+    if fmt == "npz":
+        np.savez(path, vertices=cone_mesh.vertices, faces=cone_mesh.faces, colors=cone_mesh.colors, normals=cone_mesh.normals)
+    else:
+        write_mesh(cone_mesh, path)
+    back = read_mesh(path)
+    assert back.faces.shape == cone_mesh.faces.shape
+    assert np.abs(back.vertices - cone_mesh.vertices).max() < 1e-5  # Z up, front -Y again
+    # sRGB again; GLB holds 8-bit linear colour, whose steps near black are ~2.5/255 in sRGB
+    assert np.abs(back.colors.mean(0) - cone_mesh.colors.mean(0)).max() <= (3 if fmt == "glb" else 1) / 255

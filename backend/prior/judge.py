@@ -10,7 +10,7 @@ import torch
 import trimesh
 from skimage.color import rgb2lab
 
-from ..mesh import Mesh
+from ..export import Mesh
 from .shapes import PALETTE, SHAPES, sdf
 
 GRID = 24
