@@ -251,16 +251,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-BPY_HINT = ('`promptmesh export` runs Blender\'s own exporters through the bpy module, which is not installed: '
+BPY_HINT = ('FBX is written by Blender\'s own exporter through the bpy module, which is not installed: '
             'pip install "bpy==4.5.*" (Python 3.11, numpy<2), or export from Blender with the PromptMesh add-on')
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A job's mesh or a mesh file -> FBX/GLB/OBJ written by Blender's exporters (bpy module)."""
+    """A job's mesh or a mesh file -> FBX through Blender's exporter (bpy module), or GLB/PLY/OBJ
+    through our own writers (the files `generate` makes; no Blender needed)."""
     import json
 
-    from backend.export import read_mesh
-    from shared.blender_io import EXPORT_FORMATS, create_object, export_objects
+    from backend.export import FORMATS, read_mesh, write_mesh
 
     source = Path(args.source)
     if source.is_file():
@@ -272,19 +272,28 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CliError(f"no finished job {args.source} in {args.data_dir} (see `promptmesh jobs`)")
     else:
         raise CliError(f"{args.source} is neither a mesh file nor a job id")
-    out, fmt = output_path(args.output, args.format, source.stem, EXPORT_FORMATS)
+    out, fmt = output_path(args.output, args.format, source.stem, ("fbx", *FORMATS))
     mesh = read_mesh(mesh_path)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if fmt == "fbx":
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        export_fbx(mesh, str(meta.get("prompt") or source.stem), out)
+    else:
+        write_mesh(mesh, out, fmt)
+    print(f"wrote {out} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)", file=sys.stderr)
+    return 0
+
+
+def export_fbx(mesh, name: str, out: Path) -> None:
+    """FBX for Cinema 4D, written by Blender's own exporter in a fresh, empty scene."""
     try:
         import bpy
     except ImportError:
         raise CliError(BPY_HINT) from None
+    from shared.blender_io import create_object, export_objects
+
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    name = str(meta.get("prompt") or source.stem)[:63]
-    obj = create_object(bpy.context, name, mesh.vertices, mesh.faces, mesh.colors)
-    export_objects(bpy.context, [obj], out, fmt)
-    print(f"wrote {out} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)", file=sys.stderr)
-    return 0
+    obj = create_object(bpy.context, name[:63], mesh.vertices, mesh.faces, mesh.colors)
+    export_objects(bpy.context, [obj], out, "fbx")
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -377,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("job")
     cn.set_defaults(func=cmd_cancel)
 
-    ex = sub.add_parser("export", help="write FBX (Cinema 4D), GLB or OBJ with Blender's exporters (needs bpy)")
+    ex = sub.add_parser("export", help="write FBX for Cinema 4D (Blender's exporter, needs bpy), or GLB/PLY/OBJ")
     ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")
-    ex.add_argument("-f", "--format", choices=("fbx", "glb", "obj"), help="default: from -o")
+    ex.add_argument("-f", "--format", choices=("fbx", "glb", "ply", "obj"), help="default: from -o")
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--data-dir", default="promptmesh-data", help="the server's data folder, for job ids")
     ex.set_defaults(func=cmd_export)

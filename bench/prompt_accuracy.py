@@ -28,6 +28,7 @@ from shared.spec import JobSpec  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--colors", default=",".join(PALETTE))
@@ -37,7 +38,7 @@ def main() -> None:
     print(f"{'prompt':<22} {'seed':>4} {'shape':<9} {'colour':<7} {'IoU':>5} {'s':>6}")
     for shape in args.shapes.split(","):
         for color in args.colors.split(","):
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 prompt = f"a {color} {shape}"
                 t0 = time.perf_counter()
                 try:
