@@ -64,7 +64,8 @@ def vertex_color_material(name: str) -> Any:
     import bpy
 
     material = bpy.data.materials.new(name)
-    material.use_nodes = True
+    if material.node_tree is None:  # Blender 4.x; from 5.0 every material has its node tree
+        material.use_nodes = True
     nodes, links = material.node_tree.nodes, material.node_tree.links
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     attribute = nodes.new("ShaderNodeVertexColor")
