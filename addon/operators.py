@@ -214,12 +214,4 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
 CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_import,
            PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

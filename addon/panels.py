@@ -97,12 +97,4 @@ class PROMPTMESH_PT_export(PromptMeshPanel, bpy.types.Panel):
 
 CLASSES = (PROMPTMESH_PT_main, PROMPTMESH_PT_advanced, PROMPTMESH_UL_jobs, PROMPTMESH_PT_history, PROMPTMESH_PT_export)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

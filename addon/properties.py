@@ -102,9 +102,11 @@ class PROMPTMESH_PG_state(bpy.types.PropertyGroup):
 CLASSES = (PROMPTMESH_PG_settings, PROMPTMESH_PG_job, PROMPTMESH_PG_state)
 
 
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
+
+
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    _register_classes()
     bpy.types.Scene.promptmesh = PointerProperty(type=PROMPTMESH_PG_settings)
     bpy.types.WindowManager.promptmesh = PointerProperty(type=PROMPTMESH_PG_state)
 
@@ -112,5 +114,4 @@ def register() -> None:
 def unregister() -> None:
     del bpy.types.WindowManager.promptmesh
     del bpy.types.Scene.promptmesh
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    _unregister_classes()
