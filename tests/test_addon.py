@@ -295,8 +295,35 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
         st = bpy.context.window_manager.promptmesh
         pump_until(session, lambda: st.jobs and st.jobs[-1].state == "FAILED", timeout=120)
         assert "gleaming" in st.jobs[-1].message and "gleaming" in st.status and st.status_is_error
+
+        bpy.context.scene.promptmesh.prompt, bpy.context.scene.promptmesh.steps = PROMPT, 5000
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: st.jobs[-1].state == "RUNNING" and st.jobs[-1].step > 0, timeout=120)
+        assert bpy.ops.promptmesh.cancel() == {"FINISHED"}
+        pump_until(session, lambda: st.jobs[-1].state == "CANCELLED", timeout=60)
+        assert not bpy.ops.promptmesh.cancel.poll()  # nothing left to cancel
     finally:
         server.stop()
+
+
+def test_start_launches_the_backend_command_and_shows_why_it_failed(bpy, addon, prefs, tmp_path):
+    _, session = addon
+    st = bpy.context.window_manager.promptmesh
+    prefs.endpoint, prefs.timeout = f"tcp://127.0.0.1:{free_port()}", 2.0
+    prefs.backend_command = f"{sys.executable} -c 'import sys; print(\"no CUDA here\"); sys.exit(3)'"
+    assert bpy.ops.promptmesh.backend_start() == {"FINISHED"}
+    pump_until(session, lambda: "status 3" in st.backend_log, timeout=30)
+    assert "no CUDA here" in st.backend_log and st.status_is_error
+
+    prefs.backend_command = (f"env PYTHONPATH={ROOT} HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m backend.cli "
+                             f"serve --data-dir {tmp_path / 'data'} --device cpu")
+    try:
+        assert bpy.ops.promptmesh.backend_start() == {"FINISHED"}
+        pump_until(session, lambda: st.connection == "ONLINE", timeout=120)  # waits out torch's import
+        assert st.device == "cpu"
+    finally:
+        bpy.ops.promptmesh.backend_stop()
+    assert not bpy.ops.promptmesh.backend_stop.poll() and st.connection == "OFFLINE"
 
 
 def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
