@@ -211,8 +211,7 @@ def _redraw(interval: float | None) -> float | None:
 def check_timeouts(st: PROMPTMESH_PG_state, sess: Session) -> bool:
     """Give up on a backend that does not answer; False when the session was closed."""
     now = time.monotonic()
-    late = [kind for kind, sent in sess.pending.values() if now - sent > sess.timeout]
-    if not late:
+    if not any(now - sent > sess.timeout for _, sent in sess.pending.values()):
         return True
     if backend_process.starting():  # our own backend is still loading: keep waiting
         return True

@@ -250,7 +250,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-JOB_ID = re.compile(r"[0-9a-f]{32}")
 BPY_HINT = ('FBX is written by Blender\'s own exporter through the bpy module, which is not installed: '
             'pip install "bpy==4.5.*" (Python 3.11, numpy<2), or export from Blender with the PromptMesh add-on')
 
@@ -261,6 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from backend.export import FORMATS, read_mesh, write_mesh
+    from backend.registry import JOB_ID
 
     source = Path(args.source)
     if source.is_file():

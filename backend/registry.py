@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 from shared.spec import JobSpec
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_ID = re.compile(r"[0-9a-f]{16}")  # what add() makes: the first 16 hex digits of a uuid4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

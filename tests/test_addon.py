@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import trimesh
 import zmq
 
 from conftest import ROOT, require_tool
+from test_server import ServerProcess, free_port
 
 sys.path.insert(0, str(ROOT))
 import build_addon  # noqa: E402
@@ -67,12 +67,6 @@ def prefs(bpy, addon):
     st = bpy.context.window_manager.promptmesh
     st.jobs.clear()
     st.active_job, st.status, st.connection = "", "", "OFFLINE"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pump_until(session, done, timeout: float) -> float:
@@ -158,8 +152,6 @@ def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
 
 
 def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, prefs, tmp_path, gltf_validator):
-    from test_server import ServerProcess
-
     _, session = addon
     server = ServerProcess(tmp_path / "data")
     try:
@@ -283,8 +275,6 @@ def test_a_backend_of_another_protocol_version_is_refused(bpy, addon, prefs):
 
 
 def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
-    from test_server import ServerProcess
-
     _, session = addon
     server = ServerProcess(tmp_path / "data")
     try:
@@ -342,16 +332,19 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
 
 
 def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, gltf_validator):
-    from backend.export import write_mesh
-    from backend.export import Mesh
+    from backend.export import Mesh, write_mesh
+    from backend.registry import Registry
+    from shared.spec import JobSpec
 
     sphere = trimesh.creation.icosphere(3)
     colour = np.array([0.2, 0.7, 0.3], np.float32)
     mesh = Mesh(sphere.vertices.astype(np.float32), sphere.faces.astype(np.int32),
                 np.tile(colour, (len(sphere.vertices), 1)), sphere.vertex_normals.astype(np.float32))
-    job = "ab" * 16
+    registry = Registry(tmp_path / "data")  # a job id as the server makes them
+    job = registry.add(JobSpec(prompt="a green sphere")).id
+    registry.close()
     folder = tmp_path / "data" / "jobs" / job
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "mesh.npz", vertices=mesh.vertices, faces=mesh.faces, colors=mesh.colors, normals=mesh.normals)
     (folder / "meta.json").write_text(json.dumps({"prompt": "a green sphere"}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -31,7 +31,7 @@ def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
         (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
         (["generate", "a red cube", "-o", "x.fbx"], "promptmesh export"),
         (["export", "no-such-thing", "-o", "x.fbx"], "neither a mesh file nor a job id"),
-        (["export", "0" * 32, "-o", "x.fbx"], "no finished job"),
+        (["export", "0" * 16, "-o", "x.fbx"], "no finished job"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, fragment, tmp_path):
