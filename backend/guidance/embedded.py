@@ -18,7 +18,7 @@ class EmbeddedGuidance(Guidance):
     """SDS against our own small prior; its "latents" are the render resized to 32x32 in [-1, 1]."""
 
     defaults = GuidanceDefaults(
-        guidance_scale=5.0, steps=500, resolution=32, t_range=(0.02, 0.98), t_max_end=0.5,
+        guidance_scale=20.0, steps=500, resolution=32, t_range=(0.02, 0.98), t_max_end=0.5,
         shading=ShadingConfig(albedo=0.0, textureless=0.0, ambient=0.35), background="white", field_levels_start=2,
     )
 
