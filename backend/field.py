@@ -31,6 +31,7 @@ class FieldConfig:
     blob_density: float = 20.0  # pre-activation density added at the centre (Magic3D's blob)
     blob_radius: float = 0.6
     density_bias: float = -1.0
+    radius: float = BOUND_RADIUS  # no density beyond this distance from the centre
 
 
 class HashGrid(nn.Module):
@@ -111,6 +112,8 @@ class NeRFField(nn.Module):
         """x: [N, 3] world points -> density [N], albedo [N, 3] (display colour)."""
         h = self.mlp(self.encoding(x / BOUND_RADIUS))
         density = F.softplus(h[:, 0] + self.blob(x))
+        if self.config.radius < BOUND_RADIUS:
+            density = density * (x.norm(dim=-1) <= self.config.radius)
         return density, torch.sigmoid(h[:, 1:])
 
     def density(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from .background import MLPBackground, SolidBackground
 from .cameras import CameraRanges, Cameras, orbit_cameras, ray_bundle, sample_cameras
-from .field import FieldConfig, NeRFField
+from .field import NeRFField
 from .guidance.base import Guidance, GuidanceDefaults
 from .prompts import PromptEmbeddings
 from .renderer import OccupancyGrid, RenderConfig, render
@@ -52,8 +52,8 @@ class Trainer:
         torch.manual_seed(seed)
         self.guidance, self.embeddings, self.config, self.device = guidance, embeddings, config, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.field = NeRFField(FieldConfig()).to(device)
         d = config.defaults
+        self.field = NeRFField(d.field).to(device)
         self.background = (SolidBackground() if d.background == "white" else MLPBackground()).to(device)
         self.occupancy = OccupancyGrid(RenderConfig()).to(device)
         groups = [

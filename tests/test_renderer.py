@@ -80,6 +80,19 @@ def test_occupancy_grid_skips_empty_space_without_changing_the_image():
     assert torch.allclose(full.rgb, culled.rgb, atol=2e-3)
 
 
+def test_a_bounded_field_has_no_density_beyond_its_radius():
+    bounded = NeRFField(FieldConfig(radius=0.5))
+    free = NeRFField(FieldConfig())
+    free.load_state_dict(bounded.state_dict())
+    directions = torch.nn.functional.normalize(torch.randn(200, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    points = directions * torch.linspace(0.05, 0.99, 200)[:, None]
+    inside = points.norm(dim=-1) <= 0.5
+    with torch.no_grad():
+        d_bounded, d_free = bounded.density(points), free.density(points)
+    assert (d_bounded[~inside] == 0).all() and (d_free[~inside] > 0).all()  # softplus: the free field is never 0
+    assert torch.equal(d_bounded[inside], d_free[inside])
+
+
 def test_field_gradients_reach_the_grid_through_render():
     field = NeRFField(FieldConfig())
     out = render(field, SolidBackground(), front_camera(), 16, 16, shading="lambertian",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cameras import Cameras, view_word
+from ..field import FieldConfig
 from ..prompts import Cond, PromptEmbeddings, cat_cond
 from ..shading import ShadingConfig
 
@@ -29,6 +30,7 @@ class GuidanceDefaults:
     shading: ShadingConfig = ShadingConfig()
     background: str = "mlp"  # "mlp" or "white"
     field_levels_start: int = 2  # hash-grid levels active at step 0 (coarse-to-fine)
+    field: FieldConfig = FieldConfig()  # the NeRF's grid and density blob
 
 
 class Guidance(nn.Module):
