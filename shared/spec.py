@@ -23,7 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Quality presets: what each changes from the model's defaults (None = the model's default).
 QUALITY = ("draft", "standard", "high")
 _PRESETS = {
-    "embedded": {"draft": {"steps": 200}, "standard": {}, "high": {"steps": 1000, "mesh_resolution": 192}},
+    "embedded": {"draft": {"steps": 600}, "standard": {}, "high": {"steps": 2400, "mesh_resolution": 192}},
     "diffusion": {"draft": {"steps": 1500, "resolution": 64}, "standard": {},
                   "high": {"steps": 10000, "resolution": 128, "mesh_resolution": 192}},
 }

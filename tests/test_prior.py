@@ -76,12 +76,15 @@ def test_samples_of_a_red_cube_are_mostly_red():
     assert red.float().mean() > 0.6
 
 
-def test_short_generation_with_the_embedded_prior_has_the_prompted_colour():
+def test_a_default_generation_with_the_embedded_prior_gives_the_prompted_shape_and_colour():
+    """The whole default path, judged by geometry: a torus needs its hole, which the initial
+    density blob does not have, so a run that only kept the blob fails here."""
     from backend.pipeline import run
     from backend.prior.judge import judge_mesh
     from shared.spec import JobSpec
 
-    result = run(JobSpec(prompt="a yellow sphere", seed=0, steps=150, mesh_resolution=64))
+    result = run(JobSpec(prompt="a red torus", seed=0, mesh_resolution=64))
     verdict = judge_mesh(result.mesh)
-    assert verdict.color == "yellow", verdict
-    assert result.metadata["model"] == "embedded" and len(result.mesh.faces) > 100
+    assert verdict.color == "red" and verdict.shape == "torus", verdict
+    assert verdict.ious["torus"] > verdict.ious["sphere"] + 0.05, verdict
+    assert result.metadata["model"] == "embedded" and result.metadata["steps"] == 1200
