@@ -158,7 +158,7 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
         settings.prompt, settings.seed, settings.quality = PROMPT, 0, "DRAFT"
-        settings.steps, settings.preview_every, settings.mesh_resolution = 80, 5, 48
+        settings.steps, settings.preview_every, settings.mesh_resolution = 160, 10, 48
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         progress, previews = [], []
