@@ -30,7 +30,7 @@ class GuidanceDefaults:
     shading: ShadingConfig = ShadingConfig()
     background: str = "mlp"  # "mlp" or "white"
     field_levels_start: int = 2  # hash-grid levels active at step 0 (coarse-to-fine)
-    field: FieldConfig = FieldConfig()  # the NeRF's grid and density blob
+    field: FieldConfig = FieldConfig()  # the NeRF field: grid levels, density blob, bounding radius
 
 
 class Guidance(nn.Module):

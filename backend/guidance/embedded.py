@@ -21,7 +21,7 @@ class EmbeddedGuidance(Guidance):
     # The field is coarse (finest grid 32^3: the primitives need no more, and finer levels grew
     # lumpy surfaces), its density blob is soft (a strong one kept tori from opening their hole),
     # and it is bounded at radius 0.75: every training object lies within 0.73 of the centre, and
-    # an unbounded field grew tails and domes below the object, where the frame often cuts it off.
+    # an unbounded field grew tails and domes below the object, often outside the rendered frames.
     defaults = GuidanceDefaults(
         guidance_scale=20.0, steps=1200, resolution=32, t_range=(0.02, 0.98), t_max_end=0.5,
         shading=ShadingConfig(albedo=0.0, textureless=0.0, ambient=0.35), background="white", field_levels_start=2,
