@@ -104,16 +104,17 @@ class NeRFField(nn.Module):
             nn.Linear(self.encoding.output_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, 4),
         )
 
-    def blob(self, x: torch.Tensor) -> torch.Tensor:
-        r = x.norm(dim=-1)
+    def blob(self, r: torch.Tensor) -> torch.Tensor:
+        """Pre-activation density added at distance r from the centre."""
         return self.config.blob_density * (1 - r / self.config.blob_radius) + self.config.density_bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, 3] world points -> density [N], albedo [N, 3] (display colour)."""
         h = self.mlp(self.encoding(x / BOUND_RADIUS))
-        density = F.softplus(h[:, 0] + self.blob(x))
+        r = x.norm(dim=-1)
+        density = F.softplus(h[:, 0] + self.blob(r))
         if self.config.radius < BOUND_RADIUS:
-            density = density * (x.norm(dim=-1) <= self.config.radius)
+            density = density * (r <= self.config.radius)
         return density, torch.sigmoid(h[:, 1:])
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
