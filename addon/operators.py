@@ -15,6 +15,7 @@ from . import backend_process, session
 from .importer import import_job
 from .preferences import preferences
 from .shared.blender_io import MeshImportError, export_objects
+from .shared.errors import PromptMeshError
 from .shared.spec import SpecError
 
 EXPORT_ITEMS = [("fbx", "Export FBX (Cinema 4D)", "FBX 7.4 with sRGB vertex colours, no leaf bones, no animation"),
@@ -159,7 +160,7 @@ class PROMPTMESH_OT_export(bpy.types.Operator):
         objects = [o for o in context.selected_objects if o.type == "MESH"]
         try:
             export_objects(context, objects, path, self.format)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (PromptMeshError, RuntimeError, OSError) as exc:
             self.report({"ERROR"}, f"Export failed: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"Wrote {path}")

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.spec import JobSpec, SpecError
+from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.spec import JobSpec
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-class CliError(Exception):
-    """An error for the user: printed as one line, no traceback."""
+class CliError(PromptMeshError):
+    """A usage error found by the CLI itself (a bad output path, a missing file)."""
+
+    code = BAD_REQUEST
 
 
 def _quiet_libraries() -> None:
@@ -41,7 +44,7 @@ def slug(text: str) -> str:
 def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[str, ...] | None = None) -> tuple[Path, str]:
     """The output file and its format; refuses unknown formats and unwritable folders now,
     before minutes of optimisation, rather than after."""
-    from backend.export import FORMATS
+    from .export import FORMATS
 
     formats = formats or FORMATS
     path = Path(out) if out else Path(f"{slug(prompt)}.{fmt or 'glb'}")
@@ -86,8 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from backend.export import write_json, write_mesh
-    from backend.pipeline import PreviewEvent, StageEvent, StepEvent, run
+    from .export import write_json, write_mesh
+    from .pipeline import PreviewEvent, StageEvent, StepEvent, run
 
     bar: tqdm | None = None
 
@@ -110,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     write_mesh(result.mesh, out, fmt)
     meta = {**result.metadata, "file": out.name, "format": fmt}
     if args.video:
-        from backend.video import write_turntable
+        from .video import write_turntable
 
         video = write_turntable(result.trainer, out.with_suffix(".mp4"))
         meta["video"] = video.name
@@ -122,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from backend.prior.train import TrainConfig, train
+    from .prior.train import TrainConfig, train
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed)
     train(Path(args.out), config, resume=args.resume)
@@ -134,10 +137,10 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import imageio.v3 as iio
 
-    from backend.guidance.loading import EMBEDDED
-    from backend.prior import WEIGHTS_DIR
-    from backend.prior.model import EmbeddedPrior
-    from backend.prior.sample import sample_grid
+    from .guidance.loading import EMBEDDED
+    from .prior import WEIGHTS_DIR
+    from .prior.model import EmbeddedPrior
+    from .prior.sample import sample_grid
 
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
     grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
@@ -151,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     _quiet_libraries()
-    from backend.server import Server
+    from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None)
@@ -164,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from backend.keys import generate
+    from .keys import generate
 
     public, secret = generate(Path(args.folder), args.name)
     print(f"wrote {public} (share it) and {secret} (keep it private)", file=sys.stderr)
@@ -172,7 +175,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from shared.client import Client
+    from ..shared.client import Client
 
     server_key = client_keys = None
     if args.server_key:
@@ -191,7 +194,7 @@ def _client(args: argparse.Namespace):
 
 
 def _write_result(message, out: Path) -> Path:
-    from backend.export import Mesh, write_json, write_mesh
+    from .export import Mesh, write_json, write_mesh
 
     mesh = Mesh(**{k: np.asarray(message.arrays[k]) for k in ("vertices", "faces", "colors", "normals")})
     out_path, fmt = output_path(str(out), None, "mesh")
@@ -259,8 +262,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     through our own writers (the files `generate` makes; no Blender needed)."""
     import json
 
-    from backend.export import FORMATS, read_mesh, write_mesh
-    from backend.registry import JOB_ID
+    from .export import FORMATS, read_mesh, write_mesh
+    from .registry import JOB_ID
 
     source = Path(args.source)
     if source.is_file():
@@ -289,7 +292,7 @@ def export_fbx(mesh, name: str, out: Path) -> None:
         import bpy
     except ImportError:
         raise CliError(BPY_HINT) from None
-    from shared.blender_io import create_object, export_objects
+    from ..shared.blender_io import create_object, export_objects
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     obj = create_object(bpy.context, name[:63], mesh.vertices, mesh.faces, mesh.colors)
@@ -415,17 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Errors meant for the user, by module: an exception of a class can only exist once its module
-# is loaded, so these are looked up in sys.modules and no command pays for importing torch.
-USER_ERRORS = (("backend.guidance.base", "ModelLoadError"), ("backend.mesh", "MeshError"),
-               ("backend.pipeline", "Cancelled"), ("backend.pipeline", "DeviceError"), ("shared.client", "ClientError"))
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
-    return (CliError, SpecError, ValueError, *loaded)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -435,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except OSError as exc:
         print(f"promptmesh: error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-    except Exception as exc:
-        if not isinstance(exc, _user_error_types()):  # e.g. words the prior does not know are a ValueError
-            raise
+    except PromptMeshError as exc:  # anything else is a bug and keeps its traceback
         print(f"promptmesh: error: {exc}", file=sys.stderr)
     return EXIT_ERROR
 

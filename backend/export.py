@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import trimesh
 
+from ..shared.errors import BAD_REQUEST, PromptMeshError
+
 
 FORMATS = ("glb", "ply", "obj")
 
@@ -84,10 +86,10 @@ def read_mesh(path: str | Path) -> Mesh:
         with np.load(path) as data:
             return Mesh(**{k: np.asarray(data[k]) for k in ("vertices", "faces", "colors", "normals")})
     if fmt not in FORMATS:
-        raise ValueError(f"cannot read {path.name}: expected .npz or one of {', '.join(FORMATS)}")
+        raise PromptMeshError(f"cannot read {path.name}: expected .npz or one of {', '.join(FORMATS)}", BAD_REQUEST)
     tm = trimesh.load(path, force="mesh", process=False)
     if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
-        raise ValueError(f"{path} holds no triangle mesh")
+        raise PromptMeshError(f"{path} holds no triangle mesh", BAD_REQUEST)
     y_up = fmt in ("glb", "obj")
     visual = tm.visual.to_color() if tm.visual.kind == "texture" else tm.visual
     colors = np.asarray(visual.vertex_colors)[:, :3] / 255.0

@@ -9,6 +9,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..shared.errors import PromptMeshError
+
 
 def generate(folder: Path, name: str) -> tuple[Path, Path]:
     """Write NAME.key (public) and NAME.key_secret (secret) into folder."""
@@ -24,7 +26,7 @@ def server_curve(ctx: zmq.Context, socket: zmq.Socket, folder: Path) -> ThreadAu
     secret = folder / "server.key_secret"
     authorized = folder / "authorized"
     if not secret.is_file() or not authorized.is_dir():
-        raise ValueError(f"{folder} needs server.key_secret and an authorized/ folder of client public keys")
+        raise PromptMeshError(f"{folder} needs server.key_secret and an authorized/ folder of client public keys")
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(authorized))

@@ -10,14 +10,17 @@ import torch
 import trimesh
 from skimage.measure import marching_cubes
 
+from ..shared.errors import MESH, PromptMeshError
 from .cameras import BOUND_RADIUS
 from .export import Mesh
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class MeshError(RuntimeError):
+class MeshError(PromptMeshError):
     """Extraction gave no usable surface; the message says what to try."""
+
+    code = MESH
 
 
 def auto_threshold(samples_per_ray: int = 64) -> float:

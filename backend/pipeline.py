@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shared.spec import JobSpec
+from ..shared.errors import BAD_REQUEST, CANCELLED, DEVICE, PromptMeshError
+from ..shared.spec import JobSpec
 
 from . import __version__
 from .guidance import Guidance, load_guidance
@@ -26,12 +27,16 @@ from .mesh import extract_mesh
 from .trainer import Trainer, TrainerConfig
 
 
-class Cancelled(RuntimeError):
+class Cancelled(PromptMeshError):
     """The job was cancelled; raised from inside `run`."""
 
+    code = CANCELLED
 
-class DeviceError(RuntimeError):
+
+class DeviceError(PromptMeshError):
     """The requested device is not available."""
+
+    code = DEVICE
 
 
 @dataclass
@@ -107,7 +112,7 @@ def run(
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         if state["meta"] != spec.to_dict():
-            raise ValueError(f"checkpoint {checkpoint} belongs to a different job; delete it or drop --resume")
+            raise PromptMeshError(f"checkpoint {checkpoint} belongs to a different job; delete it or drop --resume", BAD_REQUEST)
         trainer.load_state_dict(state["trainer"])
     timings["load_seconds"] = time.perf_counter() - t0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.spec import JobSpec
+from ..shared.spec import JobSpec
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # what add() makes: the first 16 hex digits of a uuid4

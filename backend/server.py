@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from shared import protocol as P
-from shared.protocol import Message, ProtocolError
+from ..shared import protocol as P
+from ..shared.errors import PromptMeshError
+from ..shared.protocol import Message, ProtocolError
 
 from . import __version__
 from .export import write_json, write_mesh
@@ -50,7 +51,7 @@ def is_loopback(endpoint: str) -> bool:
 class Server:
     def __init__(self, bind: str, data_dir: Path, device: str = "auto", curve_dir: Path | None = None) -> None:
         if not is_loopback(bind) and curve_dir is None:
-            raise ValueError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
+            raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
         self.device = device
         self.device_name = _device_name(device)  # fails fast when CUDA is asked for but absent
         self.registry = Registry(data_dir)

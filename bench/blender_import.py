@@ -32,7 +32,7 @@ def main() -> None:
     import bpy
 
     import build_addon
-    from shared.blender_io import create_object
+    from promptmesh.shared.blender_io import create_object
 
     side = int(np.sqrt(args.faces / 4)) + 2  # a UV sphere of n x n segments has about 4 n^2 faces
     sphere = trimesh.creation.uv_sphere(radius=0.5, count=[side, side])

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.field import NeRFField  # noqa: E402
-from backend.mesh import extract_mesh  # noqa: E402
+from promptmesh.backend.field import NeRFField  # noqa: E402
+from promptmesh.backend.mesh import extract_mesh  # noqa: E402
 
 
 def main() -> None:

@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.cameras import CameraRanges, sample_cameras  # noqa: E402
-from backend.prior import WEIGHTS_DIR  # noqa: E402
-from backend.prior.data import render_primitives  # noqa: E402
-from backend.prior.model import IMAGE_SIZE, EmbeddedPrior  # noqa: E402
-from backend.prior.sample import sample  # noqa: E402
-from backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
+from promptmesh.backend.cameras import CameraRanges, sample_cameras  # noqa: E402
+from promptmesh.backend.prior import WEIGHTS_DIR  # noqa: E402
+from promptmesh.backend.prior.data import render_primitives  # noqa: E402
+from promptmesh.backend.prior.model import IMAGE_SIZE, EmbeddedPrior  # noqa: E402
+from promptmesh.backend.prior.sample import sample  # noqa: E402
+from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
 
 
 def silhouette(images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
+from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
 
 
 def _one_thread() -> None:
@@ -33,10 +33,10 @@ def _one_thread() -> None:
 
 def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str) -> tuple:
     """One row: (shape, colour, seed, judged shape, judged colour, IoU, seconds)."""
-    from backend.mesh import MeshError
-    from backend.pipeline import run
-    from backend.prior.judge import judge_mesh
-    from shared.spec import JobSpec
+    from promptmesh.backend.mesh import MeshError
+    from promptmesh.backend.pipeline import run
+    from promptmesh.backend.prior.judge import judge_mesh
+    from promptmesh.shared.spec import JobSpec
 
     t0 = time.perf_counter()
     try:

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from backend.cameras import CameraRanges, sample_cameras  # noqa: E402
-from backend.guidance import load_guidance  # noqa: E402
-from backend.renderer import render  # noqa: E402
-from backend.trainer import Trainer, TrainerConfig  # noqa: E402
+from promptmesh.backend.cameras import CameraRanges, sample_cameras  # noqa: E402
+from promptmesh.backend.guidance import load_guidance  # noqa: E402
+from promptmesh.backend.renderer import render  # noqa: E402
+from promptmesh.backend.trainer import Trainer, TrainerConfig  # noqa: E402
 
 
 def main() -> None:

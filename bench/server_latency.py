@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.client import Client, ClientError  # noqa: E402
+from promptmesh.shared.client import Client, ClientError  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         port = s.getsockname()[1]
     endpoint = f"tcp://127.0.0.1:{port}"
     data = tempfile.mkdtemp()
-    server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", endpoint, "--data-dir", data],
+    server = subprocess.Popen([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", endpoint, "--data-dir", data],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with Client(endpoint) as c:

@@ -13,12 +13,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .errors import BAD_REQUEST, PromptMeshError
+
 COLOR_ATTRIBUTE = "Color"
 EXPORT_FORMATS = ("fbx", "glb", "obj")
 
 
-class MeshImportError(ValueError):
+class MeshImportError(PromptMeshError):
     """The arrays do not describe a usable triangle mesh."""
+
+    code = BAD_REQUEST
 
 
 def check_arrays(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> None:
@@ -102,11 +106,11 @@ def export_objects(context: Any, objects: list[Any], path: str | Path, fmt: str 
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+        raise PromptMeshError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if not objects:
-        raise ValueError("nothing to export: select a mesh object")
+        raise PromptMeshError("nothing to export: select a mesh object")
     if not path.parent.is_dir():
-        raise ValueError(f"folder {path.parent} does not exist")
+        raise PromptMeshError(f"folder {path.parent} does not exist")
     for obj in context.view_layer.objects.selected:
         obj.select_set(False)
     for obj in objects:

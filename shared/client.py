@@ -13,15 +13,15 @@ from typing import Any
 import zmq
 
 from . import protocol as P
+from .errors import UNREACHABLE, PromptMeshError
 from .protocol import Message, ProtocolError
 
 
-class ClientError(RuntimeError):
-    """The server could not be reached or answered with an error."""
+class ClientError(PromptMeshError):
+    """The server could not be reached or answered with an error (its code)."""
 
-    def __init__(self, message: str, code: str = "UNREACHABLE") -> None:
-        self.code = code
-        super().__init__(message)
+    def __init__(self, message: str, code: str = UNREACHABLE) -> None:
+        super().__init__(message, code)
 
 
 class Client:

@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .errors import BAD_REQUEST, CANCELLED, INTERNAL, NOT_FOUND, OOM, VERSION, PromptMeshError  # noqa: F401 (re-exported)
 from .spec import JobSpec, SpecError
 
 PROTOCOL_VERSION = 1
@@ -24,22 +25,14 @@ DTYPES = ("uint8", "int32", "uint32", "float32")
 CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result")
 SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "result", "error", "status")
 
-# error codes
-BAD_REQUEST = "BAD_REQUEST"
-VERSION = "VERSION"
-BUSY = "BUSY"
-NOT_FOUND = "NOT_FOUND"
-OOM = "OOM"
-CANCELLED = "CANCELLED"
-INTERNAL = "INTERNAL"
 
 
-class ProtocolError(ValueError):
-    """A malformed or invalid message; `code` is one of the error codes above."""
+class ProtocolError(PromptMeshError):
+    """A malformed or invalid message; `code` is one of the codes in errors.py."""
 
     def __init__(self, message: str, field: str | None = None, code: str = BAD_REQUEST) -> None:
-        self.field, self.code = field, code
-        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message, code)
 
 
 @dataclass

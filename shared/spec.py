@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .errors import BAD_REQUEST, PromptMeshError
+
 MAX_PROMPT_CHARS = 1000
 MAX_MODEL_CHARS = 512
 LIMITS: dict[str, tuple[float, float]] = {
@@ -36,8 +38,10 @@ def quality_settings(model: str, quality: str) -> dict[str, int]:
     return dict(_PRESETS["embedded" if model == "embedded" else "diffusion"][quality])
 
 
-class SpecError(ValueError):
+class SpecError(PromptMeshError):
     """A job spec field is missing, of the wrong type or out of range."""
+
+    code = BAD_REQUEST
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field

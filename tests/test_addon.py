@@ -305,7 +305,7 @@ def test_start_launches_the_backend_command_and_shows_why_it_failed(bpy, addon, 
     pump_until(session, lambda: "status 3" in st.backend_log, timeout=30)
     assert "no CUDA here" in st.backend_log and st.status_is_error
 
-    prefs.backend_command = (f"env PYTHONPATH={ROOT} HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m backend.cli "
+    prefs.backend_command = (f"env HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m promptmesh.backend.cli "
                              f"serve --data-dir {tmp_path / 'data'} --device cpu")
     try:
         assert bpy.ops.promptmesh.backend_start() == {"FINISHED"}
@@ -332,9 +332,9 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
 
 
 def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, gltf_validator):
-    from backend.export import Mesh, write_mesh
-    from backend.registry import Registry
-    from shared.spec import JobSpec
+    from promptmesh.backend.export import Mesh, write_mesh
+    from promptmesh.backend.registry import Registry
+    from promptmesh.shared.spec import JobSpec
 
     sphere = trimesh.creation.icosphere(3)
     colour = np.array([0.2, 0.7, 0.3], np.float32)
@@ -347,8 +347,8 @@ def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, 
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "mesh.npz", vertices=mesh.vertices, faces=mesh.faces, colors=mesh.colors, normals=mesh.normals)
     (folder / "meta.json").write_text(json.dumps({"prompt": "a green sphere"}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "backend.cli", "export"]
+    env = {**os.environ}
+    cli = [sys.executable, "-m", "promptmesh.backend.cli", "export"]
     proc = subprocess.run([*cli, job, "--data-dir", str(tmp_path / "data"), "-f", "fbx", "-o", str(tmp_path / "job.fbx")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from backend.cameras import (
+from promptmesh.backend.cameras import (
     CameraRanges, look_at, make_cameras, ray_bundle, sample_cameras, spherical_position, sphere_near_far, view_word,
 )
 

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +92,8 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
 def test_export_without_bpy_says_how_to_install_it(tmp_path):
     np.savez(tmp_path / "m.npz", vertices=np.eye(3, dtype=np.float32), faces=np.array([[0, 1, 2]], np.int32),
              colors=np.ones((3, 3), np.float32), normals=np.eye(3, dtype=np.float32))
-    code = ("import sys; sys.modules['bpy'] = None; from backend.cli import main; "
+    code = ("import sys; sys.modules['bpy'] = None; from promptmesh.backend.cli import main; "
             f"sys.exit(main(['export', {str(tmp_path / 'm.npz')!r}, '-o', {str(tmp_path / 'm.fbx')!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2 and 'pip install "bpy==4.5.*"' in proc.stderr, proc.stderr
     assert not (tmp_path / "m.fbx").exists()

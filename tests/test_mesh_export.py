@@ -6,8 +6,8 @@ import pytest
 import torch
 import trimesh
 
-from backend.export import read_mesh, srgb_to_linear, write_mesh
-from backend.mesh import MeshError, auto_threshold, extract_mesh
+from promptmesh.backend.export import read_mesh, srgb_to_linear, write_mesh
+from promptmesh.backend.mesh import MeshError, auto_threshold, extract_mesh
 
 RED = (0.86, 0.10, 0.10)
 

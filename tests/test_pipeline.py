@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.pipeline import Cancelled, PreviewEvent, ResultEvent, StageEvent, StepEvent, run
-from shared.spec import JobSpec
+from promptmesh.backend.pipeline import Cancelled, PreviewEvent, ResultEvent, StageEvent, StepEvent, run
+from promptmesh.shared.spec import JobSpec
 
 
 def spec(tiny_sd, **kw):

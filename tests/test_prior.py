@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.cameras import make_cameras
-from backend.guidance import load_guidance
-from backend.guidance.embedded import EmbeddedGuidance
-from backend.prior import WEIGHTS_DIR
-from backend.prior.data import make_batch, render_primitives
-from backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer
-from backend.prior.shapes import PALETTE
+from promptmesh.backend.cameras import make_cameras
+from promptmesh.backend.guidance import load_guidance
+from promptmesh.backend.guidance.embedded import EmbeddedGuidance
+from promptmesh.backend.prior import WEIGHTS_DIR
+from promptmesh.backend.prior.data import make_batch, render_primitives
+from promptmesh.backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer
+from promptmesh.backend.prior.shapes import PALETTE
 
 
 def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
@@ -64,8 +64,8 @@ def test_shipped_weights_load_through_the_real_loading_path():
 
 
 def test_samples_of_a_red_cube_are_mostly_red():
-    from backend.cameras import orbit_cameras
-    from backend.prior.sample import sample
+    from promptmesh.backend.cameras import orbit_cameras
+    from promptmesh.backend.prior.sample import sample
 
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR)
     images = sample(prior, "a red cube", orbit_cameras(4), guidance_scale=3.0, steps=25, seed=0)
@@ -79,9 +79,9 @@ def test_samples_of_a_red_cube_are_mostly_red():
 def test_a_default_generation_with_the_embedded_prior_gives_the_prompted_shape_and_colour():
     """The whole default path, judged by geometry: a torus needs its hole, which the initial
     density blob does not have, so a run that only kept the blob fails here."""
-    from backend.pipeline import run
-    from backend.prior.judge import judge_mesh
-    from shared.spec import JobSpec
+    from promptmesh.backend.pipeline import run
+    from promptmesh.backend.prior.judge import judge_mesh
+    from promptmesh.shared.spec import JobSpec
 
     result = run(JobSpec(prompt="a red torus", seed=0, mesh_resolution=64))
     verdict = judge_mesh(result.mesh)

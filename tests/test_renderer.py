@@ -3,10 +3,10 @@ import math
 import torch
 from torch import nn
 
-from backend.background import SolidBackground
-from backend.cameras import make_cameras, ray_bundle
-from backend.field import FieldConfig, NeRFField
-from backend.renderer import OccupancyGrid, RenderConfig, render
+from promptmesh.backend.background import SolidBackground
+from promptmesh.backend.cameras import make_cameras, ray_bundle
+from promptmesh.backend.field import FieldConfig, NeRFField
+from promptmesh.backend.renderer import OccupancyGrid, RenderConfig, render
 
 RADIUS = 0.5
 

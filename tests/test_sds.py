@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from backend.cameras import make_cameras, view_word
-from backend.guidance import ModelLoadError, load_guidance
-from backend.guidance.stable_diffusion import StableDiffusionGuidance
+from promptmesh.backend.cameras import make_cameras, view_word
+from promptmesh.backend.guidance import ModelLoadError, load_guidance
+from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
 
 
 def cams(azimuth: float):

@@ -18,9 +18,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import protocol as P
-from shared.client import Client, ClientError
-from shared.protocol import Message
+from promptmesh.shared import protocol as P
+from promptmesh.shared.client import Client, ClientError
+from promptmesh.shared.protocol import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,10 @@ class ServerProcess:
     def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
         self.data_dir = data_dir
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         self.log = open(data_dir.parent / f"server-{data_dir.name}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir), "--device", "cpu", *extra],
+            [sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir), "--device", "cpu", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         with Client(self.endpoint) as c:
@@ -249,13 +249,13 @@ def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, t
 
 
 def test_non_loopback_bind_needs_keys(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://0.0.0.0:0", "--data-dir", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", "tcp://0.0.0.0:0", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert proc.returncode == 2 and "CURVE" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_path):
-    from backend.keys import generate
+    from promptmesh.backend.keys import generate
 
     keys = tmp_path / "keys"
     generate(keys, "server")
@@ -263,8 +263,8 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
     generate(keys / "authorized", "artist")
     generate(tmp_path / "stranger", "stranger")
     srv_port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", f"tcp://127.0.0.1:{srv_port}",
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", f"tcp://127.0.0.1:{srv_port}",
                              "--data-dir", str(tmp_path / "data"), "--keys", str(keys)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -291,8 +291,8 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_cli_client_commands_submit_wait_jobs_fetch_cancel(server, tiny_sd, tmp_path):

@@ -8,14 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...shared.errors import MODEL, PromptMeshError
 from ..cameras import Cameras, view_word
 from ..field import FieldConfig
 from ..prompts import Cond, PromptEmbeddings, cat_cond
 from ..shading import ShadingConfig
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PromptMeshError):
     """A model could not be found or loaded; the message says what is missing."""
+
+    code = MODEL
 
 
 @dataclass(frozen=True)

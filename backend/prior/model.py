@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from ...shared.errors import BAD_REQUEST, PromptMeshError
 from ..cameras import Cameras
 from .shapes import PALETTE, SHAPES
 
@@ -28,8 +29,10 @@ CAMERA_FEATURES = 6
 TEXT_WIDTH = 64
 
 
-class UnknownWordsError(ValueError):
+class UnknownWordsError(PromptMeshError):
     """The prompt uses words the embedded prior was never trained on."""
+
+    code = BAD_REQUEST
 
     def __init__(self, unknown: list[str], known: list[str]) -> None:
         self.unknown, self.known = unknown, known
