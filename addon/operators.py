@@ -14,7 +14,7 @@ from bpy.props import EnumProperty, StringProperty
 from . import backend_process, session
 from .importer import import_job
 from .preferences import preferences
-from .shared.blender_io import MeshImportError, export_objects
+from .shared.blender_io import export_objects
 from .shared.errors import PromptMeshError
 from .shared.spec import SpecError
 
@@ -104,7 +104,7 @@ class PROMPTMESH_OT_import(bpy.types.Operator):
             return {"CANCELLED"}
         try:
             obj = import_job(context, item.job)
-        except (MeshImportError, OSError, ValueError, KeyError) as exc:
+        except (PromptMeshError, OSError, ValueError, KeyError) as exc:  # ValueError: a damaged npz
             self.report({"ERROR"}, f"Import failed: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
@@ -123,9 +123,7 @@ class PROMPTMESH_OT_open_folder(bpy.types.Operator):
         if item is None or not item.job:
             self.report({"ERROR"}, "The job has no folder yet")
             return {"CANCELLED"}
-        folder = session.job_folder(item.job)
-        folder.mkdir(parents=True, exist_ok=True)
-        bpy.ops.wm.path_open(filepath=str(folder))
+        bpy.ops.wm.path_open(filepath=str(session.job_files(item.job).folder))
         return {"FINISHED"}
 
 

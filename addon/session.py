@@ -8,8 +8,6 @@ to IDLE_S when nothing happens, and None (timer stops) when there is no connecti
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,14 @@ from .preferences import preferences
 from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
 from .shared.client import Client
+from .shared.errors import PromptMeshError
 from .shared.protocol import Message
+from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
 
 BUDGET_S = 0.004
 FAST_S = 0.05
 IDLE_S = 1.0
 PING_S = 5.0
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SERVER_STATES = {"queued": "QUEUED", "running": "RUNNING", "done": "FETCHING", "failed": "FAILED",
                  "cancelled": "CANCELLED"}
 
@@ -67,33 +66,31 @@ def state(context: Any = None) -> PROMPTMESH_PG_state:
 
 
 # ---- job folders ------------------------------------------------------------------------
-def jobs_root() -> Path:
-    return Path(bpy.utils.extension_path_user(__package__, path="jobs", create=True))
+def user_root() -> Path:
+    """The add-on's user folder; job results live under its jobs/<id>/ like a server's."""
+    return Path(bpy.utils.extension_path_user(__package__, create=True))
 
 
-def job_folder(job: str) -> Path:
-    if not JOB_ID.fullmatch(job):
-        raise ValueError(f"not a job id: {job!r}")
-    return jobs_root() / job
+def job_files(job: str) -> JobFiles:
+    """The job's files, its folder created (PromptMeshError for a string that is no job id)."""
+    files = JobFiles.of(user_root(), job)
+    files.folder.mkdir(parents=True, exist_ok=True)
+    return files
 
 
 def save_record(item: Any) -> None:
     """The job's history entry, beside its result, so a restart of Blender keeps it."""
-    folder = job_folder(item.job)
-    folder.mkdir(parents=True, exist_ok=True)
     record = {"job": item.job, "prompt": item.prompt, "seed": item.seed, "state": item.state, "message": item.message}
-    tmp = folder / "job.json.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(folder / "job.json")
+    write_json(record, job_files(item.job).record)
 
 
 def load_history(st: PROMPTMESH_PG_state) -> None:
     """Fill the history list from the job folders (oldest first)."""
     st.history_loaded = True
     records = []
-    for path in jobs_root().glob("*/job.json"):
+    for path in jobs_root(user_root()).glob("*/job.json"):
         try:
-            records.append((path.stat().st_mtime, json.loads(path.read_text())))
+            records.append((path.stat().st_mtime, read_json(path)))
         except (OSError, ValueError):
             continue
     for _, rec in sorted(records, key=lambda r: r[0]):
@@ -103,7 +100,7 @@ def load_history(st: PROMPTMESH_PG_state) -> None:
         item.job, item.prompt, item.seed = rec["job"], str(rec.get("prompt", "")), int(rec.get("seed", 0))
         item.state = rec.get("state") if rec.get("state") in STATE_NAMES else "FAILED"
         item.message = str(rec.get("message", ""))
-        if item.state == "DONE" and not (job_folder(item.job) / "mesh.npz").is_file():
+        if item.state == "DONE" and not job_files(item.job).mesh.is_file():
             item.state = "FETCHING"
 
 
@@ -309,14 +306,17 @@ def on_done(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> 
 
 def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
     item = st.job(msg.job or "")
-    if item is None or not {"vertices", "faces", "colors"} <= msg.arrays.keys():
+    if item is None:
         return
-    folder = job_folder(item.job)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "mesh.tmp.npz"
-    np.savez(tmp, **msg.arrays)
-    tmp.replace(folder / "mesh.npz")
-    (folder / "meta.json").write_text(json.dumps(msg.fields.get("meta", {}), indent=2))
+    try:
+        mesh = Mesh.from_arrays(msg.arrays)
+    except PromptMeshError as exc:
+        item.state, item.message = "FAILED", str(exc)
+        save_record(item)
+        return
+    files = job_files(item.job)
+    write_npz(mesh, files.mesh)
+    write_json(msg.fields.get("meta", {}), files.meta)
     item.state, item.message = "DONE", ""
     save_record(item)
     if item.job == st.active_job:

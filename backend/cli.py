@@ -9,8 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from ..shared.errors import BAD_REQUEST, PromptMeshError
 from ..shared.spec import JobSpec
 
@@ -89,7 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from .export import write_json, write_mesh
+    from ..shared.result import write_json
+    from .export import write_mesh
     from .pipeline import PreviewEvent, StageEvent, StepEvent, run
 
     bar: tqdm | None = None
@@ -194,9 +193,10 @@ def _client(args: argparse.Namespace):
 
 
 def _write_result(message, out: Path) -> Path:
-    from .export import Mesh, write_json, write_mesh
+    from ..shared.result import Mesh, write_json
+    from .export import write_mesh
 
-    mesh = Mesh(**{k: np.asarray(message.arrays[k]) for k in ("vertices", "faces", "colors", "normals")})
+    mesh = Mesh.from_arrays(message.arrays)
     out_path, fmt = output_path(str(out), None, "mesh")
     write_mesh(mesh, out_path, fmt)
     write_json(message.fields.get("meta") or {}, out_path.with_suffix(".json"))
@@ -262,15 +262,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     through our own writers (the files `generate` makes; no Blender needed)."""
     import json
 
+    from ..shared.result import JOB_ID, JobFiles
     from .export import FORMATS, read_mesh, write_mesh
-    from .registry import JOB_ID
 
     source = Path(args.source)
     if source.is_file():
         mesh_path, meta_path = source, source.with_suffix(".json")
     elif JOB_ID.fullmatch(args.source):
-        folder = Path(args.data_dir) / "jobs" / args.source
-        mesh_path, meta_path = folder / "mesh.npz", folder / "meta.json"
+        files = JobFiles.of(args.data_dir, args.source)
+        mesh_path, meta_path = files.mesh, files.meta
         if not mesh_path.is_file():
             raise CliError(f"no finished job {args.source} in {args.data_dir} (see `promptmesh jobs`)")
     else:

@@ -10,34 +10,15 @@ No torch here: `promptmesh export` loads this module beside Blender's bpy.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import trimesh
 
 from ..shared.errors import BAD_REQUEST, PromptMeshError
-
+from ..shared.result import Mesh, atomic_write, read_npz
 
 FORMATS = ("glb", "ply", "obj")
-
-
-@dataclass
-class Mesh:
-    """A triangle mesh in the backend's world (Z up, front -Y); colours are display sRGB."""
-
-    vertices: np.ndarray  # [V, 3] float32
-    faces: np.ndarray  # [F, 3] int32, counter-clockwise seen from outside
-    colors: np.ndarray  # [V, 3] float32 in [0, 1], sRGB
-    normals: np.ndarray  # [V, 3] float32, unit, outward
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {"vertices": int(len(self.vertices)), "faces": int(len(self.faces))}
 
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -83,8 +64,7 @@ def read_mesh(path: str | Path) -> Mesh:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt == "npz":
-        with np.load(path) as data:
-            return Mesh(**{k: np.asarray(data[k]) for k in ("vertices", "faces", "colors", "normals")})
+        return read_npz(path)
     if fmt not in FORMATS:
         raise PromptMeshError(f"cannot read {path.name}: expected .npz or one of {', '.join(FORMATS)}", BAD_REQUEST)
     tm = trimesh.load(path, force="mesh", process=False)
@@ -102,18 +82,6 @@ def read_mesh(path: str | Path) -> Mesh:
     )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_mesh(mesh: Mesh, path: str | Path, fmt: str | None = None) -> Path:
     """Write `mesh` to `path`; the format comes from `fmt` or the file extension."""
     path = Path(path)
@@ -123,11 +91,4 @@ def write_mesh(mesh: Mesh, path: str | Path, fmt: str | None = None) -> Path:
         data = trimesh.exchange.obj.export_obj(tm, include_color=True, include_normals=True).encode()
     else:
         data = tm.export(file_type=fmt)
-    atomic_write_bytes(path, data)
-    return path
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-    return path
+    return atomic_write(path, data)

@@ -12,7 +12,7 @@ from skimage.measure import marching_cubes
 
 from ..shared.errors import MESH, PromptMeshError
 from .cameras import BOUND_RADIUS
-from .export import Mesh
+from ..shared.result import Mesh
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 

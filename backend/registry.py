@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..shared.result import JobFiles, jobs_root, new_job_id, remove_temporaries
 from ..shared.spec import JobSpec
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
-JOB_ID = re.compile(r"[0-9a-f]{16}")  # what add() makes: the first 16 hex digits of a uuid4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,11 +53,11 @@ class Job:
 
 
 class Registry:
-    """Thread-safe access to the jobs table; job folders live under `root/jobs/<id>/`."""
+    """Thread-safe access to the jobs table; job folders are laid out by shared.result.JobFiles."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        jobs_root(self.root).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -70,11 +68,15 @@ class Registry:
         with self._lock:
             self._db.close()
 
-    def folder(self, job_id: str) -> Path:
-        return self.root / "jobs" / job_id
+    def files(self, job_id: str) -> JobFiles:
+        return JobFiles.of(self.root, job_id)
 
     def recover(self) -> list[str]:
-        """After a restart: jobs that were running are failed (the process died under them)."""
+        """After a restart: jobs that were running are failed (the process died under them), and
+        what interrupted writes left in the job folders is removed."""
+        for folder in jobs_root(self.root).iterdir():
+            if folder.is_dir():
+                remove_temporaries(folder)
         with self._lock:
             rows = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'running'")]
             self._db.execute(
@@ -84,14 +86,14 @@ class Registry:
         return rows
 
     def add(self, spec: JobSpec) -> Job:
-        job_id = uuid.uuid4().hex[:16]
+        job_id = new_job_id()
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
                 "INSERT INTO jobs (id, seq, state, spec, created) VALUES (?, ?, 'queued', ?, ?)",
                 (job_id, seq, json.dumps(spec.to_dict()), time.time()),
             )
-        self.folder(job_id).mkdir(parents=True, exist_ok=True)
+        self.files(job_id).folder.mkdir(parents=True, exist_ok=True)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:

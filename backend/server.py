@@ -1,46 +1,38 @@
-"""The job server: a ZeroMQ ROUTER that queues generation jobs and runs them one at a time.
+"""The job server's request loop: a ZeroMQ ROUTER for clients and an inproc PULL for the
+executor's events, served by one blocking poll over both (zguide's asyncsrv shape).
 
-The main thread owns the socket: it receives and validates requests, answers at once, and
-forwards the worker's events to the client that submitted the job (the newest preview per
-job only, so a slow client never makes previews pile up). The worker thread runs
-`pipeline.run`. Results are written to the job folder, atomically, before `done` is sent.
+The loop owns the socket, the registry, the FIFO of queued jobs and who listens to which
+job; it answers every request at once, hands queued jobs to the executor while it has free
+slots, records each job's end in the registry and forwards the executor's events to the
+client that submitted the job (the newest preview per job only, so a slow client never makes
+previews pile up). The executor runs the jobs and writes their results before `done`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
 import traceback
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
-import numpy as np
 import zmq
 
 from ..shared import protocol as P
-from ..shared.errors import PromptMeshError
-from ..shared.protocol import Message, ProtocolError
-
+from ..shared.errors import BAD_REQUEST, CANCELLED, INTERNAL, NOT_FOUND, PromptMeshError
+from ..shared.protocol import Message
+from ..shared.result import JobFiles, read_npz
 from . import __version__
-from .export import write_json, write_mesh
-from .pipeline import Cancelled, PreviewEvent, StageEvent, StepEvent, run
-from .registry import Registry
+from .executor import Executor, InProcessExecutor
+from .registry import Job, Registry
 
 log = logging.getLogger("promptmesh.server")
 
 MAX_MESSAGE_BYTES = 1 << 20  # requests are small; results only flow server -> client
 HEARTBEAT_MS = 2000
-RESULT_ARRAYS = ("vertices", "faces", "colors", "normals")
-
-
-@dataclass
-class Running:
-    job: str
-    client: bytes
-    cancel: threading.Event = field(default_factory=threading.Event)
+BURST = 100  # requests handled before the loop looks at the executor's events again
+STOP = b"stop"  # the control frame `stop()` sends on the events socket
+TERMINAL = ("done", "error")
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -49,11 +41,11 @@ def is_loopback(endpoint: str) -> bool:
 
 
 class Server:
-    def __init__(self, bind: str, data_dir: Path, device: str = "auto", curve_dir: Path | None = None) -> None:
+    def __init__(self, bind: str, data_dir: Path, device: str = "auto", curve_dir: Path | None = None,
+                 executor: Executor | None = None) -> None:
         if not is_loopback(bind) and curve_dir is None:
             raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
-        self.device = device
-        self.device_name = _device_name(device)  # fails fast when CUDA is asked for but absent
+        self.executor = executor or InProcessExecutor(device)
         self.registry = Registry(data_dir)
         for job in self.registry.recover():
             log.warning("job %s was running when the server stopped: marked failed", job)
@@ -70,14 +62,19 @@ class Server:
 
             self.auth = server_curve(self.ctx, self.socket, Path(curve_dir))
         self.endpoint = self._bind(bind)
-        self.events: queue.Queue = queue.Queue()
+        self.events_endpoint = f"inproc://promptmesh-events-{id(self):x}"
+        self.events = self.ctx.socket(zmq.PULL)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(self.events_endpoint)
+        self.pending: deque[str] = deque(j.id for j in self.registry.queued())  # FIFO of queued jobs
+        self.running: set[str] = set()  # handed to the executor, not yet ended
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
         self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
-        self.pending: list[str] = [j.id for j in self.registry.queued()]  # FIFO of queued jobs
-        self.running: Running | None = None
-        self.wake = threading.Condition()
-        self.stopping = threading.Event()
-        self.worker = threading.Thread(target=self._work, name="promptmesh-worker", daemon=True)
+        self.handlers: dict[str, Callable[[bytes, Message], None]] = {
+            "hello": self._on_hello, "ping": self._on_ping, "generate": self._on_generate,
+            "cancel": self._on_cancel, "status": self._on_status, "result": self._on_result,
+        }
+        self.executor.start(self.ctx, self.events_endpoint)
 
     def _bind(self, bind: str) -> str:
         if bind.endswith(":0"):
@@ -86,225 +83,193 @@ class Server:
         self.socket.bind(bind)
         return bind
 
-    # ---- main thread -------------------------------------------------------------------
-    def serve_forever(self, poll_ms: int = 20) -> None:
-        self.worker.start()
+    @property
+    def device_name(self) -> str:
+        return self.executor.device_name
+
+    # ---- the loop ------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Serve until `stop()` (from any thread) or KeyboardInterrupt; then close."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)
         try:
-            while not self.stopping.is_set():
-                if poller.poll(poll_ms):
-                    for _ in range(100):  # a burst, then flush events
+            self._dispatch()
+            while True:
+                ready = dict(poller.poll())
+                if self.events in ready and not self._drain_events():
+                    return
+                if self.socket in ready:
+                    for _ in range(BURST):
                         try:
                             frames = self.socket.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         self._handle(frames)
-                self._flush_events()
         finally:
             self.close()
 
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe: it is a message on the events socket)."""
+        socket = self.ctx.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 1000)
+        socket.connect(self.events_endpoint)
+        socket.send(STOP)
+        socket.close()
+
     def close(self) -> None:
-        self.stopping.set()
-        if self.running:
-            self.running.cancel.set()
-        with self.wake:
-            self.wake.notify_all()
-        if self.worker.is_alive():
-            self.worker.join(timeout=30)
+        """Stop the executor (a running job is marked failed at the next start), close everything."""
+        self.executor.close()
         if self.auth is not None:
             self.auth.stop()
         self.socket.close(linger=0)
+        self.events.close(linger=0)
         self.ctx.term()
         self.registry.close()
 
+    # ---- requests ------------------------------------------------------------------------
     def _send(self, client: bytes, msg: Message) -> None:
         try:
             self.socket.send_multipart([client, *P.encode(msg)], zmq.NOBLOCK)
-        except zmq.Again:
-            log.debug("dropped %s for a slow client", msg.type)
-        except zmq.ZMQError as exc:
+        except zmq.ZMQError as exc:  # Again for a full pipe; a vanished peer
             log.debug("could not send %s: %s", msg.type, exc)
 
     def _error(self, client: bytes, code: str, message: str, msg_id: str = "", job: str | None = None) -> None:
         self._send(client, Message("error", msg_id, job, {"code": code, "message": message}))
 
     def _handle(self, frames: list[bytes]) -> None:
+        """Answer one request; whatever goes wrong becomes an error reply and the loop goes on."""
         if len(frames) < 2:
             return
         client, body = frames[0], frames[1:]
         try:
             msg = P.decode(body)
-        except ProtocolError as exc:
-            self._error(client, exc.code, str(exc))
+        except P.ProtocolError as exc:
+            self._error(client, exc.code, str(exc), exc.msg_id)
+            return
+        except Exception as exc:  # a decoder bug must not stop the server either
+            log.error("decoding a request failed: %s", traceback.format_exc())
+            self._error(client, BAD_REQUEST, f"undecodable message ({type(exc).__name__})")
             return
         try:
-            getattr(self, f"_on_{msg.type}")(client, msg)
+            self.handlers[msg.type](client, msg)
+        except PromptMeshError as exc:
+            self._error(client, exc.code, str(exc), msg.id, msg.job)
         except Exception as exc:  # a bug answering one request must not stop the server
             log.error("handling %s failed: %s", msg.type, traceback.format_exc())
-            self._error(client, P.INTERNAL, f"{type(exc).__name__}: {exc}", msg.id, msg.job)
+            self._error(client, INTERNAL, f"{type(exc).__name__}: {exc}", msg.id, msg.job)
 
     def _on_hello(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("welcome", msg.id, fields={
             "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self.device_name}))
 
     def _on_ping(self, client: bytes, msg: Message) -> None:
+        busy = min(self.running, key=self._seq) if self.running else None
         self._send(client, Message("pong", msg.id, fields={
-            "device": self.device_name, "busy": self.running.job if self.running else None,
-            "queue": len(self.pending)}))
+            "device": self.device_name, "busy": busy, "queue": len(self.pending)}))
 
     def _on_generate(self, client: bytes, msg: Message) -> None:
         job = self.registry.add(msg.fields["spec"])
         self.owners[job.id] = client
-        with self.wake:
-            self.pending.append(job.id)
-            position = len(self.pending) - 1 + (1 if self.running else 0)
-            self.wake.notify()
-        self._send(client, Message("accepted", msg.id, job.id, {"position": position}))
+        self.pending.append(job.id)
+        self._send(client, Message("accepted", msg.id, job.id, {"position": self._position(job.id)}))
+        self._dispatch()
 
     def _on_cancel(self, client: bytes, msg: Message) -> None:
-        job = self._job_or_error(client, msg)
-        if job is None:
-            return
-        with self.wake:
-            if msg.job in self.pending:
-                self.pending.remove(msg.job)
-                self.registry.set_state(msg.job, "cancelled", error_code=P.CANCELLED, error="cancelled while queued")
-                self._send(client, Message("error", msg.id, msg.job, {"code": P.CANCELLED, "message": "cancelled while queued"}))
-                return
-        if self.running and self.running.job == msg.job:
-            self.running.cancel.set()
-            self.watchers.setdefault(msg.job, set()).add(client)
-            return  # the worker reports CANCELLED within one step, to the owner and to this client
-        self._error(client, P.BAD_REQUEST, f"job {msg.job} is {job.state}; only queued or running jobs can be cancelled", msg.id, msg.job)
+        job = self._job(msg)
+        if job.id in self.pending:
+            self.pending.remove(job.id)
+            self.registry.set_state(job.id, "cancelled", error_code=CANCELLED, error="cancelled while queued")
+            end = {"code": CANCELLED, "message": "cancelled while queued"}
+            self._send(client, Message("error", msg.id, job.id, end))  # the answer to this request
+            self._route(job.id, Message("error", "", job.id, end), skip=client)  # and the owner's event
+        elif job.id in self.running:
+            self.executor.cancel(job.id)
+            self.watchers.setdefault(job.id, set()).add(client)  # the executor's CANCELLED reaches it
+        else:
+            self._error(client, BAD_REQUEST, f"job {job.id} is {job.state}; only queued or running jobs can be cancelled",
+                        msg.id, job.id)
 
     def _on_status(self, client: bytes, msg: Message) -> None:
-        jobs = [self.registry.get(msg.job)] if msg.job else self.registry.list()
-        if msg.job and jobs[0] is None:
-            self._error(client, P.NOT_FOUND, f"no job {msg.job}", msg.id, msg.job)
-            return
-        summaries = []
-        for job in jobs:
-            s = job.summary()
-            s["position"] = self.pending.index(job.id) + (1 if self.running else 0) if job.id in self.pending else None
-            summaries.append(s)
+        jobs = [self._job(msg)] if msg.job else self.registry.list()
+        summaries = [{**job.summary(), "position": self._position(job.id)} for job in jobs]
         self._send(client, Message("status", msg.id, msg.job, {"jobs": summaries}))
 
     def _on_result(self, client: bytes, msg: Message) -> None:
-        job = self._job_or_error(client, msg)
-        if job is None:
-            return
+        job = self._job(msg)
         if job.state != "done":
-            self._error(client, P.NOT_FOUND, f"job {job.id} has no result: it is {job.state}", msg.id, job.id)
-            return
-        data = np.load(self.registry.folder(job.id) / "mesh.npz")
-        self._send(client, Message("result", msg.id, job.id, {"meta": job.meta},
-                                   {k: data[k] for k in RESULT_ARRAYS}))
+            raise PromptMeshError(f"job {job.id} has no result: it is {job.state}", NOT_FOUND)
+        mesh = read_npz(JobFiles.of(self.registry.root, job.id).mesh)
+        self._send(client, Message("result", msg.id, job.id, {"meta": job.meta}, mesh.arrays))
 
-    def _job_or_error(self, client: bytes, msg: Message):
-        job = self.registry.get(msg.job)
+    def _job(self, msg: Message) -> Job:
+        job = self.registry.get(msg.job) if msg.job else None
         if job is None:
-            self._error(client, P.NOT_FOUND, f"no job {msg.job}", msg.id, msg.job)
+            raise PromptMeshError(f"no job {msg.job}", NOT_FOUND)
         return job
 
-    def _flush_events(self) -> None:
+    def _position(self, job: str) -> int | None:
+        """Jobs ahead of a queued job (those running and those queued before it); None otherwise."""
+        if job not in self.pending:
+            return None
+        return self.pending.index(job) + len(self.running)
+
+    def _seq(self, job: str) -> int:
+        found = self.registry.get(job)
+        return found.seq if found else 0
+
+    # ---- the executor --------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Hand queued jobs to the executor while it has free slots, in FIFO order."""
+        while self.pending and len(self.running) < self.executor.slots:
+            job = self.registry.get(self.pending.popleft())
+            if job is None or job.state != "queued":
+                continue
+            self.registry.set_state(job.id, "running")
+            self.running.add(job.id)
+            self.executor.submit(job.id, job.spec, JobFiles.of(self.registry.root, job.id))
+
+    def _drain_events(self) -> bool:
+        """Forward what the executor sent (newest preview per job); False on the stop frame."""
         latest_preview: dict[str, Message] = {}
+        keep_going = True
         while True:
             try:
-                job, msg = self.events.get_nowait()
-            except queue.Empty:
+                frames = self.events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 break
+            if frames == [STOP]:
+                keep_going = False
+                break
+            msg = P.decode(frames, P.SERVER_TYPES)
+            job = msg.job or ""
             if msg.type == "preview":
                 latest_preview[job] = msg  # latest wins
                 continue
-            if job in latest_preview and msg.type in ("done", "error"):
-                self._route(job, latest_preview.pop(job))
+            if msg.type in TERMINAL:
+                if job in latest_preview:
+                    self._route(job, latest_preview.pop(job))
+                self._record_end(job, msg)
             self._route(job, msg)
         for job, msg in latest_preview.items():
             self._route(job, msg)
+        if keep_going:
+            self._dispatch()
+        return keep_going
 
-    def _route(self, job: str, msg: Message) -> None:
+    def _record_end(self, job: str, msg: Message) -> None:
+        self.running.discard(job)
+        if msg.type == "done":
+            self.registry.set_state(job, "done", meta=msg.fields["meta"])
+        else:
+            code = msg.fields.get("code", INTERNAL)
+            self.registry.set_state(job, "cancelled" if code == CANCELLED else "failed", error_code=code,
+                                    error=msg.fields.get("message", ""))
+
+    def _route(self, job: str, msg: Message, skip: bytes | None = None) -> None:
         clients = {self.owners[job]} if job in self.owners else set()
-        if msg.type in ("done", "error"):  # the job's end: forget who was listening
+        if msg.type in TERMINAL:  # the job's end: forget who was listening
             clients |= self.watchers.pop(job, set())
             self.owners.pop(job, None)
-        for client in clients:
+        for client in clients - {skip}:
             self._send(client, msg)
-
-    # ---- worker thread -----------------------------------------------------------------
-    def _work(self) -> None:
-        while not self.stopping.is_set():
-            with self.wake:
-                while not self.pending and not self.stopping.is_set():
-                    self.wake.wait(timeout=0.5)
-                if self.stopping.is_set():
-                    return
-                job_id = self.pending.pop(0)
-                self.running = Running(job_id, self.owners.get(job_id, b""))
-            try:
-                kind, fields = self._run_job(job_id, self.running.cancel)
-            finally:
-                self.running = None
-            self._post(job_id, kind, fields)  # after `running` is cleared: a ping then reads idle
-
-    def _post(self, job: str, kind: str, fields: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None) -> None:
-        self.events.put((job, Message(kind, "", job, fields or {}, arrays or {})))
-
-    def _run_job(self, job_id: str, cancel: threading.Event) -> tuple[str, dict[str, Any]]:
-        """Run one job and record its outcome; returns the final message (done or error)."""
-        job = self.registry.get(job_id)
-        spec = job.spec
-        spec.device = spec.device if spec.device != "auto" else self.device
-        self.registry.set_state(job_id, "running")
-        folder = self.registry.folder(job_id)
-
-        def on_event(event: Any) -> None:
-            if isinstance(event, StageEvent):
-                self._post(job_id, "progress", {"stage": event.stage, "step": 0, "total": 0})
-            elif isinstance(event, StepEvent):
-                self._post(job_id, "progress", {"stage": "optimising", "step": event.step, "total": event.total, "loss": event.loss})
-            elif isinstance(event, PreviewEvent):
-                h, w = event.rgba.shape[:2]
-                self._post(job_id, "preview", {"step": event.step, "w": w, "h": h}, {"rgba": event.rgba})
-
-        try:
-            result = run(spec, on_event, cancel=cancel, checkpoint=folder / "checkpoint.pt")
-            mesh = result.mesh
-            write_mesh(mesh, folder / "mesh.glb")
-            write_mesh(mesh, folder / "mesh.ply")
-            tmp = folder / "mesh.tmp.npz"
-            np.savez(tmp, vertices=mesh.vertices, faces=mesh.faces, colors=mesh.colors, normals=mesh.normals)
-            tmp.replace(folder / "mesh.npz")
-            meta = {**result.metadata, "job": job_id}
-            write_json(meta, folder / "meta.json")
-            self.registry.set_state(job_id, "done", meta=meta)
-            return "done", {"meta": meta}
-        except Cancelled:
-            self.registry.set_state(job_id, "cancelled", error_code=P.CANCELLED, error="cancelled while running")
-            return "error", {"code": P.CANCELLED, "message": "cancelled while running"}
-        except Exception as exc:
-            code, message = _classify(exc)
-            log.error("job %s failed: %s", job_id, traceback.format_exc())
-            self.registry.set_state(job_id, "failed", error_code=code, error=message)
-            return "error", {"code": code, "message": message}
-
-
-def _device_name(name: str) -> str:
-    from .pipeline import resolve_device
-
-    device = resolve_device(name)
-    if device.type == "cuda":
-        import torch
-
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return "cpu"
-
-
-def _classify(exc: BaseException) -> tuple[str, str]:
-    import torch
-
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return P.OOM, f"out of memory ({exc}); lower the resolution or the mesh resolution, or use fewer steps"
-    if isinstance(exc, ValueError):
-        return P.BAD_REQUEST, str(exc)
-    return P.INTERNAL, f"{type(exc).__name__}: {exc}"

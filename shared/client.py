@@ -1,13 +1,15 @@
 """A small client for the PromptMesh server, used by the CLI, the tests and the add-on.
 
 No threads: `send` queues a request, `poll` returns whatever events have arrived (waiting
-at most `timeout` seconds). Optional CURVE encryption with the server's public key.
+at most `timeout` seconds). `request` waits for one reply; the other messages that arrive
+meanwhile are kept for the next `poll`, never lost. Optional CURVE encryption.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -39,6 +41,7 @@ class Client:
             self.socket.curve_serverkey, self.socket.curve_publickey, self.socket.curve_secretkey = server_key, public, secret
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
+        self._inbox: deque[Message] = deque()  # arrived while `request` waited for its reply
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -59,8 +62,15 @@ class Client:
     def poll(self, timeout: float = 0.0, max_messages: int = 100) -> list[Message]:
         """Decoded messages that arrived, waiting up to `timeout` seconds for the first."""
         out: list[Message] = []
-        if not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
+        while self._inbox and len(out) < max_messages:
+            out.append(self._inbox.popleft())
+        if out or not self.socket.poll(int(timeout * 1000), zmq.POLLIN):
             return out
+        return self._receive(max_messages)
+
+    def _receive(self, max_messages: int = 100) -> list[Message]:
+        """What is waiting on the socket now, decoded (a bad message becomes an error event)."""
+        out: list[Message] = []
         while len(out) < max_messages:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
@@ -77,11 +87,16 @@ class Client:
         msg_id = self.send(kind, job, **fields)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            for msg in self.poll(left):
+            if not self.socket.poll(int(left * 1000), zmq.POLLIN):
+                break
+            arrived = self._receive()
+            for i, msg in enumerate(arrived):
                 if msg.id == msg_id:
+                    self._inbox.extend(arrived[:i] + arrived[i + 1:])
                     if msg.type == "error":
                         raise ClientError(msg.fields.get("message", "error"), msg.fields.get("code", P.INTERNAL))
                     return msg
+            self._inbox.extend(arrived)
         raise ClientError(f"no answer from {self.endpoint} within {timeout:g} s: is `promptmesh serve` running there?")
 
     def hello(self, timeout: float = 5.0) -> Message:

@@ -16,6 +16,7 @@ MODEL = "MODEL"  # the model cannot be found or loaded
 DEVICE = "DEVICE"  # the requested device is not available
 MESH = "MESH"  # the optimisation gave no usable surface
 OOM = "OOM"  # out of memory
+DISK = "DISK"  # the result could not be written (disk full, read-only, permissions)
 CANCELLED = "CANCELLED"  # cancelled by a client
 UNREACHABLE = "UNREACHABLE"  # the server did not answer (client side only)
 INTERNAL = "INTERNAL"  # a bug: the server's log has the traceback

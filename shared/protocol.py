@@ -7,6 +7,7 @@ checks everything a peer sends and raises ProtocolError naming the field at faul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,24 @@ SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "r
 
 
 class ProtocolError(PromptMeshError):
-    """A malformed or invalid message; `code` is one of the codes in errors.py."""
+    """A malformed or invalid message; `code` is one of the codes in errors.py. `msg_id` is the
+    request's id when it could be read, so the error answers that request."""
 
     def __init__(self, message: str, field: str | None = None, code: str = BAD_REQUEST) -> None:
-        self.field = field
+        self.field, self.msg_id = field, ""
         super().__init__(f"{field}: {message}" if field else message, code)
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A short, flat description of an untrusted value for an error text: scalars quoted and
+    cut to `limit` characters, containers only named (a deep one must not recurse)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -84,16 +98,27 @@ def decode(frames: list[bytes], expect: tuple[str, ...] = CLIENT_TYPES) -> Messa
         raise ProtocolError(f"not valid msgpack ({type(exc).__name__})", "header") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"expected a map, got {type(header).__name__}", "header")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}", "v", VERSION)
+    msg_id = header.get("id", "")
+    try:
+        return _decode_header(header, frames[1:], expect)
+    except ProtocolError as exc:
+        if isinstance(msg_id, str) and len(msg_id) <= MAX_ID_CHARS:
+            exc.msg_id = msg_id
+        raise
+
+
+def _decode_header(header: dict, frames: list[bytes], expect: tuple[str, ...]) -> Message:
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {show(version)} is not {PROTOCOL_VERSION}", "v", VERSION)
     kind = header.get("type")
-    if kind not in expect:
-        raise ProtocolError(f"unknown message type {kind!r}; expected one of {', '.join(expect)}", "type")
+    if not isinstance(kind, str) or kind not in expect:
+        raise ProtocolError(f"unknown message type {show(kind)}; expected one of {', '.join(expect)}", "type")
     msg_id = _str(header.get("id", ""), "id", MAX_ID_CHARS)
     job = header.get("job")
     if job is not None:
         job = _str(job, "job", MAX_ID_CHARS, allow_empty=False)
-    arrays = _decode_arrays(header.get("arrays", []), frames[1:])
+    arrays = _decode_arrays(header.get("arrays", []), frames)
     fields = {k: v for k, v in header.items() if k not in ("v", "type", "id", "job", "arrays")}
     msg = Message(kind, msg_id, job, fields, arrays)
     if expect is CLIENT_TYPES:
@@ -118,7 +143,7 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
         shape = spec.get("shape")
         if not isinstance(shape, list) or len(shape) > 4 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in shape):
             raise ProtocolError("expected up to 4 non-negative integers", f"{where}.shape")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python integers: no overflow
         if len(frame) > MAX_FRAME_BYTES or nbytes != len(frame):
             raise ProtocolError(f"frame has {len(frame)} bytes, shape {shape} of {dtype} needs {nbytes}", where)
         out[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
@@ -138,8 +163,8 @@ def _validate_client(msg: Message) -> None:
         extra = set(msg.fields) - {"spec"}
     else:
         extra = set(msg.fields) - set(allowed[msg.type])
-    if extra:
-        raise ProtocolError("is not a known field", sorted(extra)[0])
+    if extra:  # keys may be text or (empty) bytes: sort their texts
+        raise ProtocolError("is not a known field", min(show(k) for k in extra))
     if msg.type in ("cancel", "result") and msg.job is None:
         raise ProtocolError("is required", "job")
     if msg.arrays:

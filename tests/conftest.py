@@ -10,22 +10,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import ROOT, require_tool
+from tiny_sd import save_tiny_stable_diffusion
 
-from tiny_sd import save_tiny_stable_diffusion  # noqa: E402
-
-IN_CI = os.environ.get("CI") == "true"
 # Blender (the bpy module) keeps its user files here, not in the home folder: set before bpy loads.
 os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="promptmesh-blender-"))
-
-
-def require_tool(available: bool, what: str) -> None:
-    """Skip locally when an external checker is missing; in CI, where .ci/run installs it, fail."""
-    if not available:
-        if IN_CI:
-            pytest.fail(f"{what} is missing in CI; .ci/run should have installed it")
-        pytest.skip(f"{what} is not installed")
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,7 @@ import pytest
 import trimesh
 import zmq
 
-from conftest import ROOT, require_tool
-from test_server import ServerProcess, free_port
+from helpers import ROOT, ServerProcess, free_port, require_tool
 
 sys.path.insert(0, str(ROOT))
 import build_addon  # noqa: E402
@@ -180,7 +179,7 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert pixels[..., 3].max() == 1.0 and pixels[..., :3].std() > 0.01  # a picture, not a blank
         rising = [p for p in progress if p > 0]
         assert rising == sorted(rising) and rising[-1] == 1.0 and len(set(rising)) > 5
-        meta = json.loads((session.job_folder(job.job) / "meta.json").read_text())
+        meta = json.loads(session.job_files(job.job).meta.read_text())
 
         bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
         assert bpy.ops.promptmesh.import_job(job=job.job) == {"FINISHED"}
@@ -320,11 +319,9 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
     _, session = addon
     st = bpy.context.window_manager.promptmesh
     item = st.jobs.add()
-    item.job, item.prompt, item.state = "0" * 32, "nothing", "DONE"
-    folder = session.job_folder(item.job)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "mesh.npz", vertices=np.zeros((0, 3), np.float32), faces=np.zeros((0, 3), np.int32),
-             colors=np.zeros((0, 3), np.float32))
+    item.job, item.prompt, item.state = "0" * 16, "nothing", "DONE"
+    empty = np.zeros((0, 3), np.float32)
+    np.savez(session.job_files(item.job).mesh, vertices=empty, faces=empty.astype(np.int32), colors=empty, normals=empty)
     before = len(bpy.data.objects)
     with pytest.raises(RuntimeError, match="Import failed: the mesh is empty"):
         bpy.ops.promptmesh.import_job(job=item.job)
@@ -332,8 +329,9 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
 
 
 def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, gltf_validator):
-    from promptmesh.backend.export import Mesh, write_mesh
+    from promptmesh.backend.export import write_mesh
     from promptmesh.backend.registry import Registry
+    from promptmesh.shared.result import Mesh, write_json, write_npz
     from promptmesh.shared.spec import JobSpec
 
     sphere = trimesh.creation.icosphere(3)
@@ -342,11 +340,10 @@ def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, 
                 np.tile(colour, (len(sphere.vertices), 1)), sphere.vertex_normals.astype(np.float32))
     registry = Registry(tmp_path / "data")  # a job id as the server makes them
     job = registry.add(JobSpec(prompt="a green sphere")).id
+    files = registry.files(job)
     registry.close()
-    folder = tmp_path / "data" / "jobs" / job
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "mesh.npz", vertices=mesh.vertices, faces=mesh.faces, colors=mesh.colors, normals=mesh.normals)
-    (folder / "meta.json").write_text(json.dumps({"prompt": "a green sphere"}))
+    write_npz(mesh, files.mesh)
+    write_json({"prompt": "a green sphere"}, files.meta)
     env = {**os.environ}
     cli = [sys.executable, "-m", "promptmesh.backend.cli", "export"]
     proc = subprocess.run([*cli, job, "--data-dir", str(tmp_path / "data"), "-f", "fbx", "-o", str(tmp_path / "job.fbx")],

@@ -10,12 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def promptmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+from helpers import promptmesh
 
 
 @pytest.mark.parametrize(

@@ -22,40 +22,8 @@ from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.protocol import Message
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ServerProcess, free_port, promptmesh, small_spec, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
-        self.data_dir = data_dir
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        self.log = open(data_dir.parent / f"server-{data_dir.name}.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir), "--device", "cpu", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
-        )
-        with Client(self.endpoint) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    c.hello(timeout=1.0)
-                    break
-                except ClientError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("server did not start: " + (data_dir.parent / f"server-{data_dir.name}.log").read_text())
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture()
@@ -63,23 +31,6 @@ def server(tmp_path):
     srv = ServerProcess(tmp_path / "data")
     yield srv
     srv.stop(signal.SIGINT)
-
-
-def small_spec(tiny_sd: Path, prompt: str = "a red cube", **kw) -> dict:
-    spec = {"prompt": prompt, "model": str(tiny_sd), "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
-    spec.update(kw)
-    return spec
-
-
-def wait_for(client: Client, job: str, until: tuple[str, ...] = ("done", "error"), timeout: float = 180) -> list[Message]:
-    seen: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in client.poll(0.5):
-            seen.append(msg)
-            if msg.job == job and msg.type in until:
-                return seen
-    raise AssertionError(f"job {job} did not reach {until}: saw {[m.type for m in seen]}")
 
 
 def test_a_job_streams_progress_and_previews_then_its_result(server, tiny_sd):
@@ -290,34 +241,142 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
         proc.wait(timeout=30)
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
 def test_cli_client_commands_submit_wait_jobs_fetch_cancel(server, tiny_sd, tmp_path):
     ep = ["--endpoint", server.endpoint]
     out = tmp_path / "cube.glb"
-    proc = cli("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3", "--resolution", "16",
+    proc = promptmesh("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3", "--resolution", "16",
                "--mesh-resolution", "32", "--wait", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip()
     assert out.is_file() and out.with_suffix(".json").is_file()
-    listing = cli("jobs", *ep)
+    listing = promptmesh("jobs", *ep)
     assert listing.returncode == 0 and job in listing.stdout and "done" in listing.stdout
     again = tmp_path / "again.ply"
-    assert cli("fetch", job, *ep, "-o", str(again)).returncode == 0 and again.stat().st_size > 0
-    long = cli("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3000", "--resolution", "16")
+    assert promptmesh("fetch", job, *ep, "-o", str(again)).returncode == 0 and again.stat().st_size > 0
+    long = promptmesh("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3000", "--resolution", "16")
     long_job = long.stdout.strip()
-    cancelled = cli("cancel", long_job, *ep, "--timeout", "60")
+    cancelled = promptmesh("cancel", long_job, *ep, "--timeout", "60")
     assert cancelled.returncode == 0, cancelled.stderr
-    missing = cli("fetch", "nosuchjob", *ep, "-o", str(tmp_path / "x.glb"))
+    missing = promptmesh("fetch", "nosuchjob", *ep, "-o", str(tmp_path / "x.glb"))
     assert missing.returncode == 2 and "no job" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_cli_client_unreachable_server_fails_fast_with_one_line():
     t0 = time.monotonic()
-    proc = cli("jobs", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1")
+    proc = promptmesh("jobs", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no answer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 30
+
+
+def test_messages_that_once_killed_the_server_get_error_replies_and_it_answers_ping(server):
+    """A shape whose byte count overflows 64 bits, a 1,000-deep `v`, and text beside bytes keys."""
+    deep: list = []
+    for _ in range(1000):
+        deep = [deep]
+    killers = [
+        [msgpack.packb({"v": 1, "type": "ping", "id": "a", "arrays": [{"name": "x", "dtype": "uint8", "shape": [2**32, 2**32]}]}), b""],
+        [msgpack.packb({"v": 1, "type": "ping", "id": "b", "arrays": [{"name": "x", "dtype": "float32", "shape": [2**62, 4]}]}), b""],
+        [msgpack.packb({"v": deep, "type": "ping", "id": "c"})],
+        [msgpack.packb({"v": 1, "type": deep, "id": "d"})],
+        [msgpack.packb({"v": 1, "type": "status", "id": "e", "extra": 1, b"": 2}, use_bin_type=True)],
+    ]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        for frames in killers:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), "no answer: the server died"
+            reply = P.decode(sock.recv_multipart(), P.SERVER_TYPES)
+            assert reply.type == "error" and reply.fields["code"] in (P.BAD_REQUEST, P.VERSION)
+            sent_id = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)["id"]
+            assert reply.id == sent_id  # the error answers that request
+            assert len(reply.fields["message"]) < 300
+    finally:
+        sock.close()
+        ctx.term()
+    with Client(server.endpoint) as c:
+        assert c.request("ping").type == "pong"
+    assert server.proc.poll() is None
+
+
+def test_an_invalid_request_is_answered_with_its_id_and_events_are_kept_for_poll(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        with pytest.raises(ClientError) as info:
+            c.request("generate", spec=small_spec(tiny_sd, steps=-3))
+        assert info.value.code == P.BAD_REQUEST and "spec.steps" in str(info.value)
+        # A job that fails at once: its error event arrives while `request` waits for another
+        # reply (status), and must still reach the next poll.
+        job = c.request("generate", spec=small_spec(tiny_sd / "unet")).job  # a folder that is no model
+        for _ in range(20):
+            c.request("status", job)
+        events = wait_for(c, job, timeout=60)
+        assert events[-1].type == "error" and events[-1].fields["code"] == "MODEL"
+
+
+def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_consistent(server, tiny_sd):
+    """One client submits 16 short jobs; three others send thousands of ping, status and cancel
+    requests meanwhile. Every answer must be consistent with one serial history."""
+    import threading
+
+    owner = Client(server.endpoint)
+    jobs = [owner.request("generate", spec=small_spec(tiny_sd, seed=i, steps=2)).job for i in range(16)]
+    problems: list[str] = []
+    counts = [0, 0, 0]
+    stop = threading.Event()
+
+    def hammer(k: int) -> None:
+        rng = random.Random(k)
+        with Client(server.endpoint) as c:
+            while not stop.is_set() and counts[k] < 1500:
+                kind = rng.choice(("ping", "status", "status", "cancel"))
+                counts[k] += 1
+                if kind == "ping":
+                    pong = c.request("ping")
+                    if not (isinstance(pong.fields["queue"], int) and pong.fields["busy"] in (None, *jobs)):
+                        problems.append(f"pong {pong.fields}")
+                elif kind == "status":
+                    summaries = c.request("status").fields["jobs"]
+                    running = [s for s in summaries if s["state"] == "running"]
+                    queued = [s for s in summaries if s["state"] == "queued"]
+                    positions = [s["position"] for s in queued]
+                    if len(running) > 1 or positions != list(range(len(running), len(running) + len(queued))):
+                        problems.append(f"status: {len(running)} running, queue positions {positions}")
+                    if any(s["position"] is not None for s in summaries if s["state"] != "queued"):
+                        problems.append("a job that is not queued has a queue position")
+                else:
+                    c.send("cancel", rng.choice(jobs[8:]))  # the answers are drained below
+                for msg in c.poll(0):
+                    if msg.type == "error" and msg.fields["code"] not in (P.CANCELLED, P.BAD_REQUEST):
+                        problems.append(f"cancel answered {msg.fields}")
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    ends: dict[str, list[str]] = {job: [] for job in jobs}
+    deadline = time.monotonic() + 300
+    try:
+        while any(not e for e in ends.values()) and time.monotonic() < deadline:
+            for msg in owner.poll(0.5):
+                if msg.type in ("done", "error") and msg.job in ends:
+                    ends[msg.job].append("done" if msg.type == "done" else msg.fields["code"])
+        time.sleep(1.0)  # a duplicate terminal message would arrive now
+        for msg in owner.poll(0.5):
+            if msg.type in ("done", "error") and msg.job in ends:
+                ends[msg.job].append(msg.type)
+        final = {s["job"]: s["state"] for s in owner.request("status").fields["jobs"]}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        owner.close()
+    assert not problems, problems[:5]
+    assert sum(counts) >= 1000, counts
+    assert all(len(e) == 1 for e in ends.values()), ends  # exactly one terminal message per job
+    for job, (end,) in ends.items():
+        assert final[job] == {"done": "done", P.CANCELLED: "cancelled"}[end], (job, end, final[job])
+    assert all(ends[job] == ["done"] for job in jobs[:8])  # never the target of a cancel
+    print(f"{sum(counts)} requests; {sum(e == ['done'] for e in ends.values())} done, "
+          f"{sum(e == [P.CANCELLED] for e in ends.values())} cancelled")

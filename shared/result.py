@@ -1,0 +1,158 @@
+"""A generation result on disk and on the wire: the mesh arrays and their names, the job id, the
+job folder layout, and the one way every PromptMesh file is written (atomically).
+
+Torch-free: the server, the CLI, `promptmesh export` and the Blender add-on all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Mapping
+
+import numpy as np
+
+from .errors import BAD_REQUEST, NOT_FOUND, PromptMeshError
+
+MESH_ARRAYS = ("vertices", "faces", "colors", "normals")
+JOB_ID = re.compile(r"[0-9a-f]{16}")  # what new_job_id() makes
+FILE_MODE = 0o644  # every file we write: readable like any file the user makes; the folder guards privacy
+TMP_SUFFIX = ".tmp"
+
+
+def new_job_id() -> str:
+    """The first 16 hex digits of a uuid4: short enough to type, unique enough for one server."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh in the backend's world (Z up, front -Y); colours are display sRGB."""
+
+    vertices: np.ndarray  # [V, 3] float32
+    faces: np.ndarray  # [F, 3] int32, counter-clockwise seen from outside
+    colors: np.ndarray  # [V, 3] float32 in [0, 1], sRGB
+    normals: np.ndarray  # [V, 3] float32, unit, outward
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"vertices": int(len(self.vertices)), "faces": int(len(self.faces))}
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by name, as they travel in a `result` message and in mesh.npz."""
+        return {name: getattr(self, name) for name in MESH_ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> "Mesh":
+        """A mesh from named arrays (a message's frames, an npz); PromptMeshError if one is missing
+        or the shapes disagree."""
+        missing = [name for name in MESH_ARRAYS if name not in arrays]
+        if missing:
+            raise PromptMeshError(f"the result lacks the array(s) {', '.join(missing)}", BAD_REQUEST)
+        v = np.asarray(arrays["vertices"], np.float32)
+        f = np.asarray(arrays["faces"], np.int32)
+        c = np.asarray(arrays["colors"], np.float32)
+        n = np.asarray(arrays["normals"], np.float32)
+        if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3 or c.shape != v.shape or n.shape != v.shape:
+            raise PromptMeshError(f"inconsistent mesh arrays: vertices {v.shape}, faces {f.shape}, colors {c.shape}, "
+                                  f"normals {n.shape}", BAD_REQUEST)
+        return cls(v, f, c, n)
+
+
+# ---- writing files ------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write `data` (bytes, or a function writing to a binary file) to a temporary file beside
+    `path`, fsync it, rename it over `path` and fsync the folder: readers never see half a file,
+    and a power loss cannot leave a renamed but empty one. The temporary is removed on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete what an interrupted atomic_write left in `folder` (found at start-up)."""
+    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    return atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_npz(mesh: Mesh, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: np.savez(f, **mesh.arrays))
+
+
+def read_npz(path: str | Path) -> Mesh:
+    with np.load(path) as data:
+        return Mesh.from_arrays({k: data[k] for k in data.files})
+
+
+# ---- job folders --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobFiles:
+    """The files of one job under `ROOT/jobs/<id>/`: the server's data directory and the add-on's
+    user folder share this layout."""
+
+    folder: Path
+
+    @classmethod
+    def of(cls, root: str | Path, job: str) -> "JobFiles":
+        """The job's folder under `root`; a string that is no job id is refused (never a path)."""
+        if not isinstance(job, str) or not JOB_ID.fullmatch(job):
+            raise PromptMeshError(f"not a job id: {str(job)[:40]!r} (job ids are 16 hex digits)", NOT_FOUND)
+        return cls(jobs_root(root) / job)
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    mesh = property(lambda self: self.folder / "mesh.npz")  # the arrays, what `result` sends
+    meta = property(lambda self: self.folder / "meta.json")  # prompt, seed, model, recipe, timings
+    glb = property(lambda self: self.folder / "mesh.glb")
+    ply = property(lambda self: self.folder / "mesh.ply")
+    checkpoint = property(lambda self: self.folder / "checkpoint.pt")
+    record = property(lambda self: self.folder / "job.json")  # the add-on's history entry
+
+
+def jobs_root(root: str | Path) -> Path:
+    return Path(root) / "jobs"

@@ -1,0 +1,91 @@
+"""What several test files share: the repository root, external tool checks, the `promptmesh`
+command as a subprocess, and a job server process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from promptmesh.shared.client import Client, ClientError
+from promptmesh.shared.protocol import Message
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_tool(available: bool, what: str) -> None:
+    """Skip locally when an external checker is missing; in CI, where .ci/run installs it, fail."""
+    if not available:
+        if IN_CI:
+            pytest.fail(f"{what} is missing in CI; .ci/run should have installed it")
+        pytest.skip(f"{what} is not installed")
+
+
+def promptmesh(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `promptmesh` command as a user would (offline, one thread)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`promptmesh serve` on a loopback port, started and ready (it answers hello)."""
+
+    def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
+        self.data_dir = data_dir
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        self.log_path = data_dir.parent / f"server-{data_dir.name}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir),
+             "--device", "cpu", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        with Client(self.endpoint) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    c.hello(timeout=1.0)
+                    break
+                except ClientError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("server did not start: " + self.log_path.read_text()) from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def small_spec(model: Path, prompt: str = "a red cube", **kw) -> dict:
+    """A job of a few steps at 16 px with the tiny Stable Diffusion: seconds on a CPU."""
+    spec = {"prompt": prompt, "model": str(model), "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
+    spec.update(kw)
+    return spec
+
+
+def wait_for(client: Client, job: str, until: tuple[str, ...] = ("done", "error"), timeout: float = 180) -> list[Message]:
+    """The messages received until one of type `until` arrives for `job` (it is the last)."""
+    seen: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in client.poll(0.5):
+            seen.append(msg)
+            if msg.job == job and msg.type in until:
+                return seen
+    raise AssertionError(f"job {job} did not reach {until}: saw {[m.type for m in seen]}")
