@@ -10,6 +10,7 @@ from pathlib import Path
 
 import bpy
 from bpy.props import EnumProperty, StringProperty
+from bpy_extras.io_utils import ExportHelper
 
 from . import backend_process, session
 from .importer import import_job
@@ -127,14 +128,18 @@ class PROMPTMESH_OT_open_folder(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PROMPTMESH_OT_export(bpy.types.Operator):
+class PROMPTMESH_OT_export(bpy.types.Operator, ExportHelper):
+    """Blender's ExportHelper gives the file browser, the overwrite check and the extension."""
+
     bl_idname = "promptmesh.export"
     bl_label = "Export"
     bl_description = "Export the selected meshes with their vertex colours"
 
     format: EnumProperty(items=EXPORT_ITEMS)
-    filepath: StringProperty(subtype="FILE_PATH")
-    check_existing: bpy.props.BoolProperty(default=True, options={"HIDDEN"})
+
+    @property
+    def filename_ext(self) -> str:  # ExportHelper's extension follows the chosen format
+        return f".{self.format}"
 
     @classmethod
     def poll(cls, context):
@@ -144,17 +149,14 @@ class PROMPTMESH_OT_export(bpy.types.Operator):
         return True
 
     def invoke(self, context, event):
-        if not self.filepath:
+        if not self.filepath:  # named after the object, beside the .blend (else in the home folder)
             stem = re.sub(r"[^\w-]+", "_", context.active_object.name if context.active_object else "promptmesh")
             folder = Path(bpy.path.abspath("//")) if bpy.data.filepath else Path.home()
-            self.filepath = str(folder / f"{stem}.{self.format}")
-        context.window_manager.fileselect_add(self)
-        return {"RUNNING_MODAL"}
+            self.filepath = str(folder / f"{stem}{self.filename_ext}")
+        return ExportHelper.invoke(self, context, event)
 
     def execute(self, context):
-        path = Path(bpy.path.abspath(self.filepath))
-        if path.suffix.lower() != f".{self.format}":
-            path = path.with_name(path.name + f".{self.format}")
+        path = Path(bpy.path.ensure_ext(bpy.path.abspath(self.filepath), self.filename_ext))
         objects = [o for o in context.selected_objects if o.type == "MESH"]
         try:
             export_objects(context, objects, path, self.format)

@@ -19,7 +19,7 @@ from . import backend_process
 from .preferences import preferences
 from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
-from .shared.client import Client
+from .shared.client import Client, is_loopback
 from .shared.errors import PromptMeshError
 from .shared.protocol import Message
 from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
@@ -110,9 +110,15 @@ def connect(context: Any) -> Session | None:
     global _session
     disconnect()
     prefs, st = preferences(context), state(context)
+    endpoint = prefs.endpoint.strip()
+    if not is_loopback(endpoint) and not bpy.app.online_access:  # Blender's rule for extensions
+        st.connection = "ERROR"
+        st.say(f"online access is off, so the remote backend {endpoint} is not contacted: allow it in "
+               "Preferences > System > Network, or use a backend on this computer", error=True)
+        return None
     server_key, pair = prefs.curve()
     try:
-        _session = Session(prefs.endpoint.strip(), prefs.timeout, server_key, pair)
+        _session = Session(endpoint, prefs.timeout, server_key, pair)
     except Exception as exc:  # zmq refuses a malformed endpoint or key
         st.connection = "ERROR"
         st.say(f"cannot use endpoint {prefs.endpoint!r}: {exc}", error=True)

@@ -19,6 +19,7 @@ from typing import Callable
 import zmq
 
 from ..shared import protocol as P
+from ..shared.client import is_loopback
 from ..shared.errors import BAD_REQUEST, CANCELLED, INTERNAL, NOT_FOUND, PromptMeshError
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
@@ -33,11 +34,6 @@ HEARTBEAT_MS = 2000
 BURST = 100  # requests handled before the loop looks at the executor's events again
 STOP = b"stop"  # the control frame `stop()` sends on the events socket
 TERMINAL = ("done", "error")
-
-
-def is_loopback(endpoint: str) -> bool:
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "::1")
 
 
 class Server:

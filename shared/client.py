@@ -19,6 +19,12 @@ from .errors import UNREACHABLE, PromptMeshError
 from .protocol import Message, ProtocolError
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine (loopback TCP, ipc, inproc)."""
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "::1")
+
+
 class ClientError(PromptMeshError):
     """The server could not be reached or answered with an error (its code)."""
 

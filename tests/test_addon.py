@@ -251,6 +251,17 @@ def test_backend_down_gives_a_clear_status_within_the_timeout(bpy, addon, prefs)
     assert st.jobs[-1].state == "FAILED" and session.session() is None and session.pump() is None
 
 
+def test_a_remote_backend_is_not_contacted_while_blenders_online_access_is_off(bpy, addon, prefs):
+    _, session = addon
+    assert not bpy.app.online_access  # the bpy module starts offline, like Blender by default
+    prefs.endpoint = "tcp://192.0.2.7:5555"  # TEST-NET-1: never reached, the add-on stops before any socket
+    st = bpy.context.window_manager.promptmesh
+    with pytest.raises(RuntimeError, match="online access is off"):
+        bpy.ops.promptmesh.connect()
+    assert session.session() is None and st.connection == "ERROR" and st.status_is_error
+    assert "Preferences > System > Network" in st.status
+
+
 def test_a_backend_of_another_protocol_version_is_refused(bpy, addon, prefs):
     _, session = addon
     ctx = zmq.Context()
