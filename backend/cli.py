@@ -156,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None)
+    server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None,
+                    max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client)
     print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -168,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from .keys import generate
 
-    public, secret = generate(Path(args.folder), args.name)
+    public, secret = generate(Path(args.folder), args.name, force=args.force)
     print(f"wrote {public} (share it) and {secret} (keep it private)", file=sys.stderr)
     return 0
 
@@ -178,11 +179,11 @@ def _client(args: argparse.Namespace):
 
     server_key = client_keys = None
     if args.server_key:
-        import zmq.auth
+        from .keys import load_public, load_secret_pair
 
-        server_key, _ = zmq.auth.load_certificate(args.server_key)
+        server_key = load_public(args.server_key)
         if args.client_key:
-            client_keys = zmq.auth.load_certificate(args.client_key)
+            client_keys = load_secret_pair(args.client_key)
     client = Client(args.endpoint, server_key=server_key, client_keys=client_keys)
     try:
         client.hello(timeout=args.timeout)
@@ -235,13 +236,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     return 0
 
 
+def printable(text: object) -> str:
+    """Text from the wire made safe for a terminal: control and format characters escaped."""
+    import unicodedata
+
+    return "".join(ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else ascii(ch)[1:-1] for ch in str(text))
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        jobs = client.request("status", timeout=args.timeout).fields["jobs"]
+        reply = client.request("status", timeout=args.timeout, limit=args.limit).fields
+    jobs = reply["jobs"]
     for j in jobs:
         took = f"{j['finished'] - j['started']:.0f}s" if j.get("finished") and j.get("started") else "-"
         pos = "" if j.get("position") is None else f" #{j['position']}"
-        print(f"{j['job']}  {j['state']:<9}{pos:<4} {took:>6}  {j['prompt']}")
+        print(f"{printable(j['job'])}  {printable(j['state']):<9}{pos:<4} {took:>6}  {printable(j['prompt'])}")
+    if reply.get("total", len(jobs)) > len(jobs):
+        print(f"... {reply['total'] - len(jobs)} older job(s) not shown (--limit N shows up to 500)", file=sys.stderr)
     return 0
 
 
@@ -362,12 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", default="promptmesh-data")
     srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     srv.add_argument("--keys", help="folder with server.key_secret and authorized/ (required off loopback)")
+    srv.add_argument("--max-queue", type=int, default=100, help="jobs waiting at most, from all clients")
+    srv.add_argument("--max-queue-per-client", type=int, default=20, help="jobs waiting at most per client connection")
     srv.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     kg = keys.add_parser("generate", help="write a CURVE key pair NAME.key and NAME.key_secret")
     kg.add_argument("folder")
     kg.add_argument("--name", default="client")
+    kg.add_argument("--force", action="store_true", help="replace an existing key pair of that name")
     kg.set_defaults(func=cmd_keys_generate)
 
     sm = sub.add_parser("submit", help="send a job to a server")
@@ -376,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="show progress until the job ends")
     _generation_options(sm)
     sm.set_defaults(func=cmd_submit)
-    jb = sub.add_parser("jobs", help="list a server's jobs")
+    jb = sub.add_parser("jobs", help="list a server's jobs: running and queued first, then the newest")
     _client_options(jb)
+    jb.add_argument("--limit", type=int, default=100, help="at most this many jobs (1..500)")
     jb.set_defaults(func=cmd_jobs)
     ft = sub.add_parser("fetch", help="download a finished job's mesh")
     _client_options(ft)
@@ -428,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"promptmesh: error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
     except PromptMeshError as exc:  # anything else is a bug and keeps its traceback
-        print(f"promptmesh: error: {exc}", file=sys.stderr)
+        print(f"promptmesh: error: {printable(exc)}", file=sys.stderr)
     return EXIT_ERROR
 
 

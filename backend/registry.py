@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..shared.errors import DISK, PromptMeshError
 from ..shared.result import JobFiles, jobs_root, new_job_id, remove_temporaries
 from ..shared.spec import JobSpec
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
+SUMMARY_PROMPT_CHARS = 200
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,8 +48,11 @@ class Job:
     meta: dict[str, Any] | None
 
     def summary(self) -> dict[str, Any]:
+        """What `status` tells of the job: small, so that a page of them fits one header."""
+        prompt = self.spec.prompt if len(self.spec.prompt) <= SUMMARY_PROMPT_CHARS else \
+            self.spec.prompt[: SUMMARY_PROMPT_CHARS - 1] + "\u2026"
         return {
-            "job": self.id, "state": self.state, "prompt": self.spec.prompt, "created": self.created,
+            "job": self.id, "state": self.state, "prompt": prompt, "created": self.created,
             "started": self.started, "finished": self.finished, "error_code": self.error_code, "error": self.error,
         }
 
@@ -59,10 +64,15 @@ class Registry:
         self.root = Path(root)
         jobs_root(self.root).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        path = self.root / "registry.sqlite3"
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise PromptMeshError(f"cannot open the job registry {path}: {exc} (is the data directory writable?)",
+                                  DISK) from None
 
     def close(self) -> None:
         with self._lock:
@@ -87,13 +97,13 @@ class Registry:
 
     def add(self, spec: JobSpec) -> Job:
         job_id = new_job_id()
+        self.files(job_id).folder.mkdir(parents=True, exist_ok=True)  # first: a row always has its folder
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
                 "INSERT INTO jobs (id, seq, state, spec, created) VALUES (?, ?, 'queued', ?, ?)",
                 (job_id, seq, json.dumps(spec.to_dict()), time.time()),
             )
-        self.files(job_id).folder.mkdir(parents=True, exist_ok=True)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:
@@ -101,10 +111,15 @@ class Registry:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list(self, limit: int = 200) -> list[Job]:
+    def overview(self, limit: int) -> tuple[list[Job], int]:
+        """Up to `limit` jobs, the live ones (running, queued) first in FIFO order, then the most
+        recently created others; and how many jobs there are in all."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [_job(r) for r in reversed(rows)]
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY state IN ('running', 'queued') DESC, "
+                "CASE WHEN state IN ('running', 'queued') THEN seq ELSE -seq END LIMIT ?", (limit,)).fetchall()
+            total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return [_job(r) for r in rows], total
 
     def queued(self) -> list[Job]:
         with self._lock:
@@ -113,6 +128,7 @@ class Registry:
 
     def set_state(self, job_id: str, state: str, *, error_code: str | None = None, error: str | None = None,
                   meta: dict[str, Any] | None = None) -> None:
+        """Record a job's new state; a job that ends without a result loses its (empty) folder."""
         assert state in STATES
         now = time.time()
         with self._lock:
@@ -123,6 +139,11 @@ class Registry:
                     "UPDATE jobs SET state=?, finished=?, error_code=?, error=?, meta=COALESCE(?, meta) WHERE id=?",
                     (state, now, error_code, error, json.dumps(meta) if meta is not None else None, job_id),
                 )
+        if state in ("failed", "cancelled"):
+            try:
+                self.files(job_id).folder.rmdir()
+            except OSError:  # not empty (a server from before kept files), or already gone
+                pass
 
 
 def _job(row: tuple) -> Job:

@@ -11,6 +11,7 @@ previews pile up). The executor runs the jobs and writes their results before `d
 from __future__ import annotations
 
 import logging
+import sqlite3
 import traceback
 from collections import deque
 from pathlib import Path
@@ -20,7 +21,7 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.client import is_loopback
-from ..shared.errors import BAD_REQUEST, CANCELLED, INTERNAL, NOT_FOUND, PromptMeshError
+from ..shared.errors import BAD_REQUEST, CANCELLED, DISK, INTERNAL, NOT_FOUND, QUEUE_FULL, PromptMeshError
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
 from . import __version__
@@ -31,6 +32,7 @@ log = logging.getLogger("promptmesh.server")
 
 MAX_MESSAGE_BYTES = 1 << 20  # requests are small; results only flow server -> client
 HEARTBEAT_MS = 2000
+STATUS_LIMIT = 100  # jobs in a `status` reply unless the client asks for another number (1..500)
 BURST = 100  # requests handled before the loop looks at the executor's events again
 STOP = b"stop"  # the control frame `stop()` sends on the events socket
 TERMINAL = ("done", "error")
@@ -38,9 +40,10 @@ TERMINAL = ("done", "error")
 
 class Server:
     def __init__(self, bind: str, data_dir: Path, device: str = "auto", curve_dir: Path | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, max_queue: int = 100, max_queue_per_client: int = 20) -> None:
         if not is_loopback(bind) and curve_dir is None:
             raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
+        self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
         self.executor = executor or InProcessExecutor(device)
         self.registry = Registry(data_dir)
         for job in self.registry.recover():
@@ -125,10 +128,13 @@ class Server:
 
     # ---- requests ------------------------------------------------------------------------
     def _send(self, client: bytes, msg: Message) -> None:
+        self._socket_send(client, P.encode(msg), msg.type)
+
+    def _socket_send(self, client: bytes, frames: list[bytes], kind: str) -> None:
         try:
-            self.socket.send_multipart([client, *P.encode(msg)], zmq.NOBLOCK)
+            self.socket.send_multipart([client, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # Again for a full pipe; a vanished peer
-            log.debug("could not send %s: %s", msg.type, exc)
+            log.debug("could not send %s: %s", kind, exc)
 
     def _error(self, client: bytes, code: str, message: str, msg_id: str = "", job: str | None = None) -> None:
         self._send(client, Message("error", msg_id, job, {"code": code, "message": message}))
@@ -151,6 +157,9 @@ class Server:
             self.handlers[msg.type](client, msg)
         except PromptMeshError as exc:
             self._error(client, exc.code, str(exc), msg.id, msg.job)
+        except (sqlite3.Error, OSError) as exc:  # a full or read-only disk, a damaged file
+            log.error("handling %s failed: %s", msg.type, exc)
+            self._error(client, DISK, f"the server cannot use its data directory: {exc}", msg.id, msg.job)
         except Exception as exc:  # a bug answering one request must not stop the server
             log.error("handling %s failed: %s", msg.type, traceback.format_exc())
             self._error(client, INTERNAL, f"{type(exc).__name__}: {exc}", msg.id, msg.job)
@@ -165,6 +174,11 @@ class Server:
             "device": self.device_name, "busy": busy, "queue": len(self.pending)}))
 
     def _on_generate(self, client: bytes, msg: Message) -> None:
+        if len(self.pending) >= self.max_queue:
+            raise PromptMeshError(f"the queue is full ({len(self.pending)} jobs waiting): try again later", QUEUE_FULL)
+        if sum(self.owners.get(job) == client for job in self.pending) >= self.max_queue_per_client:
+            raise PromptMeshError(f"you have {self.max_queue_per_client} jobs waiting, the most one client may queue: "
+                                  "wait for one to start, or cancel one", QUEUE_FULL)
         job = self.registry.add(msg.fields["spec"])
         self.owners[job.id] = client
         self.pending.append(job.id)
@@ -187,9 +201,16 @@ class Server:
                         msg.id, job.id)
 
     def _on_status(self, client: bytes, msg: Message) -> None:
-        jobs = [self._job(msg)] if msg.job else self.registry.list()
+        """One job, or a page of jobs (live ones first) that always fits the client's header limit."""
+        jobs, total = ([self._job(msg)], 1) if msg.job else self.registry.overview(msg.fields.get("limit", STATUS_LIMIT))
         summaries = [{**job.summary(), "position": self._position(job.id)} for job in jobs]
-        self._send(client, Message("status", msg.id, msg.job, {"jobs": summaries}))
+        while True:
+            reply = Message("status", msg.id, msg.job, {"jobs": summaries, "total": total})
+            frames = P.encode(reply)
+            if len(frames[0]) <= P.MAX_HEADER_BYTES or len(summaries) <= 1:
+                break
+            summaries = summaries[: len(summaries) * 3 // 4]
+        self._socket_send(client, frames, reply.type)
 
     def _on_result(self, client: bytes, msg: Message) -> None:
         job = self._job(msg)
@@ -218,10 +239,18 @@ class Server:
     def _dispatch(self) -> None:
         """Hand queued jobs to the executor while it has free slots, in FIFO order."""
         while self.pending and len(self.running) < self.executor.slots:
-            job = self.registry.get(self.pending.popleft())
-            if job is None or job.state != "queued":
+            job_id = self.pending.popleft()
+            try:
+                job = self.registry.get(job_id)
+                if job is None or job.state != "queued":
+                    continue
+                self.registry.set_state(job.id, "running")
+            except (sqlite3.Error, OSError) as exc:  # the job cannot start; the next one may
+                log.error("cannot start job %s: %s", job_id, exc)
+                end = Message("error", "", job_id, {"code": DISK, "message": f"the server cannot record the job: {exc}"})
+                self._record_end(job_id, end)
+                self._route(job_id, end)
                 continue
-            self.registry.set_state(job.id, "running")
             self.running.add(job.id)
             self.executor.submit(job.id, job.spec, JobFiles.of(self.registry.root, job.id))
 
@@ -254,13 +283,18 @@ class Server:
         return keep_going
 
     def _record_end(self, job: str, msg: Message) -> None:
+        """The job's end in the registry. If the disk refuses, the client still hears the end and
+        the registry reads "failed: the server stopped" after a restart."""
         self.running.discard(job)
-        if msg.type == "done":
-            self.registry.set_state(job, "done", meta=msg.fields["meta"])
-        else:
-            code = msg.fields.get("code", INTERNAL)
-            self.registry.set_state(job, "cancelled" if code == CANCELLED else "failed", error_code=code,
-                                    error=msg.fields.get("message", ""))
+        try:
+            if msg.type == "done":
+                self.registry.set_state(job, "done", meta=msg.fields["meta"])
+            else:
+                code = msg.fields.get("code", INTERNAL)
+                self.registry.set_state(job, "cancelled" if code == CANCELLED else "failed", error_code=code,
+                                        error=msg.fields.get("message", ""))
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cannot record the end of job %s: %s", job, exc)
 
     def _route(self, job: str, msg: Message, skip: bytes | None = None) -> None:
         clients = {self.owners[job]} if job in self.owners else set()

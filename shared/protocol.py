@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_ID_CHARS = 64
+MAX_STATUS_LIMIT = 500  # jobs a client may ask `status` for at once
 DTYPES = ("uint8", "int32", "uint32", "float32")
 
 CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result")
@@ -152,7 +153,8 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
 
 def _validate_client(msg: Message) -> None:
     """Per-type checks of what a client may send; unknown fields are refused."""
-    allowed: dict[str, tuple[str, ...]] = {"hello": ("client", "protocol"), "ping": (), "cancel": (), "status": (), "result": ()}
+    allowed: dict[str, tuple[str, ...]] = {"hello": ("client", "protocol"), "ping": (), "cancel": (), "status": ("limit",),
+                                           "result": ()}
     if msg.type == "generate":
         try:
             msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
@@ -171,3 +173,7 @@ def _validate_client(msg: Message) -> None:
         raise ProtocolError("clients send no arrays", "arrays")
     if msg.type == "hello" and "client" in msg.fields:
         _str(msg.fields["client"], "client", 128)
+    if msg.type == "status" and "limit" in msg.fields:
+        limit = msg.fields["limit"]
+        if type(limit) is not int or not 1 <= limit <= MAX_STATUS_LIMIT:
+            raise ProtocolError(f"must be an integer from 1 to {MAX_STATUS_LIMIT}, got {show(limit)}", "limit")

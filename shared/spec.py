@@ -5,6 +5,7 @@ Every field is checked for type and range; a bad one raises SpecError naming the
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -38,6 +39,17 @@ def quality_settings(model: str, quality: str) -> dict[str, int]:
     return dict(_PRESETS["embedded" if model == "embedded" else "diffusion"][quality])
 
 
+INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (zero-width, bidi), surrogate, private, unassigned
+
+
+def normalise_text(text: str) -> str:
+    """NFC, every whitespace run one space, invisible characters removed: what a prompt shows is
+    what the model gets, and a prompt of NULs or zero-width spaces reads as empty."""
+    text = unicodedata.normalize("NFC", text)
+    kept = (" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in INVISIBLE)
+    return " ".join("".join(kept).split())
+
+
 class SpecError(PromptMeshError):
     """A job spec field is missing, of the wrong type or out of range."""
 
@@ -65,12 +77,12 @@ class JobSpec:
     device: str = "auto"
 
     def validate(self) -> "JobSpec":
-        """Check every field; returns self with the prompt's whitespace collapsed."""
+        """Check every field; returns self with the prompts normalised (normalise_text)."""
         for name in ("prompt", "negative", "model", "device"):
             if not isinstance(getattr(self, name), str):
                 raise SpecError(name, f"expected text, got {type(getattr(self, name)).__name__}")
-        self.prompt = " ".join(self.prompt.split())
-        self.negative = " ".join(self.negative.split())
+        self.prompt = normalise_text(self.prompt)
+        self.negative = normalise_text(self.negative)
         if not self.prompt:
             raise SpecError("prompt", 'is empty: describe the object, e.g. "a red cube"')
         for name in ("prompt", "negative"):

@@ -211,7 +211,8 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
     keys = tmp_path / "keys"
     generate(keys, "server")
     (keys / "authorized").mkdir()
-    generate(keys / "authorized", "artist")
+    artist_public, artist_secret = generate(tmp_path / "artist", "artist")  # the artist's own machine
+    (keys / "authorized" / artist_public.name).write_bytes(artist_public.read_bytes())  # only the public key
     generate(tmp_path / "stranger", "stranger")
     srv_port = free_port()
     env = {**os.environ}
@@ -220,7 +221,7 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
-        artist = zmq.auth.load_certificate(str(keys / "authorized" / "artist.key_secret"))
+        artist = zmq.auth.load_certificate(str(artist_secret))
         stranger = zmq.auth.load_certificate(str(tmp_path / "stranger" / "stranger.key_secret"))
         deadline = time.monotonic() + 60
         while True:

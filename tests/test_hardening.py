@@ -1,0 +1,169 @@
+"""What a hostile client, a flood of jobs, a full or read-only disk and odd input must not do:
+take the server down, lose a terminal message, or mislead the user."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from promptmesh.backend.cli import printable
+from promptmesh.shared import protocol as P
+from promptmesh.shared.client import Client, ClientError
+from promptmesh.shared.spec import JobSpec, SpecError
+
+from helpers import IN_CI, ServerProcess, promptmesh, small_spec, wait_for
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a\u00a0red\tcube\n", "a red cube"),
+    ("a red cube\u200b\u202e", "a red cube"),
+    ("cafe\u0301 table", "caf\u00e9 table"),  # NFC
+])
+def test_prompts_are_normalised_before_they_are_checked(text, expected):
+    assert JobSpec(prompt=text).validate().prompt == expected
+
+
+def test_a_prompt_of_invisible_characters_is_empty():
+    with pytest.raises(SpecError, match="prompt: is empty"):
+        JobSpec(prompt="\x00\u200b\u200d \u202e\ufeff").validate()
+
+
+def test_text_from_the_wire_is_printed_with_control_characters_escaped():
+    assert printable("a \x1b[31mred\x1b[0m cube\x07") == "a \\x1b[31mred\\x1b[0m cube\\x07"
+    assert printable("caf\u00e9") == "caf\u00e9"
+
+
+def test_keys_are_not_overwritten_secret_is_private_and_a_public_key_is_refused_as_client_key(tmp_path):
+    first = promptmesh("keys", "generate", str(tmp_path), "--name", "artist")
+    assert first.returncode == 0, first.stderr
+    secret = tmp_path / "artist.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and (tmp_path / "artist.key").stat().st_mode & 0o777 == 0o644
+    before = secret.read_bytes()
+    again = promptmesh("keys", "generate", str(tmp_path), "--name", "artist")
+    assert again.returncode == 2 and "--force" in again.stderr and secret.read_bytes() == before
+    assert promptmesh("keys", "generate", str(tmp_path), "--name", "artist", "--force").returncode == 0
+    assert secret.read_bytes() != before
+    wrong = promptmesh("jobs", "--server-key", str(tmp_path / "artist.key"), "--client-key", str(tmp_path / "artist.key"),
+                       "--timeout", "1")
+    assert wrong.returncode == 2 and "holds only a public key" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_queue_limits_per_client_and_in_all_give_queue_full(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data", extra=("--max-queue", "3", "--max-queue-per-client", "2"))
+    try:
+        with Client(srv.endpoint) as a, Client(srv.endpoint) as b:
+            running = a.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
+            wait_for(a, running, until=("progress",))
+            a.request("generate", spec=small_spec(tiny_sd))
+            a.request("generate", spec=small_spec(tiny_sd))
+            with pytest.raises(ClientError, match="most one client may queue") as mine:
+                a.request("generate", spec=small_spec(tiny_sd))
+            b.request("generate", spec=small_spec(tiny_sd))  # the third queued job in all
+            with pytest.raises(ClientError, match="queue is full") as full:
+                b.request("generate", spec=small_spec(tiny_sd))
+            assert mine.value.code == full.value.code == "QUEUE_FULL"
+            assert a.request("ping").fields["queue"] == 3
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_status_of_hundreds_of_jobs_fits_the_header_limit_live_jobs_first(tmp_path, tiny_sd):
+    from promptmesh.backend.registry import Registry
+
+    registry = Registry(tmp_path / "data")
+    for i in range(300):
+        job = registry.add(JobSpec(prompt=f"an old job {i} " + "x" * 980)).id
+        registry.set_state(job, "done", meta={})
+    registry.close()
+    srv = ServerProcess(tmp_path / "data")
+    try:
+        with Client(srv.endpoint) as c:
+            running = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
+            wait_for(c, running, until=("progress",))
+            queued = c.request("generate", spec=small_spec(tiny_sd)).job
+            reply = c.request("status", limit=500)  # decoded by the client: under its header limit
+            summaries = reply.fields["jobs"]
+            assert reply.fields["total"] == 302 and 50 <= len(summaries) < 302
+            assert [s["job"] for s in summaries[:2]] == [running, queued]
+            assert summaries[1]["position"] == 1
+        listing = promptmesh("jobs", "--endpoint", srv.endpoint)
+        assert listing.returncode == 0, listing.stderr
+        lines = listing.stdout.splitlines()
+        assert running in lines[0] and queued in lines[1] and "older job(s) not shown" in listing.stderr
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A 6 MB tmpfs: a disk that can be filled and made read-only (needs root; CI has it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs in CI: {proc.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs is not permitted here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill the file system of `folder` up to `leave` free bytes."""
+    filler = folder / "filler"
+    stat = os.statvfs(folder)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return filler
+
+
+def test_a_full_disk_fails_the_job_with_disk_and_the_server_goes_on(tmpfs, tiny_sd):
+    srv = ServerProcess(tmpfs / "data")
+    try:
+        with Client(srv.endpoint) as c:
+            filler = fill(tmpfs, leave=48 * 1024)
+            job = c.request("generate", spec=small_spec(tiny_sd, mesh_resolution=96), timeout=30).job
+            end = wait_for(c, job, timeout=120)[-1]
+            assert end.type == "error" and end.fields["code"] == "DISK", end.fields
+            assert not [p for p in (tmpfs / "data" / "jobs").rglob("*") if p.is_file()]  # no partial result
+            pong = c.request("ping")
+            assert pong.fields["busy"] is None and pong.fields["queue"] == 0
+            filler.unlink()
+            again = c.request("generate", spec=small_spec(tiny_sd)).job
+            assert wait_for(c, again, timeout=120)[-1].type == "done"
+            states = {s["job"]: (s["state"], s["error_code"]) for s in c.request("status").fields["jobs"]}
+            assert states[job] == ("failed", "DISK") and states[again] == ("done", None)
+    finally:
+        srv.stop(signal.SIGINT)
+
+
+def test_a_read_only_data_dir_is_one_clear_line_and_exit_2(tmpfs):
+    from promptmesh.backend.registry import Registry
+
+    Registry(tmpfs / "data").close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    proc = promptmesh("serve", "--bind", "tcp://127.0.0.1:0", "--data-dir", str(tmpfs / "data"), "--device", "cpu",
+                      timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "data" in proc.stderr
+
+
+def test_a_cancelled_jobs_folder_is_removed(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data")
+    try:
+        with Client(srv.endpoint) as c:
+            running = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
+            wait_for(c, running, until=("progress",))
+            queued = c.request("generate", spec=small_spec(tiny_sd)).job
+            for job in (queued, running):
+                c.send("cancel", job)
+                assert wait_for(c, job, timeout=60)[-1].fields["code"] == P.CANCELLED
+            time.sleep(0.5)
+        assert not (tmp_path / "data" / "jobs" / queued).exists() and not (tmp_path / "data" / "jobs" / running).exists()
+    finally:
+        srv.stop(signal.SIGINT)
