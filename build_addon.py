@@ -5,6 +5,10 @@ of pyzmq and msgpack that addon/blender_manifest.toml lists for that platform, l
 `blender --command extension build --split-platforms`. The wheels are fetched once with
 `pip download --only-binary=:all:` into a cache (.cache/wheels, or $PROMPTMESH_WHEEL_CACHE).
 The manifest is checked first and every listed wheel must exist before anything is packed.
+
+Licences: the add-on's GPL-3.0 text (addon/LICENSE) goes to the zip root as LICENSE, the
+vendored shared/ keeps its MIT licence (the root LICENSE) as shared/LICENSE, and each wheel
+carries its own licence files in its .dist-info.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 ADDON = ROOT / "addon"
 SHARED = ROOT / "shared"
+# (file, name in the zip): the add-on is GPL-3.0-or-later; shared/ is MIT, like the rest of the repository.
+LICENSES = ((ADDON / "LICENSE", "LICENSE"), (ROOT / "LICENSE", "shared/LICENSE"))
 MANIFEST = "blender_manifest.toml"
 # Blender platform name -> the wheel platform tags that run there.
 PLATFORMS = {
@@ -65,9 +71,17 @@ def check_manifest(manifest: dict) -> None:
             raise BuildError(f"{MANIFEST}: {wheel!r} is not ./wheels/<wheel file name>")
 
 
+def wheel_name(filename: str) -> re.Match[str]:
+    """The parts of a wheel file name (name, version, py, abi, plat)."""
+    m = WHEEL_NAME.match(filename)
+    if m is None:
+        raise BuildError(f"{filename} is not a wheel file name")
+    return m
+
+
 def wheel_platform(filename: str) -> str:
     """The Blender platform a wheel file is for."""
-    plat = WHEEL_NAME.match(filename)["plat"]
+    plat = wheel_name(filename)["plat"]
     for name, needles in PLATFORMS.items():
         if all(re.search(n, plat) for n in needles):
             return name
@@ -79,7 +93,7 @@ def fetch_wheel(filename: str, cache: Path) -> Path:
     path = cache / filename
     if path.is_file():
         return path
-    m = WHEEL_NAME.match(filename)
+    m = wheel_name(filename)
     py = m["py"].removeprefix("cp")
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--dest", str(cache), "--implementation", "cp", "--python-version", f"{py[0]}.{py[1:]}",
@@ -105,8 +119,9 @@ def platform_manifest(text: str, platform: str, wheels: list[str]) -> str:
 
 
 def source_files() -> list[tuple[Path, str]]:
-    """(file, name in the zip) for the add-on and the vendored shared package."""
-    files = [(p, p.relative_to(ADDON).as_posix()) for p in sorted(ADDON.rglob("*.py"))]
+    """(file, name in the zip) for the add-on and the vendored shared package, with their licences."""
+    files = list(LICENSES)
+    files += [(p, p.relative_to(ADDON).as_posix()) for p in sorted(ADDON.rglob("*.py"))]
     files += [(p, "shared/" + p.relative_to(SHARED).as_posix()) for p in sorted(SHARED.rglob("*.py"))]
     return [(p, name) for p, name in files if "__pycache__" not in name]
 
@@ -117,6 +132,9 @@ def build(out: Path, platforms: list[str] | None = None, cache: Path | None = No
     text = (ADDON / MANIFEST).read_text()
     manifest = tomllib.loads(text)
     check_manifest(manifest)
+    missing = [p.relative_to(ROOT).as_posix() for p, _ in LICENSES if not p.is_file()]
+    if missing:
+        raise BuildError(f"licence file missing: {', '.join(missing)}")
     wheels = {w: fetch_wheel(Path(w).name, cache) for w in manifest.get("wheels", [])}
     out.mkdir(parents=True, exist_ok=True)
     zips = []
