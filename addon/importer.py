@@ -22,9 +22,8 @@ def import_job(context: Any, job: str) -> Any:
         raise MeshImportError(f"job {job} has no mesh here yet")
     meta = read_json(files.meta) if files.meta.is_file() else {}
     mesh = read_npz(files.mesh)
-    properties = {
-        "promptmesh_prompt": str(meta.get("prompt", "")), "promptmesh_seed": int(meta.get("seed", 0)),
-        "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job,
-    }
-    return create_object(context, object_name(properties["promptmesh_prompt"]), mesh.vertices, mesh.faces, mesh.colors,
+    prompt = str(meta.get("prompt", ""))
+    properties = {"promptmesh_prompt": prompt, "promptmesh_seed": int(meta.get("seed", 0)),
+                  "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job}
+    return create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
                          context.scene.cursor.location, properties)

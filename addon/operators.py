@@ -128,7 +128,7 @@ class PROMPTMESH_OT_open_folder(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PROMPTMESH_OT_export(bpy.types.Operator, ExportHelper):
+class PROMPTMESH_OT_export(bpy.types.Operator, ExportHelper):  # type: ignore[misc]  # stubs: two `check`s
     """Blender's ExportHelper gives the file browser, the overwrite check and the extension."""
 
     bl_idname = "promptmesh.export"
@@ -149,7 +149,8 @@ class PROMPTMESH_OT_export(bpy.types.Operator, ExportHelper):
         return True
 
     def invoke(self, context, event):
-        if not self.filepath:  # named after the object, beside the .blend (else in the home folder)
+        # ExportHelper declares `filepath` as an RNA property, which mypy cannot type.
+        if not self.filepath:  # type: ignore[has-type]  # named after the object, beside the .blend (or home)
             stem = re.sub(r"[^\w-]+", "_", context.active_object.name if context.active_object else "promptmesh")
             folder = Path(bpy.path.abspath("//")) if bpy.data.filepath else Path.home()
             self.filepath = str(folder / f"{stem}{self.filename_ext}")
@@ -215,4 +216,5 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
 CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_import,
            PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
 
-register, unregister = bpy.utils.register_classes_factory(CLASSES)
+# The stubs declare the factory as returning None; it returns (register, unregister).
+register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]

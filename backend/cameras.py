@@ -8,7 +8,6 @@ along their local -Z with +Y up. Export converts to each file format's axes (see
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +45,13 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def to(self, device: torch.device | str) -> "Cameras":
+    def to(self, device: torch.device | str) -> Cameras:
         return Cameras(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-    def __getitem__(self, index: slice) -> "Cameras":
+    def __getitem__(self, index: slice) -> Cameras:
         return Cameras(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
-    def cat(self, other: "Cameras") -> "Cameras":
+    def cat(self, other: Cameras) -> Cameras:
         return Cameras(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
 
 
@@ -112,7 +111,9 @@ def sample_cameras(batch: int, generator: torch.Generator, ranges: CameraRanges 
     return make_cameras(elevation, azimuth, distance, fovy, light_pos=eye + jitter)
 
 
-def orbit_cameras(count: int, start_azimuth: float = 0.0, elevation: float = 20.0, distance: float = 2.2, fovy: float = 45.0) -> Cameras:
+def orbit_cameras(
+    count: int, start_azimuth: float = 0.0, elevation: float = 20.0, distance: float = 2.2, fovy: float = 45.0
+) -> Cameras:
     """Evenly spaced cameras around the object from `start_azimuth` (previews and video)."""
     azimuth = start_azimuth + torch.arange(count, dtype=torch.float32) * (360.0 / count)
     full = lambda v: torch.full((count,), float(v))  # noqa: E731
@@ -122,7 +123,7 @@ def orbit_cameras(count: int, start_azimuth: float = 0.0, elevation: float = 20.
 def view_word(elevation: torch.Tensor, azimuth: torch.Tensor, overhead_above: float = 55.0) -> list[str]:
     """DreamFusion's view word for each camera: overhead, front, side or back."""
     words = []
-    for el, az in zip(elevation.tolist(), azimuth.tolist()):
+    for el, az in zip(elevation.tolist(), azimuth.tolist(), strict=True):
         az = (az + 180.0) % 360.0 - 180.0
         if el > overhead_above:
             words.append("overhead")
@@ -151,7 +152,9 @@ def ray_bundle(cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor,
     return origins, dirs
 
 
-def sphere_near_far(origins: torch.Tensor, dirs: torch.Tensor, radius: float = BOUND_RADIUS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sphere_near_far(
+    origins: torch.Tensor, dirs: torch.Tensor, radius: float = BOUND_RADIUS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry and exit distances of rays through the bounding sphere, and a hit mask."""
     b = (origins * dirs).sum(-1)
     c = (origins * origins).sum(-1) - radius * radius

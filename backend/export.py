@@ -71,7 +71,11 @@ def read_mesh(path: str | Path) -> Mesh:
     if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
         raise PromptMeshError(f"{path} holds no triangle mesh", BAD_REQUEST)
     y_up = fmt in ("glb", "obj")
-    visual = tm.visual.to_color() if tm.visual.kind == "texture" else tm.visual
+    visual = tm.visual
+    if isinstance(visual, trimesh.visual.TextureVisuals):
+        visual = visual.to_color()
+    if not isinstance(visual, trimesh.visual.ColorVisuals):
+        raise PromptMeshError(f"{path} holds no vertex colours", BAD_REQUEST)
     colors = np.asarray(visual.vertex_colors)[:, :3] / 255.0
     verts, normals = np.asarray(tm.vertices), np.asarray(tm.vertex_normals)
     return Mesh(

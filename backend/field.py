@@ -22,6 +22,8 @@ PRIMES = (1, 2654435761, 805459861)
 
 @dataclass(frozen=True)
 class FieldConfig:
+    """The NeRF field's hash-grid levels, MLP width, initial density blob and bounding radius."""
+
     levels: int = 8
     features_per_level: int = 2
     log2_table_size: int = 21  # levels whose (res + 1)^3 fits are dense: on CPU that is all of them
@@ -36,6 +38,8 @@ class FieldConfig:
 
 class HashGrid(nn.Module):
     """Multiresolution grid encoding of points in [-1, 1]^3 -> [N, levels * features]."""
+
+    primes: torch.Tensor
 
     def __init__(self, config: FieldConfig) -> None:
         super().__init__()

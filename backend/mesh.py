@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,8 +11,8 @@ import trimesh
 from skimage.measure import marching_cubes
 
 from ..shared.errors import MESH, PromptMeshError
-from .cameras import BOUND_RADIUS
 from ..shared.result import Mesh
+from .cameras import BOUND_RADIUS
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,8 +46,10 @@ def _keep_main_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh
     if len(parts) <= 1:
         return mesh
     areas = np.array([p.area for p in parts])
-    keep = [p for p, a in zip(parts, areas) if a >= min_fraction * areas.max()]
-    return trimesh.util.concatenate(keep)
+    keep = [p for p, a in zip(parts, areas, strict=True) if a >= min_fraction * areas.max()]
+    joined = trimesh.util.concatenate(keep)
+    assert isinstance(joined, trimesh.Trimesh)  # the parts of a Trimesh join into one
+    return joined
 
 
 def extract_mesh(
@@ -67,8 +69,8 @@ def extract_mesh(
     finite = grid[np.isfinite(grid)]
     if finite.size == 0:
         raise MeshError("the density field is not finite anywhere: the optimisation diverged; lower the guidance scale")
-    level = auto_threshold() if threshold is None else threshold
-    tries = [level * f for f in (1.0, 0.5, 0.25, 0.1)]
+    start = auto_threshold() if threshold is None else threshold
+    tries = [start * f for f in (1.0, 0.5, 0.25, 0.1)]
     level = next((t for t in tries if finite.min() < t < finite.max()), None)
     if level is None:
         raise MeshError(

@@ -1,30 +1,31 @@
 """One generation: `run(spec, on_event) -> Result`, shared by the CLI and the job server.
 
-Stages: loading -> optimising (events every step, previews every `preview_every` steps,
-checkpoints every `checkpoint_every`) -> meshing -> done. Cancellation is a threading.Event
-checked every step.
+Stages: loading (the prior, and its recipe resolved once against the spec) -> optimising
+(events every step, previews every `preview_every` steps, checkpoints every `checkpoint_every`)
+-> meshing -> done. Cancellation is a threading.Event checked every step.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..shared.errors import BAD_REQUEST, CANCELLED, DEVICE, PromptMeshError
+from ..shared.result import Mesh
 from ..shared.spec import JobSpec
-
 from . import __version__
 from .guidance import Guidance, load_guidance
-from .export import Mesh
 from .mesh import extract_mesh
-from .trainer import Trainer, TrainerConfig
+from .recipe import Recipe, resolve
+from .trainer import Trainer
 
 
 class Cancelled(PromptMeshError):
@@ -60,7 +61,7 @@ class PreviewEvent:
 
 @dataclass
 class ResultEvent:
-    result: "Result"
+    result: Result
 
 
 Event = StageEvent | StepEvent | PreviewEvent | ResultEvent
@@ -87,6 +88,19 @@ def cached_guidance(model: str, device: str) -> Guidance:
     return load_guidance(model, device)
 
 
+def _check_resumable(path: Path, state: dict, spec: JobSpec, recipe: Recipe) -> None:
+    """Refuse a checkpoint of another job, or of this job under another recipe (the code changed)."""
+    if state["meta"] != spec.to_dict():
+        raise PromptMeshError(f"checkpoint {path} belongs to a different job; delete it or drop --resume", BAD_REQUEST)
+    saved = state.get("recipe")
+    changes = ["it records none"] if saved is None else recipe.changes_from(saved)
+    if changes:
+        raise PromptMeshError(
+            f"checkpoint {path} was made with a different recipe ({'; '.join(changes)}); delete it or drop --resume",
+            BAD_REQUEST,
+        )
+
+
 def run(
     spec: JobSpec,
     on_event: Callable[[Event], None] = lambda e: None,
@@ -103,29 +117,25 @@ def run(
     on_event(StageEvent("loading"))
     guidance = cached_guidance(spec.model, str(device))
     embeddings = guidance.embed_prompt(spec.prompt, spec.negative)
-    d = guidance.defaults
-    config = TrainerConfig(
-        steps=spec.steps or d.steps, resolution=spec.resolution or d.resolution,
-        guidance_scale=d.guidance_scale if spec.guidance_scale is None else spec.guidance_scale, defaults=d,
-    )
-    trainer = Trainer(guidance, embeddings, config, spec.seed, device)
+    recipe = resolve(guidance.recipe, spec)
+    trainer = Trainer(guidance, embeddings, recipe, spec.seed, device)
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
-        if state["meta"] != spec.to_dict():
-            raise PromptMeshError(f"checkpoint {checkpoint} belongs to a different job; delete it or drop --resume", BAD_REQUEST)
+        _check_resumable(checkpoint, state, spec, recipe)
         trainer.load_state_dict(state["trainer"])
     timings["load_seconds"] = time.perf_counter() - t0
 
     on_event(StageEvent("optimising"))
     t1 = time.perf_counter()
-    while trainer.step < config.steps:
+    steps = recipe.schedule.steps
+    while trainer.step < steps:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the job was cancelled")
-        stats = trainer.train_step()
-        on_event(StepEvent(trainer.step, config.steps, stats.loss, time.perf_counter() - t1))
+        loss = trainer.train_step()
+        on_event(StepEvent(trainer.step, steps, loss, time.perf_counter() - t1))
         if spec.preview_every and trainer.step % spec.preview_every == 0:
             on_event(PreviewEvent(trainer.step, trainer.preview()))
-        if checkpoint is not None and trainer.step % checkpoint_every == 0 and trainer.step < config.steps:
+        if checkpoint is not None and trainer.step % checkpoint_every == 0 and trainer.step < steps:
             trainer.save_checkpoint(checkpoint, spec.to_dict())
     timings["optimise_seconds"] = time.perf_counter() - t1
 
@@ -133,16 +143,16 @@ def run(
     t2 = time.perf_counter()
     field_ = trainer.field
     mesh = extract_mesh(
-        field_.density, lambda x: field_(x)[1], resolution=spec.mesh_resolution, threshold=trainer.surface_density(),
-        max_faces=spec.max_faces, device=device,
+        field_.density, lambda x: field_(x)[1], resolution=recipe.mesh.resolution, threshold=trainer.surface_density(),
+        max_faces=recipe.mesh.max_faces, device=device,
     )
     timings["mesh_seconds"] = time.perf_counter() - t2
     timings["total_seconds"] = time.perf_counter() - t0
     metadata = {
         "prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed, "model": spec.model,
-        "steps": config.steps, "resolution": config.resolution, "guidance_scale": config.guidance_scale,
-        "mesh_resolution": spec.mesh_resolution, "device": str(device), "promptmesh": __version__,
-        "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts,
+        "steps": steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
+        "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
+        "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
     }
     result = Result(mesh, metadata, trainer)
     on_event(StageEvent("done"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
 
 def cat_cond(a: Cond, b: Cond) -> Cond:
     if isinstance(a, tuple):
-        return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
     return torch.cat([a, b])
 
 

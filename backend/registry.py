@@ -104,7 +104,8 @@ class Registry:
                 "INSERT INTO jobs (id, seq, state, spec, created) VALUES (?, ?, 'queued', ?, ?)",
                 (job_id, seq, json.dumps(spec.to_dict()), time.time()),
             )
-        return self.get(job_id)
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

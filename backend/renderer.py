@@ -17,11 +17,13 @@ from torch import nn
 
 from .cameras import BOUND_RADIUS, Cameras, ray_bundle, sphere_near_far
 from .field import NeRFField
-from .shading import shade
+from .shading import ShadingConfig, shade
 
 
 @dataclass(frozen=True)
 class RenderConfig:
+    """How rays are sampled and how the occupancy grid skips empty space."""
+
     samples_per_ray: int = 64
     occupancy_resolution: int = 32
     occupancy_threshold: float = 0.05  # density below which a cell counts as empty
@@ -32,6 +34,9 @@ class RenderConfig:
 
 class OccupancyGrid(nn.Module):
     """A coarse grid over [-R, R]^3 remembering where the field has density."""
+
+    density: torch.Tensor
+    mask: torch.Tensor
 
     def __init__(self, config: RenderConfig = RenderConfig()) -> None:
         super().__init__()
@@ -90,7 +95,7 @@ def render(
     height: int,
     width: int,
     shading: str = "lambertian",
-    ambient: float = 0.35,
+    ambient: float = ShadingConfig.ambient,
     occupancy: OccupancyGrid | None = None,
     config: RenderConfig = RenderConfig(),
     generator: torch.Generator | None = None,

@@ -6,22 +6,31 @@ job; it answers every request at once, hands queued jobs to the executor while i
 slots, records each job's end in the registry and forwards the executor's events to the
 client that submitted the job (the newest preview per job only, so a slow client never makes
 previews pile up). The executor runs the jobs and writes their results before `done`.
+
+A client that does not read is bounded and never loses what must arrive: ZeroMQ holds at most
+SNDHWM messages for it; beyond those the loop keeps its replies and its jobs' ends in an
+outbox (progress and previews are dropped, a newer one supersedes them), resent as the client
+reads; it gets one result at a time there, and its requests are ignored while the outbox holds
+more than MAX_OUTBOX_BYTES.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import sqlite3
+import threading
 import traceback
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
 from ..shared import protocol as P
 from ..shared.client import is_loopback
-from ..shared.errors import BAD_REQUEST, CANCELLED, DISK, INTERNAL, NOT_FOUND, QUEUE_FULL, PromptMeshError
+from ..shared.errors import BAD_REQUEST, BUSY, CANCELLED, DISK, INTERNAL, NOT_FOUND, QUEUE_FULL, PromptMeshError
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
 from . import __version__
@@ -32,6 +41,14 @@ log = logging.getLogger("promptmesh.server")
 
 MAX_MESSAGE_BYTES = 1 << 20  # requests are small; results only flow server -> client
 HEARTBEAT_MS = 2000
+# A client that does not read cannot answer a heartbeat either (its connection is backed up), and
+# a timed-out connection loses everything queued for it: so only a client silent this long is
+# given up (a vanished process is seen at once by TCP).
+HEARTBEAT_TIMEOUT_MS = 120_000
+SNDHWM = 16  # messages ZeroMQ queues for one client (results are big: this bounds their memory)
+MAX_OUTBOX_BYTES = 32 << 20
+RETRY_MS = 50  # how soon the outboxes are retried while one is not empty
+SUPERSEDED = ("progress", "preview")  # dropped for a client that does not keep up: a newer one follows
 STATUS_LIMIT = 100  # jobs in a `status` reply unless the client asks for another number (1..500)
 BURST = 100  # requests handled before the loop looks at the executor's events again
 STOP = b"stop"  # the control frame `stop()` sends on the events socket
@@ -54,8 +71,9 @@ class Server:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
-        self.socket.setsockopt(zmq.SNDHWM, 1000)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.socket.setsockopt(zmq.SNDHWM, SNDHWM)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe says so (Again) instead of dropping
         if curve_dir is not None:
             from .keys import server_curve
 
@@ -69,6 +87,7 @@ class Server:
         self.running: set[str] = set()  # handed to the executor, not yet ended
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
         self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
+        self.outbox: dict[bytes, deque[tuple[str, list[bytes]]]] = {}  # client -> what its pipe had no room for
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "hello": self._on_hello, "ping": self._on_ping, "generate": self._on_generate,
             "cancel": self._on_cancel, "status": self._on_status, "result": self._on_result,
@@ -92,10 +111,15 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.events, zmq.POLLIN)
+        wakeup = SignalWakeup.for_this_thread()
+        if wakeup is not None:
+            poller.register(wakeup, zmq.POLLIN)
         try:
             self._dispatch()
             while True:
-                ready = dict(poller.poll())
+                ready = dict(poller.poll(RETRY_MS if self.outbox else None))
+                if wakeup is not None and wakeup.fileno() in ready:
+                    wakeup.drain()
                 if self.events in ready and not self._drain_events():
                     return
                 if self.socket in ready:
@@ -105,7 +129,11 @@ class Server:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                if self.outbox:
+                    self._flush_outboxes()
         finally:
+            if wakeup is not None:
+                wakeup.close()
             self.close()
 
     def stop(self) -> None:
@@ -131,10 +159,37 @@ class Server:
         self._socket_send(client, P.encode(msg), msg.type)
 
     def _socket_send(self, client: bytes, frames: list[bytes], kind: str) -> None:
-        try:
-            self.socket.send_multipart([client, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # Again for a full pipe; a vanished peer
-            log.debug("could not send %s: %s", kind, exc)
+        """Send now, or keep it in the client's outbox (in order) unless a newer one supersedes it."""
+        if client not in self.outbox:
+            try:
+                self.socket.send_multipart([client, *frames], zmq.NOBLOCK)
+                return
+            except zmq.Again:  # the client's pipe is full: it does not keep up
+                pass
+            except zmq.ZMQError as exc:  # the client is gone; it asks `status` when it is back
+                log.debug("could not send %s: %s", kind, exc)
+                return
+        if kind not in SUPERSEDED:
+            self.outbox.setdefault(client, deque()).append((kind, frames))
+
+    def _flush_outboxes(self) -> None:
+        for client, box in list(self.outbox.items()):
+            while box:
+                try:
+                    self.socket.send_multipart([client, *box[0][1]], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone: what was kept for it is in the registry
+                    box.clear()
+                    break
+                box.popleft()
+            if not box:
+                del self.outbox[client]
+
+    def _backlog(self, client: bytes) -> tuple[int, bool]:
+        """Bytes kept in the client's outbox, and whether a result is among them."""
+        box = self.outbox.get(client, ())
+        return sum(len(f) for _, frames in box for f in frames), any(kind == "result" for kind, _ in box)
 
     def _error(self, client: bytes, code: str, message: str, msg_id: str = "", job: str | None = None) -> None:
         self._send(client, Message("error", msg_id, job, {"code": code, "message": message}))
@@ -144,6 +199,9 @@ class Server:
         if len(frames) < 2:
             return
         client, body = frames[0], frames[1:]
+        if client in self.outbox and self._backlog(client)[0] > MAX_OUTBOX_BYTES:
+            log.debug("ignoring a request from a client that does not read")
+            return
         try:
             msg = P.decode(body)
         except P.ProtocolError as exc:
@@ -216,6 +274,8 @@ class Server:
         job = self._job(msg)
         if job.state != "done":
             raise PromptMeshError(f"job {job.id} has no result: it is {job.state}", NOT_FOUND)
+        if self._backlog(client)[1]:
+            raise PromptMeshError("a result is still on its way to you: read it before asking for another", BUSY)
         mesh = read_npz(JobFiles.of(self.registry.root, job.id).mesh)
         self._send(client, Message("result", msg.id, job.id, {"meta": job.meta}, mesh.arrays))
 
@@ -303,3 +363,33 @@ class Server:
             self.owners.pop(job, None)
         for client in clients - {skip}:
             self._send(client, msg)
+
+
+class SignalWakeup:
+    """A socket that becomes readable when a signal arrives. The kernel may deliver Ctrl-C or
+    SIGTERM to any thread (a torch worker, the executor), leaving the main thread asleep in the
+    blocking poll: the signal's byte on this socket wakes it, and Python then runs the handler."""
+
+    def __init__(self) -> None:
+        self.read, self.write = socket.socketpair()
+        for end in (self.read, self.write):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self.write.fileno(), warn_on_full_buffer=False)
+
+    @classmethod
+    def for_this_thread(cls) -> SignalWakeup | None:
+        return cls() if threading.current_thread() is threading.main_thread() else None  # the main thread's only
+
+    def fileno(self) -> int:
+        return self.read.fileno()
+
+    def drain(self) -> None:
+        try:
+            self.read.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.read.close()
+        self.write.close()

@@ -36,7 +36,9 @@ def lambertian(albedo: torch.Tensor, normals: torch.Tensor, light_dir: torch.Ten
     return albedo * (ambient + (1.0 - ambient) * diffuse)
 
 
-def shade(mode: str, albedo: torch.Tensor, opacity: torch.Tensor, normals: torch.Tensor, light_dir: torch.Tensor, ambient: float) -> torch.Tensor:
+def shade(
+    mode: str, albedo: torch.Tensor, opacity: torch.Tensor, normals: torch.Tensor, light_dir: torch.Tensor, ambient: float
+) -> torch.Tensor:
     """Shade premultiplied albedo [..., 3] given opacity [..., 1], normals and light [..., 3]."""
     if mode == "albedo":
         return albedo

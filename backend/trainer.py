@@ -4,103 +4,80 @@ updates the field. Holds everything a checkpoint needs to resume bit-for-bit."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..shared.result import atomic_write
 from .background import MLPBackground, SolidBackground
-from .cameras import CameraRanges, Cameras, orbit_cameras, ray_bundle, sample_cameras
+from .cameras import Cameras, orbit_cameras, ray_bundle, sample_cameras
 from .field import NeRFField
-from .guidance.base import Guidance, GuidanceDefaults
+from .guidance.base import Guidance
 from .prompts import PromptEmbeddings
-from .renderer import OccupancyGrid, RenderConfig, render
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    steps: int
-    resolution: int
-    guidance_scale: float
-    defaults: GuidanceDefaults
-    lr_grid: float = 1e-2
-    lr_mlp: float = 1e-3
-    lr_background: float = 1e-3
-    # Regularisers are summed over pixels like the SDS loss, so their weights do not depend
-    # on the resolution relative to it.
-    orientation_weight: float = 0.1
-    entropy_weight: float = 0.5  # opacity entropy, switched on after `entropy_from` of the run
-    entropy_from: float = 0.3
-    coarse_to_fine_until: float = 0.5  # all hash-grid levels active by this fraction of the run
-    occupancy_every: int = 16
-    occupancy_warmup: int = 32
-
-
-@dataclass
-class StepStats:
-    loss: float
-    sds: float
-    samples: int
-    shading: str
+from .recipe import Recipe
+from .renderer import OccupancyGrid, render
 
 
 class Trainer:
     """Owns the field, background, occupancy grid, optimiser and random state of one job."""
 
-    def __init__(self, guidance: Guidance, embeddings: PromptEmbeddings, config: TrainerConfig, seed: int, device: torch.device) -> None:
+    def __init__(self, guidance: Guidance, embeddings: PromptEmbeddings, recipe: Recipe, seed: int, device: torch.device) -> None:
+        """`recipe` is the resolved one (see recipe.resolve): the trainer reads every setting from it."""
         torch.manual_seed(seed)
-        self.guidance, self.embeddings, self.config, self.device = guidance, embeddings, config, device
+        self.guidance, self.embeddings, self.recipe, self.device = guidance, embeddings, recipe, device
         self.generator = torch.Generator().manual_seed(seed)
-        d = config.defaults
-        self.field = NeRFField(d.field).to(device)
-        self.background = (SolidBackground() if d.background == "white" else MLPBackground()).to(device)
-        self.occupancy = OccupancyGrid(RenderConfig()).to(device)
+        self.field = NeRFField(recipe.field).to(device)
+        self.background = (SolidBackground() if recipe.background == "white" else MLPBackground()).to(device)
+        self.occupancy = OccupancyGrid(recipe.render).to(device)
+        optim = recipe.optim
         groups = [
-            {"params": list(self.field.encoding.parameters()), "lr": config.lr_grid},
-            {"params": list(self.field.mlp.parameters()), "lr": config.lr_mlp},
+            {"params": list(self.field.encoding.parameters()), "lr": optim.lr_grid},
+            {"params": list(self.field.mlp.parameters()), "lr": optim.lr_mlp},
         ]
         bg_params = list(self.background.parameters())
         if bg_params:
-            groups.append({"params": bg_params, "lr": config.lr_background})
+            groups.append({"params": bg_params, "lr": optim.lr_background})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
         self._update_schedule()
 
     def _update_schedule(self) -> None:
-        levels = self.field.config.levels
-        start = min(self.config.defaults.field_levels_start, levels)
-        progress = self.step / max(1, self.config.steps * self.config.coarse_to_fine_until)
+        levels, schedule = self.field.config.levels, self.recipe.schedule
+        start = min(schedule.field_levels_start, levels)
+        progress = self.step / max(1, schedule.steps * schedule.coarse_to_fine_until)
         self.field.encoding.active_levels = min(levels, start + int(math.floor(progress * (levels - start + 1))))
 
     def t_range(self) -> tuple[float, float]:
-        lo, hi = self.config.defaults.t_range
-        frac = self.step / max(1, self.config.steps)
-        return lo, max(lo, hi + (self.config.defaults.t_max_end - hi) * frac)
+        schedule = self.recipe.schedule
+        lo, hi = schedule.t_range
+        frac = self.step / max(1, schedule.steps)
+        return lo, max(lo, hi + (schedule.t_max_end - hi) * frac)
 
-    def train_step(self) -> StepStats:
-        cfg = self.config
-        if self.step >= cfg.occupancy_warmup and self.step % cfg.occupancy_every == 0:
+    def train_step(self) -> float:
+        """One SDS step; returns the loss."""
+        r, optim = self.recipe, self.recipe.optim
+        if self.step >= optim.occupancy_warmup and self.step % optim.occupancy_every == 0:
             self.occupancy.update(self.field, self.generator)
-        cameras = sample_cameras(1, self.generator, CameraRanges()).to(self.device)
-        shading = cfg.defaults.shading.sample(self.generator)
+        cameras = sample_cameras(1, self.generator, r.cameras).to(self.device)
+        shading = r.shading.sample(self.generator)
         out = render(
-            self.field, self.background, cameras, cfg.resolution, cfg.resolution, shading=shading,
-            ambient=cfg.defaults.shading.ambient, occupancy=self.occupancy if self.step >= cfg.occupancy_warmup else None,
+            self.field, self.background, cameras, r.resolution, r.resolution, shading=shading, ambient=r.shading.ambient,
+            occupancy=self.occupancy if self.step >= optim.occupancy_warmup else None, config=r.render,
             generator=self.generator,
         )
-        sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, cfg.guidance_scale, self.t_range(), self.generator)
-        loss = sds + cfg.orientation_weight * out.orientation
-        if self.step >= cfg.entropy_from * cfg.steps:
+        sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, r.guidance_scale, self.t_range(), self.generator)
+        loss = sds + optim.orientation_weight * out.orientation
+        if self.step >= optim.entropy_from * r.schedule.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)
             entropy = -(o * o.log() + (1 - o) * (1 - o).log())
-            loss = loss + cfg.entropy_weight * entropy.sum() / o.shape[0]
+            loss = loss + optim.entropy_weight * entropy.sum() / o.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.step += 1
         self._update_schedule()
-        return StepStats(loss.item(), sds.item(), out.samples, shading)
+        return loss.item()
 
     @torch.no_grad()
     def preview(self, size: int = 64, azimuth: float | None = None) -> np.ndarray:
@@ -112,7 +89,7 @@ class Trainer:
     @torch.no_grad()
     def render_rgba(self, cameras: Cameras, size: int) -> np.ndarray:
         out = render(self.field, self.background, cameras.to(self.device), size, size, shading="lambertian",
-                     ambient=self.config.defaults.shading.ambient, occupancy=self.occupancy)
+                     ambient=self.recipe.shading.ambient, occupancy=self.occupancy, config=self.recipe.render)
         rgba = torch.cat([out.rgb, out.opacity], 1).clamp(0, 1).permute(0, 2, 3, 1)
         return (rgba * 255).round().to(torch.uint8).cpu().numpy()
 
@@ -121,7 +98,8 @@ class Trainer:
         """The median density at the rendered surface (expected depth of the opaque pixels)
         seen from an orbit: the iso-level whose mesh matches what the renders show."""
         cams = orbit_cameras(views).to(self.device)
-        out = render(self.field, self.background, cams, size, size, shading="albedo", occupancy=self.occupancy)
+        out = render(self.field, self.background, cams, size, size, shading="albedo", occupancy=self.occupancy,
+                     config=self.recipe.render)
         origins, dirs = ray_bundle(cams, size, size)
         opacity = out.opacity.permute(0, 2, 3, 1)[..., 0]
         depth = out.depth.permute(0, 2, 3, 1)[..., 0]
@@ -148,8 +126,8 @@ class Trainer:
         self.step = state["step"]
         self._update_schedule()
 
-    def save_checkpoint(self, path: Path, meta: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"meta": meta, "trainer": self.state_dict()}, tmp)
-        tmp.replace(path)
+    def save_checkpoint(self, path: Path, spec: dict) -> None:
+        """The job's spec and recipe beside the state, so a resume can check it continues the same run."""
+        state = {"meta": spec, "recipe": self.recipe.to_dict(), "trainer": self.state_dict()}
+        atomic_write(path, lambda f: torch.save(state, f))
 

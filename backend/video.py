@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
+from ..shared.result import atomic_target
 from .cameras import orbit_cameras
 from .trainer import Trainer
 
@@ -17,8 +18,9 @@ def write_turntable(trainer: Trainer, path: str | Path, frames: int = 48, size: 
     cams = orbit_cameras(frames)
     rgba = np.concatenate([trainer.render_rgba(cams[i : i + 8], size) for i in range(0, frames, 8)])
     rgb = rgba[..., :3]
-    if path.suffix.lower() == ".gif":
-        iio.imwrite(path, rgb, duration=1000 / fps, loop=0)
-    else:
-        iio.imwrite(path, rgb, fps=fps, codec="libx264", macro_block_size=16)
+    with atomic_target(path) as tmp:
+        if path.suffix.lower() == ".gif":
+            iio.imwrite(tmp, rgb, duration=1000 / fps, loop=0)
+        else:
+            iio.imwrite(tmp, rgb, fps=fps, codec="libx264", macro_block_size=16)
     return path

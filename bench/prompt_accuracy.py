@@ -72,7 +72,7 @@ def main() -> None:
 
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers, initializer=_one_thread) as pool:
-            for row in pool.map(generate_and_judge, *zip(*jobs)):
+            for row in pool.map(generate_and_judge, *zip(*jobs, strict=True)):
                 report(row)
     else:
         for job in jobs:

@@ -18,10 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from promptmesh.backend.cameras import CameraRanges, sample_cameras  # noqa: E402
+from promptmesh.backend.cameras import sample_cameras  # noqa: E402
 from promptmesh.backend.guidance import load_guidance  # noqa: E402
+from promptmesh.backend.recipe import resolve  # noqa: E402
 from promptmesh.backend.renderer import render  # noqa: E402
-from promptmesh.backend.trainer import Trainer, TrainerConfig  # noqa: E402
+from promptmesh.backend.trainer import Trainer  # noqa: E402
+from promptmesh.shared.spec import JobSpec  # noqa: E402
 
 
 def main() -> None:
@@ -41,20 +43,20 @@ def main() -> None:
         model = str(save_tiny_stable_diffusion(Path(tempfile.mkdtemp()) / "tiny-sd"))
     guidance = load_guidance(model)
     emb = guidance.embed_prompt("a red cube")
-    cfg = TrainerConfig(steps=1000, resolution=args.resolution, guidance_scale=guidance.defaults.guidance_scale, defaults=guidance.defaults)
-    trainer = Trainer(guidance, emb, cfg, seed=0, device=torch.device("cpu"))
+    recipe = resolve(guidance.recipe, JobSpec("a red cube", steps=1000, resolution=args.resolution))
+    trainer = Trainer(guidance, emb, recipe, seed=0, device=torch.device("cpu"))
     for _ in range(args.warmup):
         trainer.train_step()
     fwd = gd = bwd = 0.0
     samples = 0
     gen = torch.Generator().manual_seed(1)
     for _ in range(args.steps):
-        cams = sample_cameras(1, gen, CameraRanges())
+        cams = sample_cameras(1, gen, recipe.cameras)
         t0 = time.perf_counter()
         out = render(trainer.field, trainer.background, cams, args.resolution, args.resolution, shading="lambertian",
-                     occupancy=trainer.occupancy, generator=gen)
+                     occupancy=trainer.occupancy, config=recipe.render, generator=gen)
         t1 = time.perf_counter()
-        loss = guidance.sds_loss(out.rgb, emb, cams, cfg.guidance_scale, (0.02, 0.98), gen) + 1e-2 * out.orientation
+        loss = guidance.sds_loss(out.rgb, emb, cams, recipe.guidance_scale, recipe.schedule.t_range, gen) + 1e-2 * out.orientation
         t2 = time.perf_counter()
         trainer.optimizer.zero_grad()
         loss.backward()

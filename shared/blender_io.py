@@ -8,12 +8,16 @@ given objects. `bpy` is imported inside the functions so this module imports any
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from .errors import BAD_REQUEST, PromptMeshError
+
+if TYPE_CHECKING:
+    import bpy
 
 COLOR_ATTRIBUTE = "Color"
 EXPORT_FORMATS = ("fbx", "glb", "obj")
@@ -54,7 +58,7 @@ def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, colors_srgb: 
     mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
     rgba = np.ones((len(vertices), 4), np.float32)
     rgba[:, :3] = np.clip(colors_srgb[:, :3], 0.0, 1.0)
-    attribute = mesh.color_attributes.new(COLOR_ATTRIBUTE, "BYTE_COLOR", "POINT")
+    attribute = cast("bpy.types.ByteColorAttribute", mesh.color_attributes.new(COLOR_ATTRIBUTE, "BYTE_COLOR", "POINT"))
     attribute.data.foreach_set("color_srgb", rgba.ravel())
     mesh.color_attributes.active_color_name = COLOR_ATTRIBUTE
     mesh.color_attributes.default_color_name = COLOR_ATTRIBUTE
@@ -80,12 +84,20 @@ def vertex_color_material(name: str) -> Any:
     return material
 
 
+def standing(vertices: np.ndarray) -> np.ndarray:
+    """The vertices moved so that the bottom centre of their bounding box is the origin: the
+    object's origin is where it stands (Z up), so placed on the 3D cursor it stands on it."""
+    lo, hi = vertices.min(0), vertices.max(0)
+    return vertices - np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], vertices.dtype)
+
+
 def create_object(context: Any, name: str, vertices: np.ndarray, faces: np.ndarray, colors_srgb: np.ndarray,
                   location: Iterable[float] = (0.0, 0.0, 0.0), properties: dict[str, Any] | None = None) -> Any:
-    """Link a new coloured mesh object into the active collection, selected and active."""
+    """Link a new coloured mesh object, standing at `location` (its origin at the bottom centre),
+    into the active collection, selected and active."""
     import bpy
 
-    mesh = build_mesh(name, vertices, faces, colors_srgb)
+    mesh = build_mesh(name, standing(np.asarray(vertices, np.float32)) if len(vertices) else vertices, faces, colors_srgb)
     mesh.materials.append(vertex_color_material(name))
     obj = bpy.data.objects.new(name, mesh)
     obj.location = tuple(location)
@@ -126,7 +138,7 @@ def export_objects(context: Any, objects: list[Any], path: str | Path, fmt: str 
     else:
         result = bpy.ops.wm.obj_export(filepath=str(path), export_selected_objects=True, export_colors=True,
                                        export_materials=False)
-    if "FINISHED" not in result or not path.is_file():
+    if not result or "FINISHED" not in result or not path.is_file():
         raise RuntimeError(f"Blender's {fmt.upper()} exporter did not write {path}")
     return path
 
@@ -135,7 +147,7 @@ def gltf_color_options() -> dict[str, Any]:
     """The glTF exporter's vertex-colour switch, whichever this Blender version has."""
     import bpy
 
-    props = bpy.ops.export_scene.gltf.get_rna_type().properties
+    props = bpy.ops.export_scene.gltf.get_rna_type().properties  # type: ignore[call-arg]  # stubbed unbound
     if "export_vertex_color" in props:  # 4.2+: an enum
         options: dict[str, Any] = {"export_vertex_color": "ACTIVE"}
         if "export_active_vertex_color_when_no_material" in props:

@@ -54,7 +54,7 @@ class Client:
         if self._own_ctx:
             self.ctx.term()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -108,5 +108,6 @@ class Client:
     def hello(self, timeout: float = 5.0) -> Message:
         welcome = self.request("hello", timeout=timeout, client="promptmesh-client", protocol=P.PROTOCOL_VERSION)
         if welcome.fields.get("protocol") != P.PROTOCOL_VERSION:
-            raise ClientError(f"server speaks protocol {welcome.fields.get('protocol')}, this client {P.PROTOCOL_VERSION}", P.VERSION)
+            raise ClientError(f"server speaks protocol {welcome.fields.get('protocol')}, this client {P.PROTOCOL_VERSION}",
+                              P.VERSION)
         return welcome

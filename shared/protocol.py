@@ -133,7 +133,7 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
     if len(specs) != len(frames):
         raise ProtocolError(f"{len(specs)} arrays described but {len(frames)} frames sent", "arrays")
     out = {}
-    for i, (spec, frame) in enumerate(zip(specs, frames)):
+    for i, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
         where = f"arrays[{i}]"
         if not isinstance(spec, dict):
             raise ProtocolError("expected a map", where)
@@ -142,7 +142,7 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
         if dtype not in DTYPES:
             raise ProtocolError(f"dtype must be one of {DTYPES}", f"{where}.dtype")
         shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) > 4 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in shape):
+        if not isinstance(shape, list) or len(shape) > 4 or not all(type(n) is int and n >= 0 for n in shape):
             raise ProtocolError("expected up to 4 non-negative integers", f"{where}.shape")
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python integers: no overflow
         if len(frame) > MAX_FRAME_BYTES or nbytes != len(frame):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
 
 import numpy as np
 
@@ -49,7 +52,7 @@ class Mesh:
         return {name: getattr(self, name) for name in MESH_ARRAYS}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any]) -> "Mesh":
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> Mesh:
         """A mesh from named arrays (a message's frames, an npz); PromptMeshError if one is missing
         or the shapes disagree."""
         missing = [name for name in MESH_ARRAYS if name not in arrays]
@@ -79,32 +82,61 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
-    """Write `data` (bytes, or a function writing to a binary file) to a temporary file beside
-    `path`, fsync it, rename it over `path` and fsync the folder: readers never see half a file,
-    and a power loss cannot leave a renamed but empty one. The temporary is removed on failure."""
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary file name beside `path` (same extension) for a writer to fill; on success it is
+    fsynced, renamed over `path` and the folder fsynced: readers never see half a file, and a
+    power loss cannot leave a renamed but empty one. On failure the temporary is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX + path.suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write `data` (bytes, or a function writing to a binary file) atomically (atomic_target)."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
+    return Path(path)
+
+
+def atomic_folder(path: str | Path, save: Callable[[Path], Any]) -> Path:
+    """A folder written by `save(folder)` (e.g. a library's save_pretrained) appears whole at
+    `path`: saved beside it, then renamed in place of the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX))
+    old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")
+    try:
+        save(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
     return path
 
 
 def remove_temporaries(folder: Path) -> list[Path]:
     """Delete what an interrupted atomic_write left in `folder` (found at start-up)."""
-    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -136,7 +168,7 @@ class JobFiles:
     folder: Path
 
     @classmethod
-    def of(cls, root: str | Path, job: str) -> "JobFiles":
+    def of(cls, root: str | Path, job: str) -> JobFiles:
         """The job's folder under `root`; a string that is no job id is refused (never a path)."""
         if not isinstance(job, str) or not JOB_ID.fullmatch(job):
             raise PromptMeshError(f"not a job id: {str(job)[:40]!r} (job ids are 16 hex digits)", NOT_FOUND)

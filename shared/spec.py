@@ -76,7 +76,7 @@ class JobSpec:
     max_faces: int | None = None
     device: str = "auto"
 
-    def validate(self) -> "JobSpec":
+    def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
         for name in ("prompt", "negative", "model", "device"):
             if not isinstance(getattr(self, name), str):
@@ -110,7 +110,7 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "JobSpec":
+    def from_dict(cls, data: Any) -> JobSpec:
         """Build and validate a spec from untrusted data (unknown keys are an error)."""
         if not isinstance(data, dict):
             raise SpecError("spec", f"expected a mapping, got {type(data).__name__}")

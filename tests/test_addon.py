@@ -92,7 +92,7 @@ def test_build_makes_one_installable_zip_per_platform(tmp_path):
     zips = build_addon.build(tmp_path, None)
     assert [z.name for z in zips] == [f"promptmesh-0.1.0-{p}.zip" for p in ("linux_x64", "windows_x64", "macos_arm64")]
     shared = sorted(p.name for p in (ROOT / "shared").glob("*.py"))
-    for path, platform in zip(zips, build_addon.PLATFORMS):
+    for path, platform in zip(zips, build_addon.PLATFORMS, strict=True):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             manifest = tomllib.loads(zf.read("blender_manifest.toml").decode())
@@ -150,6 +150,7 @@ def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
         assert bpy.ops.promptmesh.generate.poll()
 
 
+@pytest.mark.slow
 def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, prefs, tmp_path, gltf_validator):
     _, session = addon
     server = ServerProcess(tmp_path / "data")
@@ -337,6 +338,28 @@ def test_importing_an_empty_mesh_is_an_error_not_a_traceback(bpy, addon, prefs):
     with pytest.raises(RuntimeError, match="Import failed: the mesh is empty"):
         bpy.ops.promptmesh.import_job(job=item.job)
     assert len(bpy.data.objects) == before
+
+
+def test_an_imported_object_stands_on_the_3d_cursor(bpy, addon, prefs):
+    """Its origin is the bottom centre of its bounding box, wherever the field put it."""
+    from promptmesh.shared.result import Mesh, write_npz
+
+    _, session = addon
+    cone = trimesh.creation.cone(radius=0.5, height=1.0)  # base at z = 0 ...
+    cone.apply_translation([0.2, -0.1, -0.755])  # ... moved off centre and below, as a field may leave it
+    v = cone.vertices.astype(np.float32)
+    write_npz(Mesh(v, cone.faces.astype(np.int32), np.full_like(v, 0.5), v), session.job_files("0" * 15 + "1").mesh)
+    st = bpy.context.window_manager.promptmesh
+    item = st.jobs.add()
+    item.job, item.prompt, item.state = "0" * 15 + "1", "a cone", "DONE"
+    bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+    assert bpy.ops.promptmesh.import_job(job=item.job) == {"FINISHED"}
+    obj = bpy.context.view_layer.objects.active
+    world = np.array([obj.matrix_world @ vert.co for vert in obj.data.vertices])
+    assert tuple(obj.location) == (1.0, 2.0, 3.0)
+    assert abs(world[:, 2].min() - 3.0) < 1e-5  # stands on the cursor: not 0.755 below it
+    centre = (world.min(0) + world.max(0)) / 2
+    assert np.allclose(centre[:2], (1.0, 2.0), atol=1e-5)
 
 
 def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, gltf_validator):

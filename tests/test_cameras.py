@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from promptmesh.backend.cameras import (
-    CameraRanges, look_at, make_cameras, ray_bundle, sample_cameras, spherical_position, sphere_near_far, view_word,
+    CameraRanges,
+    look_at,
+    make_cameras,
+    ray_bundle,
+    sample_cameras,
+    sphere_near_far,
+    spherical_position,
+    view_word,
 )
 
 

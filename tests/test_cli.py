@@ -54,10 +54,12 @@ def test_unwritable_folder_is_refused_before_work(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot write" in proc.stderr
 
 
+@pytest.mark.slow
 def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_sd, tmp_path):
     out = tmp_path / "cube.glb"
     args = ["generate", "a red cube", "--model", str(tiny_sd), "--steps", "12", "--resolution", "32",
-            "--mesh-resolution", "48", "-o", str(out), "--video", "--preview-dir", str(tmp_path / "previews"), "--preview-every", "4"]
+            "--mesh-resolution", "48", "-o", str(out), "--video", "--preview-dir", str(tmp_path / "previews"),
+            "--preview-every", "4"]
     proc = promptmesh(*args)
     assert proc.returncode == 0, proc.stderr
     assert "optimising" in proc.stderr and ("it/s" in proc.stderr or "s/it" in proc.stderr)

@@ -6,17 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import zmq
 
+from helpers import IN_CI, ServerProcess, promptmesh, small_spec, wait_for
 from promptmesh.backend.cli import printable
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
+from promptmesh.shared.protocol import Message
 from promptmesh.shared.spec import JobSpec, SpecError
-
-from helpers import IN_CI, ServerProcess, promptmesh, small_spec, wait_for
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -122,6 +124,7 @@ def fill(folder: Path, leave: int) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_job_with_disk_and_the_server_goes_on(tmpfs, tiny_sd):
     srv = ServerProcess(tmpfs / "data")
     try:
@@ -166,4 +169,111 @@ def test_a_cancelled_jobs_folder_is_removed(tmp_path, tiny_sd):
             time.sleep(0.5)
         assert not (tmp_path / "data" / "jobs" / queued).exists() and not (tmp_path / "data" / "jobs" / running).exists()
     finally:
+        srv.stop(signal.SIGINT)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = ServerProcess(tmp_path / "data")
+    yield srv
+    srv.stop(signal.SIGINT)
+
+
+@pytest.fixture()
+def server_and_job(server, tiny_sd):
+    """A server with one finished job whose mesh is a few hundred kB on the wire."""
+    with Client(server.endpoint) as c:
+        job = c.request("generate", spec=small_spec(tiny_sd, mesh_resolution=96)).job
+        assert wait_for(c, job)[-1].type == "done"
+    return server, job
+
+
+def slow_reader(endpoint: str) -> tuple:
+    """A DEALER that reads nothing until told, with tiny buffers so that backpressure comes fast."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(endpoint)
+    return ctx, sock
+
+
+def read_all(sock, quiet: float = 2.0) -> list:
+    out = []
+    while sock.poll(int(quiet * 1000)):
+        out.append(P.decode(sock.recv_multipart(), P.SERVER_TYPES))
+    return out
+
+
+def test_a_client_that_does_not_read_gets_every_reply_and_its_done_later_and_is_bounded(server_and_job):
+    srv, job = server_and_job
+    ctx, sock = slow_reader(srv.endpoint)
+    try:
+        for i in range(300):
+            sock.send_multipart(P.encode(Message("result", f"r{i}", job)))
+        time.sleep(3.0)  # it reads nothing meanwhile; others are still served at once
+        with Client(srv.endpoint) as other:
+            t0 = time.monotonic()
+            assert other.request("ping").type == "pong" and time.monotonic() - t0 < 1.0
+        replies = read_all(sock)
+        assert sorted(int(m.id[1:]) for m in replies) == list(range(300))  # every request answered once
+        results = [m for m in replies if m.type == "result"]
+        busy = [m for m in replies if m.type == "error"]
+        assert {m.fields["code"] for m in busy} == {"BUSY"} and len(results) + len(busy) == 300
+        assert 1 <= len(results) <= 40  # ZeroMQ's queue (SNDHWM) and one result in the outbox, not 300
+    finally:
+        sock.close()
+        ctx.term()
+
+
+@pytest.mark.slow
+def test_a_client_that_reads_late_still_gets_its_done(server, tiny_sd):
+    ctx, sock = slow_reader(server.endpoint)
+    try:
+        spec = small_spec(tiny_sd, steps=60, preview_every=1)
+        sock.send_multipart(P.encode(Message("generate", "g", fields={"spec": spec})))
+        time.sleep(25.0)  # 60 steps with a preview each, none read
+        messages = read_all(sock)
+        job = messages[0].job
+        assert messages[0].type == "accepted"
+        ends = [m for m in messages if m.job == job and m.type in ("done", "error")]
+        assert [m.type for m in ends] == ["done"], [m.type for m in messages][-5:]
+    finally:
+        sock.close()
+        ctx.term()
+
+
+@pytest.mark.slow
+def test_submit_wait_learns_its_jobs_outcome_after_the_server_restarts(tmp_path, tiny_sd):
+    """The job is queued when the server is killed; the restarted server runs it, not knowing who
+    waits: `submit --wait` asks `status` after a silence and ends with the real outcome."""
+    srv = ServerProcess(tmp_path / "data")
+    out = tmp_path / "b.ply"
+    with Client(srv.endpoint) as c:
+        blocker = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
+        wait_for(c, blocker, until=("progress",))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "promptmesh.backend.cli", "submit", "a red cube", "--endpoint", srv.endpoint, "--model",
+         str(tiny_sd), "--steps", "3", "--resolution", "16", "--mesh-resolution", "32", "--wait", "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the second job is queued behind the first
+            with Client(srv.endpoint) as c:
+                if c.request("ping").fields["queue"] == 1:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        srv.stop(signal.SIGKILL)
+        srv = ServerProcess(tmp_path / "data", bind=srv.endpoint)
+        stdout, stderr = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, stderr
+        assert out.is_file() and out.stat().st_size > 0
+        with Client(srv.endpoint) as c:
+            states = {s["job"]: s["state"] for s in c.request("status").fields["jobs"]}
+        assert states[blocker] == "failed" and states[stdout.strip()] == "done"
+    finally:
+        waiting.kill()
         srv.stop(signal.SIGINT)

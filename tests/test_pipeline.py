@@ -1,12 +1,17 @@
 """pipeline.run: events, cancellation and checkpoint/resume."""
 
+import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
 from promptmesh.backend.pipeline import Cancelled, PreviewEvent, ResultEvent, StageEvent, StepEvent, run
+from promptmesh.backend.recipe import Recipe, resolve
+from promptmesh.shared.errors import BAD_REQUEST, PromptMeshError
 from promptmesh.shared.spec import JobSpec
 
 
@@ -26,6 +31,14 @@ def test_events_arrive_in_order(tiny_sd):
     assert previews[0].rgba.shape == (64, 64, 4) and previews[0].rgba.dtype == np.uint8
     assert isinstance(events[-1], ResultEvent) and events[-1].result is result
     assert result.metadata["faces"] == len(result.mesh.faces)
+
+
+def test_the_result_records_the_resolved_recipe(tiny_sd):
+    job = spec(tiny_sd, guidance_scale=7.5)
+    result = run(job)
+    recorded = Recipe.from_dict(json.loads(json.dumps(result.metadata["recipe"])))
+    assert recorded == resolve(StableDiffusionGuidance.recipe, job) == result.trainer.recipe
+    assert (recorded.schedule.steps, recorded.resolution, recorded.guidance_scale, recorded.mesh.resolution) == (6, 32, 7.5, 40)
 
 
 def test_cancel_stops_within_a_step(tiny_sd):
@@ -61,3 +74,22 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_sd, tmp_path
     assert resumed_steps == [5, 6]
     assert np.array_equal(resumed.mesh.vertices, full.mesh.vertices)
     assert not ckpt.exists()
+
+
+def test_resume_under_another_recipe_is_refused_naming_the_setting(tiny_sd, tmp_path, monkeypatch):
+    def with_steps(steps):
+        base = StableDiffusionGuidance.recipe
+        monkeypatch.setattr(StableDiffusionGuidance, "recipe", replace(base, schedule=replace(base.schedule, steps=steps)))
+
+    job = JobSpec(prompt="a blue sphere", model=str(tiny_sd), resolution=32, mesh_resolution=40)  # steps: the recipe's
+    ckpt = tmp_path / "job.ckpt.pt"
+    cancel = threading.Event()
+    with_steps(6)
+    with pytest.raises(Cancelled):
+        run(job, lambda e: isinstance(e, StepEvent) and e.step == 2 and cancel.set(), cancel=cancel,
+            checkpoint=ckpt, checkpoint_every=2)
+    with_steps(8)
+    with pytest.raises(PromptMeshError, match=r"was made with a different recipe \(schedule\.steps: 6 -> 8\)") as err:
+        run(job, checkpoint=ckpt, resume=True)
+    assert err.value.code == BAD_REQUEST
+    assert torch.load(ckpt, weights_only=False)["trainer"]["step"] == 2  # refused, left as it was

@@ -2,17 +2,16 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from promptmesh.backend.cameras import make_cameras
+from promptmesh.backend.cameras import make_cameras, view_word
 from promptmesh.backend.guidance import load_guidance
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
 from promptmesh.backend.prior import WEIGHTS_DIR
 from promptmesh.backend.prior.data import make_batch, render_primitives
-from promptmesh.backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer
-from promptmesh.backend.prior.shapes import PALETTE
+from promptmesh.backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer, camera_features
+from promptmesh.backend.prior.shapes import PALETTE, SHAPES
 
 
 def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
@@ -32,12 +31,27 @@ def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
     assert torch.allclose(image[:, 32, 32], torch.tensor(PALETTE["red"]), atol=0.02)
 
 
-def test_batches_are_deterministic_and_captioned():
-    a = make_batch(16, 32, torch.Generator().manual_seed(5))
-    b = make_batch(16, 32, torch.Generator().manual_seed(5))
+def test_batches_are_deterministic_and_captioned_like_sds_prompts():
+    recipe = EmbeddedGuidance.recipe
+    a = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
+    b = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
     assert torch.equal(a.images, b.images) and a.captions == b.captions
-    for caption in a.captions:
-        assert caption == "" or (caption.startswith("a ") and caption.endswith(" view"))
+    views = view_word(a.cameras.elevation, a.cameras.azimuth)
+    names = list(PALETTE)
+    for caption, view, shape, color in zip(a.captions, views, a.shape_ids.tolist(), a.color_ids.tolist(), strict=True):
+        assert caption in ("", f"a {names[color]} {SHAPES[shape]}, {view} view")
+    assert any(a.captions)
+
+
+def test_camera_features_map_the_recipe_ranges_to_unit_range():
+    ranges = EmbeddedGuidance.recipe.cameras
+    ends = lambda i: torch.tensor([float(ranges.distance[i]), float(ranges.fovy[i])])  # noqa: E731
+    lo, hi = ends(0), ends(1)
+    mid = (lo + hi) / 2
+    dist, fov = torch.stack([lo, mid, hi]).unbind(-1)
+    cams = make_cameras(torch.zeros(3), torch.zeros(3), dist, fov)
+    features = camera_features(cams, ranges)
+    assert torch.allclose(features[:, 4:], torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]), atol=1e-5)
 
 
 def test_tokenizer_maps_known_words_and_flags_unknown_ones():
@@ -59,7 +73,7 @@ def test_shipped_weights_load_through_the_real_loading_path():
     g = load_guidance("embedded")
     assert isinstance(g, EmbeddedGuidance)
     assert sum(p.numel() for p in g.prior.unet.parameters()) > 1e6
-    with pytest.raises(ValueError, match="dragon"):
+    with pytest.raises(UnknownWordsError, match="dragon"):
         g.embed_prompt("a dragon")
 
 
@@ -76,6 +90,7 @@ def test_samples_of_a_red_cube_are_mostly_red():
     assert red.float().mean() > 0.6
 
 
+@pytest.mark.slow
 def test_a_default_generation_with_the_embedded_prior_gives_the_prompted_shape_and_colour():
     """The whole default path, judged by geometry: a torus needs its hole, which the initial
     density blob does not have, so a run that only kept the blob fails here."""

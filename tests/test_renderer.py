@@ -102,25 +102,26 @@ def test_field_gradients_reach_the_grid_through_render():
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def instant_ngp_slot(x: int, y: int, z: int, table_size: int) -> int:
+    """Instant-NGP's spatial hash (Müller et al. 2022, eq. 4), in Python integers."""
+    return (x * 1 ^ y * 2654435761 ^ z * 805459861) % table_size
+
+
 def test_hashed_level_hits_its_table_at_nodes_and_interpolates_between():
     cfg = FieldConfig(levels=1, base_resolution=8, max_resolution=8, log2_table_size=9)  # 9^3 > 2^9: hashed
     enc = NeRFField(cfg).encoding
     assert len(enc.hashed) == 1 and not len(enc.dense)
     table = enc.hashed[0].data
     table.normal_()
-    nodes = torch.tensor([[1, 2, 3], [4, 4, 4], [7, 0, 5]])
-    x = nodes / 8 * 2 - 1
-    h = (nodes * enc.primes).unbind(-1)
-    expected = table[(h[0] ^ h[1] ^ h[2]) % table.shape[0]]
+    nodes = [(1, 2, 3), (4, 4, 4), (7, 0, 5)]
+    x = torch.tensor(nodes) / 8 * 2 - 1
+    expected = table[[instant_ngp_slot(*n, 512) for n in nodes]]
     assert torch.allclose(enc(x), expected, atol=1e-5)
     # halfway between two nodes along x, y or z: the mean of the two node features
-    for axis in range(3):
-        step = torch.zeros(3)
-        step[axis] = 1.0
-        a, b = nodes[0].float(), nodes[0].float() + step
-        mid = ((a + b) / 2) / 8 * 2 - 1
-        ha, hb = (a.long() * enc.primes).unbind(-1), (b.long() * enc.primes).unbind(-1)
-        fa, fb = table[(ha[0] ^ ha[1] ^ ha[2]) % 512], table[(hb[0] ^ hb[1] ^ hb[2]) % 512]
+    for step in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        a, b = nodes[0], tuple(i + j for i, j in zip(nodes[0], step, strict=True))
+        mid = (torch.tensor(a) + torch.tensor(b)) / 2 / 8 * 2 - 1
+        fa, fb = table[instant_ngp_slot(*a, 512)], table[instant_ngp_slot(*b, 512)]
         assert torch.allclose(enc(mid[None])[0], (fa + fb) / 2, atol=1e-5)
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -18,12 +16,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import ServerProcess, free_port, promptmesh, small_spec, wait_for
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.protocol import Message
-
-from helpers import ServerProcess, free_port, promptmesh, small_spec, wait_for
-
 
 
 @pytest.fixture()
@@ -41,7 +37,8 @@ def test_a_job_streams_progress_and_previews_then_its_result(server, tiny_sd):
         job = c.request("generate", spec=small_spec(tiny_sd, preview_every=1)).job
         events = wait_for(c, job)
         assert events[-1].type == "done", events[-1].fields
-        steps = [m.fields["step"] for m in events if m.type == "progress" and m.fields["stage"] == "optimising" and m.fields["total"]]
+        steps = [m.fields["step"] for m in events
+                 if m.type == "progress" and m.fields["stage"] == "optimising" and m.fields["total"]]
         assert steps == sorted(steps) and steps[-1] == 4
         previews = [m for m in events if m.type == "preview"]
         assert previews and previews[0].arrays["rgba"].shape == (previews[0].fields["h"], previews[0].fields["w"], 4)
@@ -78,7 +75,8 @@ def test_malformed_messages_are_answered_and_the_server_survives(server, tiny_sd
         lambda: [msgpack.packb({"v": 1, "type": "cancel", "id": "c"})],
         lambda: [msgpack.packb({"v": 1, "type": "result", "id": "c", "job": "../../etc/passwd"})],
         lambda: [valid[0], b"extra frame"],
-        lambda: [msgpack.packb({"v": 1, "type": "ping", "id": "p", "arrays": [{"name": "a", "dtype": "uint8", "shape": [2]}]}), b"xyz"],
+        lambda: [msgpack.packb({"v": 1, "type": "ping", "id": "p", "arrays": [{"name": "a", "dtype": "uint8", "shape": [2]}]}),
+                 b"xyz"],
         lambda: [msgpack.packb({"v": 1, "type": "ping", "id": "x" * 500})],
     ]
     sent = 0
@@ -129,6 +127,7 @@ def test_decode_turns_any_structured_garbage_into_protocol_errors(header, frames
         assert exc.code in (P.BAD_REQUEST, P.VERSION)
 
 
+@pytest.mark.slow
 def test_eight_clients_fifo_each_sees_only_its_own_job(server, tiny_sd):
     clients = [Client(server.endpoint) for _ in range(8)]
     try:
@@ -176,6 +175,7 @@ def test_cancel_running_and_queued(server, tiny_sd):
         assert c.request("ping").fields["busy"] is None
 
 
+@pytest.mark.slow
 def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, tiny_sd):
     data = tmp_path / "data"
     srv = ServerProcess(data)
@@ -200,11 +200,13 @@ def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, t
 
 
 def test_non_loopback_bind_needs_keys(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", "tcp://0.0.0.0:0", "--data-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", "tcp://0.0.0.0:0",
+                           "--data-dir", str(tmp_path)],
                           capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert proc.returncode == 2 and "CURVE" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_path):
     from promptmesh.backend.keys import generate
 
@@ -270,14 +272,18 @@ def test_cli_client_unreachable_server_fails_fast_with_one_line():
     assert time.monotonic() - t0 < 30
 
 
+def array(dtype: str, shape: list[int]) -> dict:
+    return {"name": "x", "dtype": dtype, "shape": shape}
+
+
 def test_messages_that_once_killed_the_server_get_error_replies_and_it_answers_ping(server):
     """A shape whose byte count overflows 64 bits, a 1,000-deep `v`, and text beside bytes keys."""
     deep: list = []
     for _ in range(1000):
         deep = [deep]
     killers = [
-        [msgpack.packb({"v": 1, "type": "ping", "id": "a", "arrays": [{"name": "x", "dtype": "uint8", "shape": [2**32, 2**32]}]}), b""],
-        [msgpack.packb({"v": 1, "type": "ping", "id": "b", "arrays": [{"name": "x", "dtype": "float32", "shape": [2**62, 4]}]}), b""],
+        [msgpack.packb({"v": 1, "type": "ping", "id": "a", "arrays": [array("uint8", [2**32, 2**32])]}), b""],
+        [msgpack.packb({"v": 1, "type": "ping", "id": "b", "arrays": [array("float32", [2**62, 4])]}), b""],
         [msgpack.packb({"v": deep, "type": "ping", "id": "c"})],
         [msgpack.packb({"v": 1, "type": deep, "id": "d"})],
         [msgpack.packb({"v": 1, "type": "status", "id": "e", "extra": 1, b"": 2}, use_bin_type=True)],
@@ -317,6 +323,7 @@ def test_an_invalid_request_is_answered_with_its_id_and_events_are_kept_for_poll
         assert events[-1].type == "error" and events[-1].fields["code"] == "MODEL"
 
 
+@pytest.mark.slow
 def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_consistent(server, tiny_sd):
     """One client submits 16 short jobs; three others send thousands of ping, status and cancel
     requests meanwhile. Every answer must be consistent with one serial history."""

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...shared.errors import MODEL, PromptMeshError
 from ..cameras import Cameras, view_word
-from ..field import FieldConfig
 from ..prompts import Cond, PromptEmbeddings, cat_cond
-from ..shading import ShadingConfig
+from ..recipe import Recipe
 
 
 class ModelLoadError(PromptMeshError):
@@ -21,26 +18,12 @@ class ModelLoadError(PromptMeshError):
     code = MODEL
 
 
-@dataclass(frozen=True)
-class GuidanceDefaults:
-    """Generation settings that suit a prior; a job spec overrides any of them."""
-
-    guidance_scale: float
-    steps: int
-    resolution: int
-    t_range: tuple[float, float] = (0.02, 0.98)
-    t_max_end: float = 0.98  # t_max anneals linearly to this over the run
-    shading: ShadingConfig = ShadingConfig()
-    background: str = "mlp"  # "mlp" or "white"
-    field_levels_start: int = 2  # hash-grid levels active at step 0 (coarse-to-fine)
-    field: FieldConfig = FieldConfig()  # the NeRF field: grid levels, density blob, bounding radius
-
-
 class Guidance(nn.Module):
     """A frozen diffusion prior. Subclasses map renders to its input space, encode text and
-    predict noise; `sds_grad` and `sds_loss` are the same for all of them."""
+    predict noise; `sds_grad` and `sds_loss` are the same for all of them. `recipe` holds the
+    generation settings that suit the prior."""
 
-    defaults: GuidanceDefaults
+    recipe: Recipe
     alphas_cumprod: torch.Tensor
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -54,7 +37,7 @@ class Guidance(nn.Module):
         raise NotImplementedError
 
     def check_prompt(self, text: str) -> None:
-        """Raise ValueError for a prompt this prior cannot represent (default: any is fine)."""
+        """Raise a PromptMeshError (BAD_REQUEST) for a prompt this prior cannot represent (default: any is fine)."""
 
     def embed_prompt(self, prompt: str, negative: str = "") -> PromptEmbeddings:
         for text in (prompt, negative):

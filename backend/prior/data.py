@@ -1,7 +1,8 @@
 """Procedural training data for the embedded prior: shaded coloured primitives with captions.
 
 Cameras, light, shading and background follow the NeRF pipeline exactly (cameras.py,
-shading.py, background.py), so the prior learns the images SDS will show it.
+shading.py, background.py) with the settings of the embedded prior's recipe, and captions
+are the view prompts SDS uses (prompts.py), so the prior learns the images SDS will show it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cameras import Cameras, CameraRanges, ray_bundle, sample_cameras, view_word
+from ..cameras import Cameras, ray_bundle, sample_cameras, view_word
+from ..prompts import view_prompt
+from ..recipe import Recipe
 from ..shading import ShadingConfig, lambertian
 from .shapes import PALETTE, SHAPES, sdf
 
@@ -26,10 +29,6 @@ class Batch:
     color_ids: torch.Tensor  # [B]
 
 
-def caption(color: str, shape: str, view: str) -> str:
-    return f"a {color} {shape}, {view} view"
-
-
 def render_primitives(
     shapes: list[str],
     colors: torch.Tensor,
@@ -43,7 +42,6 @@ def render_primitives(
     """Sphere-trace each primitive from its camera; returns [B, 3, size, size] images."""
     res = size * supersample
     origins, dirs = ray_bundle(cameras, res, res)  # [B, R, R, 3]
-    batch = len(shapes)
     t = torch.zeros(origins.shape[:-1])
     hit = torch.zeros_like(t, dtype=torch.bool)
     start = (cameras.distance - 1.0).clamp_min(0.0)[:, None, None]
@@ -73,20 +71,22 @@ def render_primitives(
     return torch.nn.functional.avg_pool2d(image, supersample) if supersample > 1 else image
 
 
-def make_batch(count: int, size: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()) -> Batch:
-    """Random primitives, colours and cameras; deterministic for a given generator state."""
+def make_batch(count: int, size: int, generator: torch.Generator, recipe: Recipe) -> Batch:
+    """Random primitives, colours and cameras drawn and lit as `recipe` draws and lights SDS views;
+    deterministic for a given generator state."""
     shape_ids = torch.randint(len(SHAPES), (count,), generator=generator)
     color_ids = torch.randint(len(PALETTE), (count,), generator=generator)
     palette = torch.tensor(list(PALETTE.values()))
     jitter = (torch.rand(count, 3, generator=generator) - 0.5) * 0.08
     colors = (palette[color_ids] + jitter).clamp(0, 1)
-    cameras = sample_cameras(count, generator, ranges)
+    cameras = sample_cameras(count, generator, recipe.cameras)
     shapes = [SHAPES[i] for i in shape_ids.tolist()]
-    images = render_primitives(shapes, colors, cameras, size)
+    images = render_primitives(shapes, colors, cameras, size, ambient=recipe.shading.ambient)
     names = list(PALETTE)
     views = view_word(cameras.elevation, cameras.azimuth)
     drop = torch.rand(count, generator=generator) < EMPTY_CAPTION_RATE
     captions = [
-        "" if d else caption(names[c], s, v) for d, c, s, v in zip(drop.tolist(), color_ids.tolist(), shapes, views)
+        "" if d else view_prompt(f"a {names[c]} {s}", v)
+        for d, c, s, v in zip(drop.tolist(), color_ids.tolist(), shapes, views, strict=True)
     ]
     return Batch(images, captions, cameras, shape_ids, color_ids)

@@ -64,7 +64,7 @@ def judge_mesh(mesh: Mesh) -> Verdict:
         if shape not in _REFERENCE:
             _REFERENCE[shape] = [_primitive_occupancy(shape, yaw, grid) for yaw in (YAWS if shape == "cube" else [0.0])]
         ious[shape] = max(float((occ & ref).sum() / max(1, (occ | ref).sum())) for ref in _REFERENCE[shape])
-    shape = max(ious, key=ious.get)
+    shape = max(ious, key=lambda name: ious[name])
     lab = rgb2lab(np.clip(mesh.colors.mean(0), 0, 1)[None, None])[0, 0]
     palette = {name: rgb2lab(np.array(rgb)[None, None])[0, 0] for name, rgb in PALETTE.items()}
     color = min(palette, key=lambda name: float(np.linalg.norm(palette[name] - lab)))

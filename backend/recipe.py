@@ -1,0 +1,130 @@
+"""One recipe per prior: every setting a generation run needs, as one frozen dataclass tree.
+
+Each guidance class declares its recipe (`Guidance.recipe`); `resolve` applies a job spec's
+overrides to it once, and the resolved recipe is what the trainer reads, what the result's
+metadata records and what a checkpoint must match to be resumed. `to_dict`/`from_dict`
+round-trip it through plain JSON data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar, get_type_hints
+
+from ..shared.spec import JobSpec
+from .cameras import CameraRanges
+from .field import FieldConfig
+from .renderer import RenderConfig
+from .shading import ShadingConfig
+
+T = TypeVar("T")
+_UNSET = object()  # a key one side of a comparison lacks
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the optimisation runs and how noise level and field detail move along it."""
+
+    steps: int
+    t_range: tuple[float, float] = (0.02, 0.98)  # diffusion timesteps sampled, as fractions of the schedule
+    t_max_end: float = 0.98  # t_max anneals linearly to this over the run
+    field_levels_start: int = 2  # hash-grid levels active at step 0 (coarse-to-fine)
+    coarse_to_fine_until: float = 0.5  # all hash-grid levels active by this fraction of the run
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """Learning rates, regularisers and the occupancy-grid refresh of the SDS loop."""
+
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    # Regularisers are summed over pixels like the SDS loss, so their weights do not depend
+    # on the resolution relative to it.
+    orientation_weight: float = 0.1
+    entropy_weight: float = 0.5  # opacity entropy, switched on after `entropy_from` of the run
+    entropy_from: float = 0.3
+    occupancy_every: int = 16  # steps between occupancy-grid updates
+    occupancy_warmup: int = 32  # steps before the grid is first measured and used
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Meshing of the final field; the defaults are the job spec's, so a default job changes nothing."""
+
+    resolution: int = JobSpec.mesh_resolution
+    max_faces: int | None = JobSpec.max_faces  # None: no decimation
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a generation run needs besides the prompt, seed and device."""
+
+    schedule: Schedule
+    guidance_scale: float  # classifier-free guidance scale of the SDS gradient
+    resolution: int  # side of the training renders, in pixels
+    optim: Optimisation = Optimisation()
+    field: FieldConfig = FieldConfig()
+    render: RenderConfig = RenderConfig()
+    cameras: CameraRanges = CameraRanges()
+    shading: ShadingConfig = ShadingConfig()
+    background: str = "mlp"  # "white" (fixed) or "mlp" (learnt from the ray direction)
+    mesh: MeshSettings = MeshSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (tuples become lists); `from_dict` rebuilds an equal recipe."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return _build(cls, data)
+
+    def changes_from(self, old: dict[str, Any]) -> list[str]:
+        """`dotted.path: old -> new` for every setting that differs from `old` (a `to_dict()`)."""
+        before, after = _leaves(old), _leaves(self.to_dict())
+        return [
+            f"{key}: {before.get(key, 'unset')} -> {after.get(key, 'unset')}"
+            for key in dict.fromkeys([*before, *after]) if before.get(key, _UNSET) != after.get(key, _UNSET)
+        ]
+
+
+def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
+    """The recipe a job runs with: the spec's settings replace the prior's where they are given."""
+
+    def pick(value: T | None, default: T) -> T:
+        return default if value is None else value
+
+    return replace(
+        recipe,
+        schedule=replace(recipe.schedule, steps=pick(spec.steps, recipe.schedule.steps)),
+        guidance_scale=pick(spec.guidance_scale, recipe.guidance_scale),
+        resolution=pick(spec.resolution, recipe.resolution),
+        mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces)),
+    )
+
+
+def _build(cls: Any, data: dict[str, Any]) -> Any:
+    """A dataclass from `to_dict` data: nested dataclasses rebuilt, lists back to tuples."""
+    hints = get_type_hints(cls)
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no setting(s) {', '.join(sorted(unknown))}")
+    return cls(**{name: _value(hints[name], value) for name, value in data.items()})
+
+
+def _value(hint: Any, value: Any) -> Any:
+    if isinstance(hint, type) and is_dataclass(hint):
+        return _build(hint, value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened to {"dotted.path": value}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

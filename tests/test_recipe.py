@@ -1,0 +1,52 @@
+"""Recipes: one per prior, reloaded exactly from plain data, a job spec's overrides applied once."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from promptmesh.backend.guidance.embedded import EmbeddedGuidance
+from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
+from promptmesh.backend.recipe import Recipe, resolve
+from promptmesh.shared.spec import JobSpec
+
+RECIPES = {"embedded": EmbeddedGuidance.recipe, "stable-diffusion": StableDiffusionGuidance.recipe}
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
+def test_a_recipe_saved_as_json_reloads_exactly(recipe):
+    data = json.loads(json.dumps(recipe.to_dict()))
+    again = Recipe.from_dict(data)
+    assert again == recipe  # lists are tuples again: (0.02, 0.98) != [0.02, 0.98]
+    assert hash(again) == hash(recipe)
+    assert again.to_dict() == data
+
+
+def test_unknown_settings_are_refused_by_name():
+    data = EmbeddedGuidance.recipe.to_dict()
+    data["schedule"]["warp"] = 2
+    with pytest.raises(ValueError, match="Schedule has no setting.* warp"):
+        Recipe.from_dict(data)
+
+
+def test_changes_are_named_by_dotted_path():
+    base = EmbeddedGuidance.recipe
+    changed = replace(base, schedule=replace(base.schedule, steps=600), background="mlp")
+    assert changed.changes_from(base.to_dict()) == ["schedule.steps: 1200 -> 600", "background: white -> mlp"]
+    assert base.changes_from(base.to_dict()) == []
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
+def test_a_spec_without_settings_keeps_the_recipe(recipe):
+    assert resolve(recipe, JobSpec("a red cube")) == recipe  # the mesh defaults are the spec's too
+
+
+def test_spec_settings_override_the_recipe():
+    base = EmbeddedGuidance.recipe
+    spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500)
+    assert resolve(base, spec).changes_from(base.to_dict()) == [
+        "schedule.steps: 1200 -> 7", "guidance_scale: 20.0 -> 3.5", "resolution: 32 -> 48",
+        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500",
+    ]
+    # zero is a setting, not a missing one
+    assert resolve(base, JobSpec("a red cube", guidance_scale=0.0)).guidance_scale == 0.0
