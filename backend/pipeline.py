@@ -88,17 +88,21 @@ def cached_guidance(model: str, device: str) -> Guidance:
     return load_guidance(model, device)
 
 
+class CheckpointMismatch(PromptMeshError):
+    """The checkpoint belongs to another job, or to this job under another recipe."""
+
+    code = BAD_REQUEST
+
+
 def _check_resumable(path: Path, state: dict, spec: JobSpec, recipe: Recipe) -> None:
     """Refuse a checkpoint of another job, or of this job under another recipe (the code changed)."""
     if state["meta"] != spec.to_dict():
-        raise PromptMeshError(f"checkpoint {path} belongs to a different job; delete it or drop --resume", BAD_REQUEST)
+        raise CheckpointMismatch(f"checkpoint {path} belongs to a different job; delete it or drop --resume")
     saved = state.get("recipe")
     changes = ["it records none"] if saved is None else recipe.changes_from(saved)
     if changes:
-        raise PromptMeshError(
-            f"checkpoint {path} was made with a different recipe ({'; '.join(changes)}); delete it or drop --resume",
-            BAD_REQUEST,
-        )
+        raise CheckpointMismatch(
+            f"checkpoint {path} was made with a different recipe ({'; '.join(changes)}); delete it or drop --resume")
 
 
 def run(
@@ -123,6 +127,7 @@ def run(
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         _check_resumable(checkpoint, state, spec, recipe)
         trainer.load_state_dict(state["trainer"])
+    resumed_from = trainer.step
     timings["load_seconds"] = time.perf_counter() - t0
 
     on_event(StageEvent("optimising"))
@@ -153,6 +158,7 @@ def run(
         "steps": steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
+        "resumed_from_step": resumed_from,
     }
     result = Result(mesh, metadata, trainer)
     on_event(StageEvent("done"))

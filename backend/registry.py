@@ -28,10 +28,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     error_code TEXT,
     error TEXT,
-    meta TEXT
+    meta TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
+COLUMNS = "id, seq, state, spec, created, started, finished, error_code, error, meta, owner"
+SELECT = f"SELECT {COLUMNS} FROM jobs"
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Job:
     error_code: str | None
     error: str | None
     meta: dict[str, Any] | None
+    owner: str | None  # the submitting client's CURVE public key (Z85); None without keys
 
     def summary(self) -> dict[str, Any]:
         """What `status` tells of the job: small, so that a page of them fits one header."""
@@ -70,6 +74,8 @@ class Registry:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            if "owner" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a registry from 0.1
+                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         except sqlite3.Error as exc:
             raise PromptMeshError(f"cannot open the job registry {path}: {exc} (is the data directory writable?)",
                                   DISK) from None
@@ -95,21 +101,21 @@ class Registry:
             )
         return rows
 
-    def add(self, spec: JobSpec) -> Job:
+    def add(self, spec: JobSpec, owner: str | None = None) -> Job:
         job_id = new_job_id()
         self.files(job_id).folder.mkdir(parents=True, exist_ok=True)  # first: a row always has its folder
         with self._lock:
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             self._db.execute(
-                "INSERT INTO jobs (id, seq, state, spec, created) VALUES (?, ?, 'queued', ?, ?)",
-                (job_id, seq, json.dumps(spec.to_dict()), time.time()),
+                "INSERT INTO jobs (id, seq, state, spec, created, owner) VALUES (?, ?, 'queued', ?, ?, ?)",
+                (job_id, seq, json.dumps(spec.to_dict()), time.time(), owner),
             )
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
         return _job(row)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
     def overview(self, limit: int) -> tuple[list[Job], int]:
@@ -117,15 +123,20 @@ class Registry:
         recently created others; and how many jobs there are in all."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs ORDER BY state IN ('running', 'queued') DESC, "
+                f"{SELECT} ORDER BY state IN ('running', 'queued') DESC, "
                 "CASE WHEN state IN ('running', 'queued') THEN seq ELSE -seq END LIMIT ?", (limit,)).fetchall()
             total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         return [_job(r) for r in rows], total
 
     def queued(self) -> list[Job]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq").fetchall()
+            rows = self._db.execute(f"{SELECT} WHERE state = 'queued' ORDER BY seq").fetchall()
         return [_job(r) for r in rows]
+
+    def requeue(self, job_id: str) -> None:
+        """A running job back to the queue, in its old place (its sequence number)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state='queued', started=NULL WHERE id=? AND state='running'", (job_id,))
 
     def set_state(self, job_id: str, state: str, *, error_code: str | None = None, error: str | None = None,
                   meta: dict[str, Any] | None = None) -> None:
@@ -148,6 +159,6 @@ class Registry:
 
 
 def _job(row: tuple) -> Job:
-    id_, seq, state, spec, created, started, finished, code, error, meta = row
+    id_, seq, state, spec, created, started, finished, code, error, meta, owner = row
     return Job(id_, seq, state, JobSpec(**json.loads(spec)), created, started, finished, code, error,
-               json.loads(meta) if meta else None)
+               json.loads(meta) if meta else None, owner)

@@ -30,11 +30,23 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.client import is_loopback
-from ..shared.errors import BAD_REQUEST, BUSY, CANCELLED, DISK, INTERNAL, NOT_FOUND, QUEUE_FULL, PromptMeshError
+from ..shared.errors import (
+    BAD_REQUEST,
+    BUSY,
+    CANCELLED,
+    DISK,
+    FORBIDDEN,
+    INTERNAL,
+    NOT_FOUND,
+    QUEUE_FULL,
+    PromptMeshError,
+)
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
 from . import __version__
 from .executor import Executor, InProcessExecutor
+from .keys import admin_keys
+from .models import Offer
 from .registry import Job, Registry
 
 log = logging.getLogger("promptmesh.server")
@@ -49,6 +61,7 @@ SNDHWM = 16  # messages ZeroMQ queues for one client (results are big: this boun
 MAX_OUTBOX_BYTES = 32 << 20
 RETRY_MS = 50  # how soon the outboxes are retried while one is not empty
 SUPERSEDED = ("progress", "preview")  # dropped for a client that does not keep up: a newer one follows
+MAX_KNOWN_CLIENTS = 10_000  # connections whose CURVE key is remembered
 STATUS_LIMIT = 100  # jobs in a `status` reply unless the client asks for another number (1..500)
 BURST = 100  # requests handled before the loop looks at the executor's events again
 STOP = b"stop"  # the control frame `stop()` sends on the events socket
@@ -57,10 +70,12 @@ TERMINAL = ("done", "error")
 
 class Server:
     def __init__(self, bind: str, data_dir: Path, device: str = "auto", curve_dir: Path | None = None,
-                 executor: Executor | None = None, max_queue: int = 100, max_queue_per_client: int = 20) -> None:
+                 executor: Executor | None = None, max_queue: int = 100, max_queue_per_client: int = 20,
+                 offer: Offer | None = None) -> None:
         if not is_loopback(bind) and curve_dir is None:
             raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
         self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
+        self.offer = offer or Offer()  # the catalogue's aliases only
         self.executor = executor or InProcessExecutor(device)
         self.registry = Registry(data_dir)
         for job in self.registry.recover():
@@ -88,6 +103,8 @@ class Server:
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
         self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
         self.outbox: dict[bytes, deque[tuple[str, list[bytes]]]] = {}  # client -> what its pipe had no room for
+        self.keys: dict[bytes, str] = {}  # client -> its CURVE public key (Z85), with keys only
+        self.admins = admin_keys(Path(curve_dir)) if curve_dir is not None else set()
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "hello": self._on_hello, "ping": self._on_ping, "generate": self._on_generate,
             "cancel": self._on_cancel, "status": self._on_status, "result": self._on_result,
@@ -125,10 +142,12 @@ class Server:
                 if self.socket in ready:
                     for _ in range(BURST):
                         try:
-                            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        if self.auth is not None and len(frames) > 1:  # who it is, as CURVE proved it
+                            self._remember_key(frames[0].bytes, str(frames[1].get("User-Id")))
+                        self._handle([f.bytes for f in frames])
                 if self.outbox:
                     self._flush_outboxes()
         finally:
@@ -145,7 +164,13 @@ class Server:
         socket.close()
 
     def close(self) -> None:
-        """Stop the executor (a running job is marked failed at the next start), close everything."""
+        """Put the running jobs back in the queue (the next start resumes them from their
+        checkpoints), stop the executor and close everything. (After a crash they read failed.)"""
+        for job in self.running:
+            try:
+                self.registry.requeue(job)
+            except (sqlite3.Error, OSError) as exc:
+                log.error("cannot put job %s back in the queue: %s", job, exc)
         self.executor.close()
         if self.auth is not None:
             self.auth.stop()
@@ -155,6 +180,11 @@ class Server:
         self.registry.close()
 
     # ---- requests ------------------------------------------------------------------------
+    def _remember_key(self, client: bytes, key: str) -> None:
+        if client not in self.keys and len(self.keys) >= MAX_KNOWN_CLIENTS:
+            del self.keys[next(iter(self.keys))]  # the oldest connection: long gone by now
+        self.keys[client] = key
+
     def _send(self, client: bytes, msg: Message) -> None:
         self._socket_send(client, P.encode(msg), msg.type)
 
@@ -224,7 +254,8 @@ class Server:
 
     def _on_hello(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("welcome", msg.id, fields={
-            "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self.device_name}))
+            "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self.device_name,
+            "models": self.offer.names()}))
 
     def _on_ping(self, client: bytes, msg: Message) -> None:
         busy = min(self.running, key=self._seq) if self.running else None
@@ -237,7 +268,9 @@ class Server:
         if sum(self.owners.get(job) == client for job in self.pending) >= self.max_queue_per_client:
             raise PromptMeshError(f"you have {self.max_queue_per_client} jobs waiting, the most one client may queue: "
                                   "wait for one to start, or cancel one", QUEUE_FULL)
-        job = self.registry.add(msg.fields["spec"])
+        spec = msg.fields["spec"]
+        spec.model = self.offer.resolve(spec.model)  # only what this server offers; never a client's path
+        job = self.registry.add(spec, owner=self.keys.get(client))
         self.owners[job.id] = client
         self.pending.append(job.id)
         self._send(client, Message("accepted", msg.id, job.id, {"position": self._position(job.id)}))
@@ -245,6 +278,10 @@ class Server:
 
     def _on_cancel(self, client: bytes, msg: Message) -> None:
         job = self._job(msg)
+        key = self.keys.get(client)
+        if job.owner is not None and key != job.owner and key not in self.admins:
+            raise PromptMeshError(f"job {job.id} was submitted with another key: only that key or an admin key "
+                                  "(in the server's admins/ folder) may cancel it", FORBIDDEN)
         if job.id in self.pending:
             self.pending.remove(job.id)
             self.registry.set_state(job.id, "cancelled", error_code=CANCELLED, error="cancelled while queued")

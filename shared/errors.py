@@ -18,6 +18,7 @@ MESH = "MESH"  # the optimisation gave no usable surface
 OOM = "OOM"  # out of memory
 DISK = "DISK"  # the result could not be written (disk full, read-only, permissions)
 CANCELLED = "CANCELLED"  # cancelled by a client
+FORBIDDEN = "FORBIDDEN"  # the job belongs to another client key
 BUSY = "BUSY"  # a result is still on its way to this client: read it first
 QUEUE_FULL = "QUEUE_FULL"  # the server's queue, or this client's share of it, is full
 UNREACHABLE = "UNREACHABLE"  # the server did not answer (client side only)

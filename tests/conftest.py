@@ -19,7 +19,8 @@ os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="promptm
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+    """In a models folder of its own, so that a test server can offer it (`--models-dir`) by name."""
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,10 @@ def free_port() -> int:
 class ServerProcess:
     """`promptmesh serve` on a loopback port, started and ready (it answers hello)."""
 
-    def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = (), models: Path | None = None,
+                 server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None) -> None:
+        if models is not None:
+            extra = ("--models-dir", str(models), *extra)
         self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
         self.data_dir = data_dir
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -55,7 +58,7 @@ class ServerProcess:
              "--device", "cpu", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
-        with Client(self.endpoint) as c:
+        with Client(self.endpoint, server_key=server_key, client_keys=client_keys) as c:
             deadline = time.monotonic() + 60
             while True:
                 try:
@@ -73,10 +76,18 @@ class ServerProcess:
 
 
 def small_spec(model: Path, prompt: str = "a red cube", **kw) -> dict:
-    """A job of a few steps at 16 px with the tiny Stable Diffusion: seconds on a CPU."""
-    spec = {"prompt": prompt, "model": str(model), "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
+    """A job of a few steps at 16 px with the tiny Stable Diffusion (offered by its folder name
+    from a server's models folder): seconds on a CPU."""
+    spec = {"prompt": prompt, "model": model.name, "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
     spec.update(kw)
     return spec
+
+
+def running_and_queued(client: Client, model: Path) -> tuple[str, str]:
+    """Two jobs: a long one optimising, and a short one queued behind it."""
+    running = client.request("generate", spec=small_spec(model, steps=5000)).job
+    wait_for(client, running, until=("progress",))
+    return running, client.request("generate", spec=small_spec(model)).job
 
 
 def wait_for(client: Client, job: str, until: tuple[str, ...] = ("done", "error"), timeout: float = 180) -> list[Message]:

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from helpers import IN_CI, ServerProcess, promptmesh, small_spec, wait_for
+from helpers import IN_CI, ServerProcess, promptmesh, running_and_queued, small_spec, wait_for
 from promptmesh.backend.cli import printable
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
+from promptmesh.shared.errors import PromptMeshError
 from promptmesh.shared.protocol import Message
 from promptmesh.shared.spec import JobSpec, SpecError
 
@@ -56,7 +57,7 @@ def test_keys_are_not_overwritten_secret_is_private_and_a_public_key_is_refused_
 
 
 def test_queue_limits_per_client_and_in_all_give_queue_full(tmp_path, tiny_sd):
-    srv = ServerProcess(tmp_path / "data", extra=("--max-queue", "3", "--max-queue-per-client", "2"))
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, extra=("--max-queue", "3", "--max-queue-per-client", "2"))
     try:
         with Client(srv.endpoint) as a, Client(srv.endpoint) as b:
             running = a.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
@@ -82,12 +83,10 @@ def test_status_of_hundreds_of_jobs_fits_the_header_limit_live_jobs_first(tmp_pa
         job = registry.add(JobSpec(prompt=f"an old job {i} " + "x" * 980)).id
         registry.set_state(job, "done", meta={})
     registry.close()
-    srv = ServerProcess(tmp_path / "data")
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     try:
         with Client(srv.endpoint) as c:
-            running = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
-            wait_for(c, running, until=("progress",))
-            queued = c.request("generate", spec=small_spec(tiny_sd)).job
+            running, queued = running_and_queued(c, tiny_sd)
             reply = c.request("status", limit=500)  # decoded by the client: under its header limit
             summaries = reply.fields["jobs"]
             assert reply.fields["total"] == 302 and 50 <= len(summaries) < 302
@@ -126,7 +125,7 @@ def fill(folder: Path, leave: int) -> Path:
 
 @pytest.mark.slow
 def test_a_full_disk_fails_the_job_with_disk_and_the_server_goes_on(tmpfs, tiny_sd):
-    srv = ServerProcess(tmpfs / "data")
+    srv = ServerProcess(tmpfs / "data", models=tiny_sd.parent)
     try:
         with Client(srv.endpoint) as c:
             filler = fill(tmpfs, leave=48 * 1024)
@@ -157,12 +156,10 @@ def test_a_read_only_data_dir_is_one_clear_line_and_exit_2(tmpfs):
 
 
 def test_a_cancelled_jobs_folder_is_removed(tmp_path, tiny_sd):
-    srv = ServerProcess(tmp_path / "data")
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     try:
         with Client(srv.endpoint) as c:
-            running = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
-            wait_for(c, running, until=("progress",))
-            queued = c.request("generate", spec=small_spec(tiny_sd)).job
+            running, queued = running_and_queued(c, tiny_sd)
             for job in (queued, running):
                 c.send("cancel", job)
                 assert wait_for(c, job, timeout=60)[-1].fields["code"] == P.CANCELLED
@@ -173,8 +170,8 @@ def test_a_cancelled_jobs_folder_is_removed(tmp_path, tiny_sd):
 
 
 @pytest.fixture()
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "data")
+def server(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     yield srv
     srv.stop(signal.SIGINT)
 
@@ -248,7 +245,7 @@ def test_a_client_that_reads_late_still_gets_its_done(server, tiny_sd):
 def test_submit_wait_learns_its_jobs_outcome_after_the_server_restarts(tmp_path, tiny_sd):
     """The job is queued when the server is killed; the restarted server runs it, not knowing who
     waits: `submit --wait` asks `status` after a silence and ends with the real outcome."""
-    srv = ServerProcess(tmp_path / "data")
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     out = tmp_path / "b.ply"
     with Client(srv.endpoint) as c:
         blocker = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
@@ -256,7 +253,7 @@ def test_submit_wait_learns_its_jobs_outcome_after_the_server_restarts(tmp_path,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     waiting = subprocess.Popen(
         [sys.executable, "-m", "promptmesh.backend.cli", "submit", "a red cube", "--endpoint", srv.endpoint, "--model",
-         str(tiny_sd), "--steps", "3", "--resolution", "16", "--mesh-resolution", "32", "--wait", "-o", str(out)],
+         tiny_sd.name, "--steps", "3", "--resolution", "16", "--mesh-resolution", "32", "--wait", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -267,7 +264,7 @@ def test_submit_wait_learns_its_jobs_outcome_after_the_server_restarts(tmp_path,
             assert time.monotonic() < deadline
             time.sleep(0.2)
         srv.stop(signal.SIGKILL)
-        srv = ServerProcess(tmp_path / "data", bind=srv.endpoint)
+        srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, bind=srv.endpoint)
         stdout, stderr = waiting.communicate(timeout=120)
         assert waiting.returncode == 0, stderr
         assert out.is_file() and out.stat().st_size > 0
@@ -276,4 +273,91 @@ def test_submit_wait_learns_its_jobs_outcome_after_the_server_restarts(tmp_path,
         assert states[blocker] == "failed" and states[stdout.strip()] == "done"
     finally:
         waiting.kill()
+        srv.stop(signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_with_keys_only_the_owner_or_an_admin_may_cancel_a_job(tmp_path, tiny_sd):
+    from promptmesh.backend.keys import generate, load_public, load_secret_pair
+
+    keys = tmp_path / "keys"
+    generate(keys, "server")
+    for folder in ("authorized", "admins"):
+        (keys / folder).mkdir()
+    pairs = {}
+    for name in ("anna", "ben", "boss"):
+        public, secret = generate(tmp_path / name, name)
+        (keys / "authorized" / public.name).write_bytes(public.read_bytes())
+        pairs[name] = load_secret_pair(secret)
+    (keys / "admins" / "boss.key").write_bytes((tmp_path / "boss" / "boss.key").read_bytes())
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, extra=("--keys", str(keys)),
+                        server_key=load_public(keys / "server.key"), client_keys=pairs["anna"])
+    server_key = load_public(keys / "server.key")
+    clients = {name: Client(srv.endpoint, server_key=server_key, client_keys=pair) for name, pair in pairs.items()}
+    try:
+        for c in clients.values():
+            c.hello(timeout=10)
+        first, second = running_and_queued(clients["anna"], tiny_sd)
+        with pytest.raises(ClientError, match="another key") as info:
+            clients["ben"].request("cancel", first)
+        assert info.value.code == "FORBIDDEN"
+        assert clients["ben"].request("status", first).fields["jobs"][0]["state"] == "running"  # readable by all
+        with pytest.raises(ClientError) as cancelled:  # a queued job's cancellation is the answer itself
+            clients["anna"].request("cancel", second)
+        assert cancelled.value.code == P.CANCELLED
+        clients["boss"].send("cancel", first)
+        assert wait_for(clients["anna"], first, timeout=60)[-1].fields["code"] == P.CANCELLED
+    finally:
+        for c in clients.values():
+            c.close()
+        srv.stop(signal.SIGINT)
+
+
+def test_clients_may_name_only_the_models_the_server_offers(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        offered = c.hello().fields["models"]
+        assert {"embedded", "sd21", "sd15", "tiny-sd"} <= set(offered)
+        for probe in ("/root", str(tiny_sd), "../models/tiny-sd", "..", "someone/any-repo"):
+            with pytest.raises(ClientError, match="does not offer") as info:
+                c.request("generate", spec={**small_spec(tiny_sd), "model": probe})
+            assert info.value.code == P.BAD_REQUEST
+            assert "tokenizer" not in str(info.value) and "exist" not in str(info.value)  # nothing about files
+        job = c.request("generate", spec=small_spec(tiny_sd)).job  # by its folder's name
+        assert wait_for(c, job)[-1].type == "done"
+
+
+def test_an_offer_resolves_aliases_folders_and_allowed_ids_and_nothing_else(tmp_path):
+    from promptmesh.backend.models import Offer
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    offer = Offer(tmp_path, ("someone/their-model",))
+    assert offer.resolve("sd21") == "sd21" and offer.resolve("mine") == str(tmp_path / "mine")
+    assert offer.resolve("someone/their-model") == "someone/their-model"
+    assert offer.names() == ["embedded", "sd21", "sd15", "mine", "someone/their-model"]
+    for name in ("notes.txt", "missing", "", ".", str(tmp_path / "mine"), "someone/other"):
+        with pytest.raises(PromptMeshError, match="does not offer"):
+            offer.resolve(name)
+
+
+@pytest.mark.slow
+def test_a_job_running_when_the_server_is_stopped_resumes_from_its_checkpoint_after_a_restart(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    with Client(srv.endpoint) as c:
+        job = c.request("generate", spec=small_spec(tiny_sd, steps=160)).job
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "data" / "jobs" / job / "checkpoint.pt").is_file():  # written every 100 steps
+            assert time.monotonic() < deadline
+            c.poll(0.2)
+    srv.stop(signal.SIGINT)  # a clean stop, e.g. for an upgrade
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, bind=srv.endpoint)
+    try:
+        with Client(srv.endpoint) as c:
+            deadline = time.monotonic() + 120
+            while (state := c.request("status", job).fields["jobs"][0])["state"] != "done":
+                assert state["state"] in ("queued", "running") and time.monotonic() < deadline, state
+                time.sleep(0.5)
+            meta = c.request("result", job, timeout=30).fields["meta"]
+        assert meta["resumed_from_step"] >= 100 and meta["steps"] == 160
+    finally:
         srv.stop(signal.SIGINT)

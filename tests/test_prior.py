@@ -65,7 +65,7 @@ def test_tokenizer_maps_known_words_and_flags_unknown_ones():
         prior.check_prompt("a shiny red dragon")
     message = str(err.value)
     assert "'shiny'" in message and "'dragon'" in message and "cube" in message
-    assert "stable-diffusion-2-1-base" in message
+    assert "--model sd21" in message  # the catalogue alias, never a dead Hub id
 
 
 def test_shipped_weights_load_through_the_real_loading_path():

