@@ -111,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 iio.imwrite(tmp, event.rgba)
 
     checkpoint = out.with_name(out.stem + ".ckpt.pt")
-    result = run(spec, on_event, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    result = run(spec, on_event, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                 threads=args.threads)
     write_mesh(result.mesh, out, fmt)
     meta = {**result.metadata, "file": out.name, "format": fmt}
     if args.video:
@@ -158,11 +159,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     _quiet_libraries()
+    from .executor import InProcessExecutor
     from .models import Offer
     from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = Server(args.bind, Path(args.data_dir), device=args.device, curve_dir=Path(args.keys) if args.keys else None,
+    executor = InProcessExecutor(args.device, threads=args.threads)
+    server = Server(args.bind, Path(args.data_dir), executor=executor, curve_dir=Path(args.keys) if args.keys else None,
                     max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
                     offer=Offer(Path(args.models_dir) if args.models_dir else None, tuple(args.allow_model)))
     print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
@@ -371,6 +374,19 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
 
 
+def threads(value: str) -> int | str:
+    """--threads: "auto" or a positive count."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number of threads, got {value!r}")
+    return int(value)
+
+
+THREADS_HELP = ("CPU threads: 'auto' (default) uses every core while the machine is quiet and one when "
+                "another process competes for them; a number fixes it (seeded runs repeat exactly at a fixed count)")
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     p.add_argument("--server-key", help="the server's public key file (CURVE)")
@@ -397,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
     g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (OUT.ckpt.pt)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
+    g.add_argument("--threads", type=threads, default="auto", help=THREADS_HELP)
     g.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="run the job server")
@@ -404,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", default="promptmesh-data")
     srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     srv.add_argument("--keys", help="folder with server.key_secret and authorized/ (required off loopback)")
+    srv.add_argument("--threads", type=threads, default="auto", help=THREADS_HELP)
     srv.add_argument("--models-dir", help="offer each subfolder here to clients, by its folder name")
     srv.add_argument("--allow-model", action="append", default=[], metavar="HUB_ID",
                      help="also offer this Hub id (repeatable); clients may name only offered models")

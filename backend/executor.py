@@ -58,8 +58,8 @@ class InProcessExecutor:
 
     slots = 1
 
-    def __init__(self, device: str = "auto") -> None:
-        self.device = device
+    def __init__(self, device: str = "auto", threads: int | str | None = "auto") -> None:
+        self.device, self.threads = device, threads
         self.device_name = device_name(device)  # fails fast when CUDA is asked for but absent
         self._jobs: queue.Queue[tuple[str, JobSpec, JobFiles, threading.Event] | None] = queue.Queue()
         self._running: tuple[str, threading.Event] | None = None  # the loop thread's view: set by submit
@@ -96,13 +96,14 @@ class InProcessExecutor:
         try:
             while (item := self._jobs.get()) is not None:
                 job, spec, files, cancel = item
-                socket.send_multipart(run_job(job, spec, files, cancel, socket.send_multipart, self._stopping))
+                socket.send_multipart(run_job(job, spec, files, cancel, socket.send_multipart, self._stopping,
+                                              self.threads))
         finally:
             socket.close()
 
 
 def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, send: Callable[[list[bytes]], Any],
-            stopping: threading.Event) -> list[bytes]:
+            stopping: threading.Event, threads: int | str | None = "auto") -> list[bytes]:
     """Run one job (from its checkpoint, if an earlier server stopped it), sending its progress
     and previews through `send`, write its result files, and return the frames of its terminal
     event (done, or error with a code). Stopped by `stopping`, it keeps its checkpoint."""
@@ -120,11 +121,11 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
 
     try:
         try:
-            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True, threads=threads)
         except CheckpointMismatch as exc:  # made before an upgrade changed the recipe: start afresh
             log.warning("job %s starts afresh: %s", job, exc)
             files.checkpoint.unlink(missing_ok=True)
-            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads)
         write_mesh(result.mesh, files.glb)
         write_mesh(result.mesh, files.ply)
         write_npz(result.mesh, files.mesh)

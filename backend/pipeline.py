@@ -25,6 +25,7 @@ from . import __version__
 from .guidance import Guidance, load_guidance
 from .mesh import extract_mesh
 from .recipe import Recipe, resolve
+from .threads import FixedThreads, ThreadTuner
 from .trainer import Trainer
 
 
@@ -105,6 +106,15 @@ def _check_resumable(path: Path, state: dict, spec: JobSpec, recipe: Recipe) -> 
             f"checkpoint {path} was made with a different recipe ({'; '.join(changes)}); delete it or drop --resume")
 
 
+def thread_setting(threads: int | str | None, device: torch.device) -> ThreadTuner | FixedThreads:
+    """What sets torch's CPU threads during the optimisation (nothing to tune on a GPU)."""
+    if threads == "auto" and device.type == "cpu":
+        return ThreadTuner()
+    if isinstance(threads, int):
+        torch.set_num_threads(threads)
+    return FixedThreads()
+
+
 def run(
     spec: JobSpec,
     on_event: Callable[[Event], None] = lambda e: None,
@@ -112,8 +122,11 @@ def run(
     checkpoint: Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    threads: int | str | None = None,
 ) -> Result:
-    """Optimise a NeRF for `spec.prompt` and extract its mesh."""
+    """Optimise a NeRF for `spec.prompt` and extract its mesh. `threads`: a CPU thread count,
+    "auto" (chosen from step times as the machine's load changes: backend/threads.py) or None
+    (torch's setting as it is). Seeded runs repeat exactly at a fixed count."""
     spec.validate()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -130,13 +143,16 @@ def run(
     resumed_from = trainer.step
     timings["load_seconds"] = time.perf_counter() - t0
 
+    tuner = thread_setting(threads, device)
     on_event(StageEvent("optimising"))
     t1 = time.perf_counter()
     steps = recipe.schedule.steps
     while trainer.step < steps:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the job was cancelled")
+        started = time.perf_counter()
         loss = trainer.train_step()
+        tuner.step(time.perf_counter() - started)
         on_event(StepEvent(trainer.step, steps, loss, time.perf_counter() - t1))
         if spec.preview_every and trainer.step % spec.preview_every == 0:
             on_event(PreviewEvent(trainer.step, trainer.preview()))
@@ -158,7 +174,7 @@ def run(
         "steps": steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": resumed_from, "threads": torch.get_num_threads(),
     }
     result = Result(mesh, metadata, trainer)
     on_event(StageEvent("done"))
