@@ -53,6 +53,10 @@ class PROMPTMESH_OT_generate(bpy.types.Operator):
         if not context.scene.promptmesh.prompt.strip():
             cls.poll_message_set("Type a prompt first, e.g. 'a red cube'")
             return False
+        problem = session.prompt_problem(context.scene.promptmesh)
+        if problem:
+            cls.poll_message_set(problem)
+            return False
         return True
 
     def execute(self, context):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import bpy
@@ -14,6 +15,13 @@ from .properties import CONNECTION, JOB_STATES
 CONNECTION_ICONS: dict[str, Any] = {c[0]: c[3] for c in CONNECTION}
 CONNECTION_NAMES = {c[0]: c[1] for c in CONNECTION}
 STATE_ICONS: dict[str, Any] = {s[0]: s[3] for s in JOB_STATES}
+
+
+def wrapped(layout: Any, text: str, context: Any, icon: str = "NONE") -> None:
+    """`text` as labels that fit the sidebar's width (a long label is cut off, not wrapped)."""
+    width = max(20, int(context.region.width / 7) - 4) if context.region else 40
+    for i, line in enumerate(textwrap.wrap(text, width) or [""]):
+        layout.label(text=line, icon=icon if i == 0 else "BLANK1")
 
 
 class PromptMeshPanel(bpy.types.Panel):
@@ -35,6 +43,11 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         row.label(text=badge, icon=CONNECTION_ICONS[st.connection])
         row.operator("promptmesh.connect", text="", icon="FILE_REFRESH")
         layout.prop(settings, "prompt", text="")
+        problem = session.prompt_problem(settings)
+        if problem:  # said under the field, before anything is sent
+            col = layout.column(align=True)
+            col.alert = True
+            wrapped(col, problem, context, icon="ERROR")
         layout.prop(settings, "negative")
         row = layout.row(align=True)
         row.prop(settings, "seed")
@@ -45,14 +58,16 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         row.operator("promptmesh.cancel", text="", icon="CANCEL")
         active = st.job(st.active_job)
         if active is not None and active.state not in ("DONE", "FAILED", "CANCELLED"):
-            text = f"{st.stage} {active.step}/{active.total}" if active.total else st.stage
+            text = f"{st.stage} {active.step}/{active.total}" if active.total and st.stage == "optimising" else st.stage
             layout.progress(factor=st.progress, type="BAR", text=text)
+            if st.eta:
+                layout.label(text=st.eta, icon="TIME")
         if st.preview_step and session.preview().icon_id:
             layout.template_icon(icon_value=session.preview().icon_id, scale=8.0)
         if st.status:
             box = layout.box()
             box.alert = st.status_is_error
-            box.label(text=st.status, icon="ERROR" if st.status_is_error else "INFO")
+            wrapped(box.column(align=True), st.status, context, icon="ERROR" if st.status_is_error else "INFO")
 
 
 class PROMPTMESH_PT_advanced(PromptMeshPanel):

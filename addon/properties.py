@@ -84,6 +84,8 @@ class PROMPTMESH_PG_state(bpy.types.PropertyGroup):
     status_is_error: BoolProperty()
     stage: StringProperty(name="Stage")
     progress: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")
+    stage_started: FloatProperty(description="time.monotonic() when the active job's stage began")
+    eta: StringProperty(description="Elapsed and remaining time of the active job's optimisation")
     active_job: StringProperty()
     preview_step: IntProperty()
     backend_log: StringProperty(description="The last lines of the backend's log when it failed to start")

@@ -23,6 +23,7 @@ from .shared.client import Client, is_loopback
 from .shared.errors import BUSY, PromptMeshError
 from .shared.protocol import Message
 from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
+from .shared.spec import unknown_words
 
 BUDGET_S = 0.004
 FAST_S = 0.05
@@ -55,6 +56,23 @@ class Session:
 
 _session: Session | None = None
 _previews: Any = None
+_vocabularies: dict[str, set[str]] = {}  # model -> the words a closed-vocabulary prior knows (from welcome)
+
+# Where each stage sits on the progress bar, so that meshing and fetching move it too.
+STAGE_SPANS = {"loading": (0.0, 0.02), "optimising": (0.02, 0.92), "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
+# Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
+REFUSALS = {P.BAD_REQUEST, "MODEL", "QUEUE_FULL", "FORBIDDEN", P.NOT_FOUND, "MESH"}
+
+
+def prompt_problem(settings: Any) -> str | None:
+    """A short reason why the backend's prior cannot take the prompt, known before sending."""
+    vocabulary = _vocabularies.get(settings.model.strip())
+    if vocabulary is None:
+        return None
+    unknown = unknown_words(f"{settings.prompt} {settings.negative}", vocabulary)
+    if not unknown:
+        return None
+    return f"The {settings.model.strip()} prior does not know: {', '.join(unknown[:6])}"
 
 
 def session() -> Session | None:
@@ -132,6 +150,7 @@ def connect(context: Any) -> Session | None:
 
 def disconnect() -> None:
     global _session
+    _vocabularies.clear()  # they were that backend's
     if _session is not None:
         _session.close()
         _session = None
@@ -252,6 +271,10 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
         return
     st.connection, st.device = "ONLINE", str(msg.fields.get("device", "?"))
     st.say(f"connected: backend {msg.fields.get('version', '?')} on {st.device}")
+    vocabularies = msg.fields.get("vocabularies")
+    _vocabularies.clear()
+    if isinstance(vocabularies, dict):
+        _vocabularies.update({str(k): set(map(str, v)) for k, v in vocabularies.items() if isinstance(v, list)})
     for item in st.jobs:  # catch up with jobs that moved on while we were away
         if item.job and item.state not in FINAL_STATES:
             sess.send("status", item.job)
@@ -301,9 +324,22 @@ def on_progress(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str)
         save_record(item)
     item.step, item.total = step, total
     if msg.job == st.active_job:
-        st.stage = str(msg.fields.get("stage", ""))
-        if total:
-            st.progress = step / total
+        stage = str(msg.fields.get("stage", ""))
+        if stage != st.stage:
+            st.stage, st.stage_started = stage, time.monotonic()
+        lo, hi = STAGE_SPANS.get(stage, (st.progress, st.progress))
+        st.progress = lo + (hi - lo) * (step / total if total else 0.0)
+        st.eta = eta_text(time.monotonic() - st.stage_started, step, total) if stage == "optimising" else ""
+
+
+def eta_text(elapsed: float, step: int, total: int) -> str:
+    """'0:42 elapsed, about 2:10 left' from the step rate so far."""
+    def clock(seconds: float) -> str:
+        return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+    if step < 3 or not total:
+        return f"{clock(elapsed)} elapsed"
+    return f"{clock(elapsed)} elapsed, about {clock(elapsed / step * (total - step))} left"
 
 
 def on_preview(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
@@ -318,7 +354,7 @@ def on_done(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> 
         save_record(item)
         sess.send("result", item.job)
     if msg.job == st.active_job:
-        st.stage, st.progress = "fetching", 1.0
+        st.stage, st.progress, st.eta = "fetching", STAGE_SPANS["fetching"][0], ""
 
 
 def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
@@ -337,7 +373,7 @@ def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -
     item.state, item.message = "DONE", ""
     save_record(item)
     if item.job == st.active_job:
-        st.stage = "done"
+        st.stage, st.progress = "done", 1.0
         st.say(f"done: {item.prompt}")
         if bpy.context.scene.promptmesh.import_when_done:
             from .importer import import_job
@@ -366,7 +402,10 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
     elif item is not None and code == P.NOT_FOUND:
         item.state, item.message = "FAILED", "this backend does not know the job"
         save_record(item)
-    st.say(f"{'cancelled' if code == P.CANCELLED else 'backend error'}: {text}", error=code != P.CANCELLED)
+    if code == P.CANCELLED:
+        st.say(f"cancelled: {text}")
+    else:  # what the user can change reads differently from a backend that failed
+        st.say(f"{'cannot do that' if code in REFUSALS else 'backend error'}: {text}", error=True)
 
 
 HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted,

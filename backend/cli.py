@@ -278,6 +278,12 @@ def printable(text: object) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.prune is not None:
+        with _client(args) as client:
+            pruned = client.request("prune", timeout=max(args.timeout, 60), days=args.prune).fields["jobs"]
+        print(f"removed {pruned} job(s) that ended more than {args.prune:g} days ago, with their results",
+              file=sys.stderr)
+        return 0
     with _client(args) as client:
         reply = client.request("status", timeout=args.timeout, limit=args.limit).fields
     jobs = reply["jobs"]
@@ -445,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     jb = sub.add_parser("jobs", help="list a server's jobs: running and queued first, then the newest")
     _client_options(jb)
     jb.add_argument("--limit", type=int, default=100, help="at most this many jobs (1..500)")
+    jb.add_argument("--prune", type=float, metavar="DAYS",
+                    help="instead: delete the jobs (and results) that ended more than DAYS days ago")
     jb.set_defaults(func=cmd_jobs)
     ft = sub.add_parser("fetch", help="download a finished job's mesh")
     _client_options(ft)

@@ -111,7 +111,7 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
     from .pipeline import Cancelled, CheckpointMismatch, PreviewEvent, StageEvent, StepEvent, run
 
     def on_event(e: Any) -> None:
-        if isinstance(e, StageEvent):
+        if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
             send(event("progress", job, {"stage": e.stage, "step": 0, "total": 0}))
         elif isinstance(e, StepEvent):
             send(event("progress", job, {"stage": "optimising", "step": e.step, "total": e.total, "loss": e.loss}))

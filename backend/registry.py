@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -132,6 +133,16 @@ class Registry:
         with self._lock:
             rows = self._db.execute(f"{SELECT} WHERE state = 'queued' ORDER BY seq").fetchall()
         return [_job(r) for r in rows]
+
+    def prune(self, older_than: float) -> list[str]:
+        """Forget the jobs that ended before `older_than` (a time.time()): rows and folders."""
+        with self._lock:
+            ids = [r[0] for r in self._db.execute(
+                "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?", (older_than,))]
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        for job_id in ids:
+            shutil.rmtree(self.files(job_id).folder, ignore_errors=True)
+        return ids
 
     def requeue(self, job_id: str) -> None:
         """A running job back to the queue, in its old place (its sequence number)."""

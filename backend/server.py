@@ -21,6 +21,7 @@ import signal
 import socket
 import sqlite3
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -46,7 +47,8 @@ from ..shared.result import JobFiles, read_npz
 from . import __version__
 from .executor import Executor, InProcessExecutor
 from .keys import admin_keys
-from .models import Offer
+from .models import EMBEDDED, Offer
+from .prior import vocabulary
 from .registry import Job, Registry
 
 log = logging.getLogger("promptmesh.server")
@@ -76,6 +78,7 @@ class Server:
             raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
         self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
         self.offer = offer or Offer()  # the catalogue's aliases only
+        self.embedded_words = vocabulary()  # clients check prompts for the closed-vocabulary prior
         self.executor = executor or InProcessExecutor(device)
         self.registry = Registry(data_dir)
         for job in self.registry.recover():
@@ -107,7 +110,7 @@ class Server:
         self.admins = admin_keys(Path(curve_dir)) if curve_dir is not None else set()
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "hello": self._on_hello, "ping": self._on_ping, "generate": self._on_generate,
-            "cancel": self._on_cancel, "status": self._on_status, "result": self._on_result,
+            "cancel": self._on_cancel, "status": self._on_status, "result": self._on_result, "prune": self._on_prune,
         }
         self.executor.start(self.ctx, self.events_endpoint)
 
@@ -255,7 +258,7 @@ class Server:
     def _on_hello(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("welcome", msg.id, fields={
             "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": self.device_name,
-            "models": self.offer.names()}))
+            "models": self.offer.names(), "vocabularies": {EMBEDDED: self.embedded_words}}))
 
     def _on_ping(self, client: bytes, msg: Message) -> None:
         busy = min(self.running, key=self._seq) if self.running else None
@@ -315,6 +318,13 @@ class Server:
             raise PromptMeshError("a result is still on its way to you: read it before asking for another", BUSY)
         mesh = read_npz(JobFiles.of(self.registry.root, job.id).mesh)
         self._send(client, Message("result", msg.id, job.id, {"meta": job.meta}, mesh.arrays))
+
+    def _on_prune(self, client: bytes, msg: Message) -> None:
+        if self.auth is not None and self.keys.get(client) not in self.admins:
+            raise PromptMeshError("only an admin key (in the server's admins/ folder) may prune jobs", FORBIDDEN)
+        pruned = self.registry.prune(time.time() - msg.fields["days"] * 86400)
+        log.info("pruned %d job(s) older than %g days", len(pruned), msg.fields["days"])
+        self._send(client, Message("pruned", msg.id, fields={"jobs": len(pruned)}))
 
     def _job(self, msg: Message) -> Job:
         job = self.registry.get(msg.job) if msg.job else None

@@ -21,11 +21,12 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_ID_CHARS = 64
-MAX_STATUS_LIMIT = 500  # jobs a client may ask `status` for at once
+MAX_STATUS_LIMIT = 500
+MAX_PRUNE_DAYS = 36500  # jobs a client may ask `status` for at once
 DTYPES = ("uint8", "int32", "uint32", "float32")
 
-CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result")
-SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "result", "error", "status")
+CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result", "prune")
+SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "result", "error", "status", "pruned")
 
 
 
@@ -154,7 +155,7 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
 def _validate_client(msg: Message) -> None:
     """Per-type checks of what a client may send; unknown fields are refused."""
     allowed: dict[str, tuple[str, ...]] = {"hello": ("client", "protocol"), "ping": (), "cancel": (), "status": ("limit",),
-                                           "result": ()}
+                                           "result": (), "prune": ("days",)}
     if msg.type == "generate":
         try:
             msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
@@ -173,6 +174,10 @@ def _validate_client(msg: Message) -> None:
         raise ProtocolError("clients send no arrays", "arrays")
     if msg.type == "hello" and "client" in msg.fields:
         _str(msg.fields["client"], "client", 128)
+    if msg.type == "prune":
+        days = msg.fields.get("days")
+        if not isinstance(days, (int, float)) or isinstance(days, bool) or not 0 <= days <= MAX_PRUNE_DAYS:
+            raise ProtocolError(f"must be a number of days from 0 to {MAX_PRUNE_DAYS}, got {show(days)}", "days")
     if msg.type == "status" and "limit" in msg.fields:
         limit = msg.fields["limit"]
         if type(limit) is not int or not 1 <= limit <= MAX_STATUS_LIMIT:

@@ -5,6 +5,7 @@ Every field is checked for type and range; a bad one raises SpecError naming the
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -48,6 +49,18 @@ def normalise_text(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     kept = (" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in INVISIBLE)
     return " ".join("".join(kept).split())
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words and punctuation of a prompt, lower-cased, as a closed-vocabulary prior's
+    tokenizer splits them (the backend checks with it; the add-on checks before sending)."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def unknown_words(text: str, vocabulary: set[str] | list[str]) -> list[str]:
+    """The prompt's words outside `vocabulary`, each once, in order."""
+    known = set(vocabulary)
+    return [w for w in dict.fromkeys(prompt_words(text)) if w not in known]
 
 
 class SpecError(PromptMeshError):

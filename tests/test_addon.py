@@ -161,10 +161,14 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         settings.steps, settings.preview_every, settings.mesh_resolution = 160, 10, 48
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
-        progress, previews = [], []
+        progress, previews, stages, etas, full = [], [], [], set(), []
 
         def finished() -> bool:
             progress.append(st.progress)
+            full.append(st.progress < 1.0 or st.stage == "done")
+            if not stages or stages[-1] != st.stage:
+                stages.append(st.stage)
+            etas.add(st.eta)
             if st.preview_step and (not previews or previews[-1] != st.preview_step):
                 previews.append(st.preview_step)
             return len(st.jobs) == 1 and st.jobs[0].state in ("DONE", "FAILED", "CANCELLED")
@@ -180,6 +184,11 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert pixels[..., 3].max() == 1.0 and pixels[..., :3].std() > 0.01  # a picture, not a blank
         rising = [p for p in progress if p > 0]
         assert rising == sorted(rising) and rising[-1] == 1.0 and len(set(rising)) > 5
+        assert all(full)  # the bar reaches 100 % when the mesh is here, not while meshing or fetching
+        order = ["submitting", "queued", "loading", "optimising", "meshing", "fetching", "done"]
+        assert stages[-1] == "done" and stages == sorted(stages, key=order.index), stages  # done once, last
+        assert "meshing" in stages and "fetching" in stages
+        assert any("left" in eta for eta in etas)  # elapsed and remaining time while it optimised
         meta = json.loads(session.job_files(job.job).meta.read_text())
 
         bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
@@ -296,6 +305,15 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
         st = bpy.context.window_manager.promptmesh
         pump_until(session, lambda: st.jobs and st.jobs[-1].state == "FAILED", timeout=120)
         assert "gleaming" in st.jobs[-1].message and "gleaming" in st.status and st.status_is_error
+        assert st.status.startswith("cannot do that")  # a prompt problem, not "backend error"
+        # Connected now: the backend told the add-on its prior's words, so a prompt it cannot
+        # take is refused under the prompt field before anything is sent.
+        bpy.context.scene.promptmesh.prompt = "a shiny red Dragon"
+        problem = session.prompt_problem(bpy.context.scene.promptmesh)
+        assert problem is not None and "shiny" in problem and "dragon" in problem and "red" not in problem
+        assert not bpy.ops.promptmesh.generate.poll() and len(st.jobs) == 1
+        bpy.context.scene.promptmesh.prompt = "A Red Cube"
+        assert session.prompt_problem(bpy.context.scene.promptmesh) is None
 
         bpy.context.scene.promptmesh.prompt, bpy.context.scene.promptmesh.steps = PROMPT, 5000
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}

@@ -361,3 +361,27 @@ def test_a_job_running_when_the_server_is_stopped_resumes_from_its_checkpoint_af
         assert meta["resumed_from_step"] >= 100 and meta["steps"] == 160
     finally:
         srv.stop(signal.SIGINT)
+
+
+def test_jobs_prune_removes_old_ended_jobs_and_their_results_only(tmp_path, tiny_sd):
+    from promptmesh.backend.registry import Registry
+
+    registry = Registry(tmp_path / "data")
+    old, recent = (registry.add(JobSpec(prompt=p)).id for p in ("an old cube", "a recent cube"))
+    for job in (old, recent):
+        registry.set_state(job, "done", meta={})
+        (tmp_path / "data" / "jobs" / job / "mesh.glb").write_bytes(b"glb")
+    registry._db.execute("UPDATE jobs SET finished = finished - 40 * 86400 WHERE id = ?", (old,))
+    registry.close()
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        with Client(srv.endpoint) as c:
+            queued = c.request("generate", spec=small_spec(tiny_sd, steps=2000)).job  # live: never pruned
+        proc = promptmesh("jobs", "--prune", "30", "--endpoint", srv.endpoint)
+        assert proc.returncode == 0 and "removed 1 job" in proc.stderr, proc.stderr
+        with Client(srv.endpoint) as c:
+            left = {s["job"] for s in c.request("status").fields["jobs"]}
+        assert left == {recent, queued} and not (tmp_path / "data" / "jobs" / old).exists()
+        assert (tmp_path / "data" / "jobs" / recent / "mesh.glb").is_file()
+    finally:
+        srv.stop(signal.SIGKILL)

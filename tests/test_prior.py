@@ -65,7 +65,8 @@ def test_tokenizer_maps_known_words_and_flags_unknown_ones():
         prior.check_prompt("a shiny red dragon")
     message = str(err.value)
     assert "'shiny'" in message and "'dragon'" in message and "cube" in message
-    assert "--model sd21" in message  # the catalogue alias, never a dead Hub id
+    assert "sd21 model" in message  # the catalogue alias, never a dead Hub id, and no CLI flag
+    assert ", ," not in message and "overhead" not in message and not message.startswith(",")
 
 
 def test_shipped_weights_load_through_the_real_loading_path():

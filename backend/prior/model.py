@@ -9,7 +9,6 @@ one object agree with each other (the lever Zero-1-to-3 and MVDream pull).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from ...shared.errors import BAD_REQUEST, PromptMeshError
+from ...shared.spec import unknown_words
 from ..cameras import CameraRanges, Cameras
 from .shapes import PALETTE, SHAPES
 
@@ -34,18 +34,13 @@ class UnknownWordsError(PromptMeshError):
 
     code = BAD_REQUEST
 
-    def __init__(self, unknown: list[str], known: list[str]) -> None:
-        self.unknown, self.known = unknown, known
+    def __init__(self, unknown: list[str]) -> None:
+        self.unknown = unknown
         super().__init__(
-            f"the embedded prior does not know the word(s) {', '.join(repr(w) for w in unknown)}; "
-            f"it knows: {' '.join(known)}. For any other prompt use "
-            "--model sd21 (Stable Diffusion 2.1; a CUDA GPU is recommended)"
+            f"the embedded prior does not know {', '.join(repr(w) for w in unknown)}: it makes a "
+            f"{'/'.join(SHAPES)} in {'/'.join(PALETTE)} (e.g. \"a red cube\"). For other prompts use "
+            "the sd21 model (Stable Diffusion 2.1; a CUDA GPU is recommended)"
         )
-
-
-def words_of(text: str) -> list[str]:
-    """The words and commas of a prompt, lower-cased, as the tokenizer splits them."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -145,10 +140,9 @@ class EmbeddedPrior(torch.nn.Module):
 
     def check_prompt(self, text: str) -> None:
         """Raise UnknownWordsError if the text has words outside the vocabulary."""
-        vocab = self.tokenizer.get_vocab()
-        unknown = [w for w in dict.fromkeys(words_of(text)) if w not in vocab]
+        unknown = unknown_words(text, self.known_words)
         if unknown:
-            raise UnknownWordsError(unknown, sorted(self.known_words))
+            raise UnknownWordsError(unknown)
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states [B, L, D] and the pooled ([EOS]) state [B, D]."""
