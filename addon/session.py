@@ -14,6 +14,8 @@ from typing import Any
 
 import bpy
 import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import backend_process
 from .preferences import preferences
@@ -40,6 +42,10 @@ class Session:
                  client_keys: tuple[bytes, bytes] | None = None) -> None:
         self.endpoint, self.timeout = endpoint, timeout
         self.client = Client(endpoint, server_key, client_keys)
+        # ZeroMQ reconnects by itself; its monitor tells when the connection drops and returns,
+        # so the badge changes at once and the add-on says hello again (and catches up).
+        self.monitor = self.client.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.lost = False
         self.pending: dict[str, tuple[str, float]] = {}  # message id -> (kind, sent at)
         self.last_heard = time.monotonic()
         self.preview: Message | None = None
@@ -50,7 +56,15 @@ class Session:
         self.pending[msg_id] = (kind, time.monotonic())
         return msg_id
 
+    def connection_events(self) -> list[int]:
+        events = []
+        while self.monitor.poll(0):
+            events.append(recv_monitor_message(self.monitor)["event"])
+        return events
+
     def close(self) -> None:
+        self.client.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.client.close()  # LINGER 0, then the context is terminated
 
 
@@ -199,6 +213,7 @@ def pump() -> float | None:
     sess = _session
     if sess is None:
         return None
+    watch_connection(st, sess)
     t0, heard = time.perf_counter(), False
     while time.perf_counter() - t0 < BUDGET_S:
         messages = sess.client.poll(0.0, max_messages=16)
@@ -215,12 +230,24 @@ def pump() -> float | None:
         sess.preview = None
     if not check_timeouts(st, sess):
         return _redraw(None)
-    if st.connection == "ONLINE" and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
+    if st.connection in ("ONLINE", "CONNECTING") and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
         sess.send("ping")
         resync(st, sess)
     live = sess.pending or any(j.state not in FINAL_STATES for j in st.jobs)
     sess.interval = FAST_S if (live or heard) else min(IDLE_S, sess.interval * 2)
     return _redraw(sess.interval) if heard else sess.interval
+
+
+def watch_connection(st: PROMPTMESH_PG_state, sess: Session) -> None:
+    """The badge follows the connection; after a drop, hello again (its welcome catches up)."""
+    for event in sess.connection_events():
+        if event == zmq.EVENT_DISCONNECTED and st.connection == "ONLINE":
+            sess.lost = True
+            st.connection = "CONNECTING"
+            st.say(f"lost the backend at {sess.endpoint}: reconnecting", error=True)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and sess.lost:
+            sess.lost = False
+            sess.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
 
 
 def resync(st: PROMPTMESH_PG_state, sess: Session) -> None:

@@ -261,6 +261,25 @@ def test_backend_down_gives_a_clear_status_within_the_timeout(bpy, addon, prefs)
     assert st.jobs[-1].state == "FAILED" and session.session() is None and session.pump() is None
 
 
+def test_the_badge_follows_a_backend_that_dies_and_comes_back(bpy, addon, prefs, tmp_path):
+    import signal
+
+    _, session = addon
+    st = bpy.context.window_manager.promptmesh
+    server = ServerProcess(tmp_path / "data")
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 30.0
+        bpy.ops.promptmesh.connect()
+        pump_until(session, lambda: st.connection == "ONLINE", timeout=30)
+        server.stop(signal.SIGKILL)
+        seconds = pump_until(session, lambda: st.connection != "ONLINE", timeout=10)
+        assert seconds < 2.0 and "reconnecting" in st.status  # not 5 s of "connected" to a dead backend
+        server = ServerProcess(tmp_path / "data", bind=server.endpoint)
+        pump_until(session, lambda: st.connection == "ONLINE", timeout=60)  # hello again, by itself
+    finally:
+        server.stop()
+
+
 def test_a_remote_backend_is_not_contacted_while_blenders_online_access_is_off(bpy, addon, prefs):
     _, session = addon
     assert not bpy.app.online_access  # the bpy module starts offline, like Blender by default
