@@ -71,6 +71,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, resolution=args.resolution,
         guidance_scale=args.guidance_scale, model=args.model or "embedded", preview_every=args.preview_every,
         mesh_resolution=args.mesh_resolution, max_faces=args.max_faces, device=args.device,
+        proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
 
@@ -223,6 +224,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = _spec(args)
     if args.output:
         output_path(args.output, None, spec.prompt)
+    if args.proxy_dir:
+        if not args.wait:
+            raise CliError("--proxy-dir needs --wait: the proxies arrive while the job runs")
+        Path(args.proxy_dir).mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
         accepted = client.request("generate", spec=spec.to_dict(), timeout=args.timeout)
         job = accepted.job
@@ -234,6 +239,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
             path = _write_result(client.request("result", job, timeout=60), Path(args.output))
             print(f"wrote {path}", file=sys.stderr)
         return 0
+
+
+def _write_proxy(msg, folder: Path) -> Path:
+    """A `proxy` message as a PLY file (Z up, sRGB vertex colours, like `generate -o x.ply`)."""
+    import trimesh
+
+    from ..shared.result import atomic_write
+
+    arrays = msg.arrays
+    mesh = trimesh.Trimesh(arrays["vertices"].astype("float32"), arrays["faces"], vertex_colors=arrays["colors"],
+                           process=False)
+    return atomic_write(folder / f"proxy_{int(msg.fields.get('step', 0)):05d}.ply",
+                        lambda f: mesh.export(f, file_type="ply"))
 
 
 def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 5.0) -> None:
@@ -256,7 +274,9 @@ def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 
             if msg.job != job:
                 continue
             heard = time.monotonic()
-            if msg.type == "progress" and msg.fields.get("total"):
+            if msg.type == "proxy" and args.proxy_dir:
+                _write_proxy(msg, Path(args.proxy_dir))
+            elif msg.type == "progress" and msg.fields.get("total"):
                 bar.total = msg.fields["total"]
                 bar.update(msg.fields["step"] - bar.n)
                 bar.set_postfix(stage=msg.fields["stage"], refresh=False)
@@ -446,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(sm)
     sm.add_argument("-o", "--output", help="with --wait: write the result here")
     sm.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    sm.add_argument("--proxy-dir", help="with --wait: write the coarse 3D proxies the job sends as PLY files here")
+    sm.add_argument("--proxy-every", type=float, default=3.0, help="seconds between proxies (at least 20x their cost)")
     _generation_options(sm)
     sm.set_defaults(func=cmd_submit)
     jb = sub.add_parser("jobs", help="list a server's jobs: running and queued first, then the newest")

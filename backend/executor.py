@@ -24,7 +24,7 @@ import zmq
 from ..shared import protocol as P
 from ..shared.errors import CANCELLED, DISK, INTERNAL, OOM, PromptMeshError
 from ..shared.protocol import Message
-from ..shared.result import JobFiles, remove_temporaries, write_json, write_npz
+from ..shared.result import JobFiles, proxy_arrays, remove_temporaries, write_json, write_npz
 from ..shared.spec import JobSpec
 
 log = logging.getLogger("promptmesh.executor")
@@ -108,7 +108,7 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
     and previews through `send`, write its result files, and return the frames of its terminal
     event (done, or error with a code). Stopped by `stopping`, it keeps its checkpoint."""
     from .export import write_mesh
-    from .pipeline import Cancelled, CheckpointMismatch, PreviewEvent, StageEvent, StepEvent, run
+    from .pipeline import Cancelled, CheckpointMismatch, PreviewEvent, ProxyEvent, StageEvent, StepEvent, run
 
     def on_event(e: Any) -> None:
         if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
@@ -118,6 +118,8 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
         elif isinstance(e, PreviewEvent):
             h, w = e.rgba.shape[:2]
             send(event("preview", job, {"step": e.step, "w": w, "h": h}, {"rgba": e.rgba}))
+        elif isinstance(e, ProxyEvent):
+            send(event("proxy", job, {"step": e.step}, proxy_arrays(e.mesh)))
 
     try:
         try:

@@ -9,9 +9,9 @@ previews pile up). The executor runs the jobs and writes their results before `d
 
 A client that does not read is bounded and never loses what must arrive: ZeroMQ holds at most
 SNDHWM messages for it; beyond those the loop keeps its replies and its jobs' ends in an
-outbox (progress and previews are dropped, a newer one supersedes them), resent as the client
-reads; it gets one result at a time there, and its requests are ignored while the outbox holds
-more than MAX_OUTBOX_BYTES.
+outbox, and of progress, previews and proxies only the newest per job (never after that job's
+end), resent as the client reads; it gets one result at a time there, and its requests are
+ignored while the outbox holds more than MAX_OUTBOX_BYTES.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ HEARTBEAT_TIMEOUT_MS = 120_000
 SNDHWM = 16  # messages ZeroMQ queues for one client (results are big: this bounds their memory)
 MAX_OUTBOX_BYTES = 32 << 20
 RETRY_MS = 50  # how soon the outboxes are retried while one is not empty
-SUPERSEDED = ("progress", "preview")  # dropped for a client that does not keep up: a newer one follows
+SUPERSEDED = ("progress", "preview", "proxy")  # dropped for a client that does not keep up: a newer one follows
 MAX_KNOWN_CLIENTS = 10_000  # connections whose CURVE key is remembered
 STATUS_LIMIT = 100  # jobs in a `status` reply unless the client asks for another number (1..500)
 BURST = 100  # requests handled before the loop looks at the executor's events again
@@ -106,6 +106,7 @@ class Server:
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
         self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
         self.outbox: dict[bytes, deque[tuple[str, list[bytes]]]] = {}  # client -> what its pipe had no room for
+        self.latest: dict[bytes, dict[tuple[str, str], list[bytes]]] = {}  # client -> (job, kind) -> newest frames
         self.keys: dict[bytes, str] = {}  # client -> its CURVE public key (Z85), with keys only
         self.admins = admin_keys(Path(curve_dir)) if curve_dir is not None else set()
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
@@ -137,7 +138,7 @@ class Server:
         try:
             self._dispatch()
             while True:
-                ready = dict(poller.poll(RETRY_MS if self.outbox else None))
+                ready = dict(poller.poll(RETRY_MS if self.outbox or self.latest else None))
                 if wakeup is not None and wakeup.fileno() in ready:
                     wakeup.drain()
                 if self.events in ready and not self._drain_events():
@@ -151,7 +152,7 @@ class Server:
                         if self.auth is not None and len(frames) > 1:  # who it is, as CURVE proved it
                             self._remember_key(frames[0].bytes, str(frames[1].get("User-Id")))
                         self._handle([f.bytes for f in frames])
-                if self.outbox:
+                if self.outbox or self.latest:
                     self._flush_outboxes()
         finally:
             if wakeup is not None:
@@ -189,11 +190,16 @@ class Server:
         self.keys[client] = key
 
     def _send(self, client: bytes, msg: Message) -> None:
-        self._socket_send(client, P.encode(msg), msg.type)
+        self._socket_send(client, P.encode(msg), msg.type, msg.job)
 
-    def _socket_send(self, client: bytes, frames: list[bytes], kind: str) -> None:
-        """Send now, or keep it in the client's outbox (in order) unless a newer one supersedes it."""
-        if client not in self.outbox:
+    def _socket_send(self, client: bytes, frames: list[bytes], kind: str, job: str | None = None) -> None:
+        """Send now, or keep it for the client: in order in its outbox, or, for what a newer one
+        supersedes (progress, preview, proxy), only the newest of each kind per job."""
+        latest = self.latest.get(client)
+        if kind in TERMINAL and latest:  # after a job's end nothing of its progress may follow
+            for key in [k for k in latest if k[0] == job]:
+                del latest[key]
+        if client not in self.outbox and not latest:
             try:
                 self.socket.send_multipart([client, *frames], zmq.NOBLOCK)
                 return
@@ -202,22 +208,33 @@ class Server:
             except zmq.ZMQError as exc:  # the client is gone; it asks `status` when it is back
                 log.debug("could not send %s: %s", kind, exc)
                 return
-        if kind not in SUPERSEDED:
+        if kind in SUPERSEDED:
+            self.latest.setdefault(client, {})[job or "", kind] = frames
+        else:
             self.outbox.setdefault(client, deque()).append((kind, frames))
 
     def _flush_outboxes(self) -> None:
-        for client, box in list(self.outbox.items()):
-            while box:
-                try:
+        """Resend what was kept, the ordered outbox first, as far as each client's pipe takes it."""
+        for client in list({*self.outbox, *self.latest}):
+            box = self.outbox.get(client, deque())
+            latest = self.latest.get(client, {})
+            try:
+                while box:
                     self.socket.send_multipart([client, *box[0][1]], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:  # gone: what was kept for it is in the registry
-                    box.clear()
-                    break
-                box.popleft()
+                    box.popleft()
+                while latest:
+                    key = next(iter(latest))
+                    self.socket.send_multipart([client, *latest[key]], zmq.NOBLOCK)
+                    del latest[key]
+            except zmq.Again:
+                pass
+            except zmq.ZMQError:  # gone: what was kept for it is in the registry
+                box.clear()
+                latest.clear()
             if not box:
-                del self.outbox[client]
+                self.outbox.pop(client, None)
+            if not latest:
+                self.latest.pop(client, None)
 
     def _backlog(self, client: bytes) -> tuple[int, bool]:
         """Bytes kept in the client's outbox, and whether a result is among them."""
@@ -362,8 +379,8 @@ class Server:
             self.executor.submit(job.id, job.spec, JobFiles.of(self.registry.root, job.id))
 
     def _drain_events(self) -> bool:
-        """Forward what the executor sent (newest preview per job); False on the stop frame."""
-        latest_preview: dict[str, Message] = {}
+        """Forward what the executor sent (newest preview and proxy per job); False on the stop frame."""
+        latest: dict[tuple[str, str], Message] = {}
         keep_going = True
         while True:
             try:
@@ -373,17 +390,22 @@ class Server:
             if frames == [STOP]:
                 keep_going = False
                 break
-            msg = P.decode(frames, P.SERVER_TYPES)
+            try:
+                msg = P.decode(frames, P.SERVER_TYPES)
+            except P.ProtocolError as exc:  # an executor bug: say so, keep serving
+                log.error("an executor event could not be decoded: %s", exc)
+                continue
             job = msg.job or ""
-            if msg.type == "preview":
-                latest_preview[job] = msg  # latest wins
+            if msg.type in ("preview", "proxy"):
+                latest[job, msg.type] = msg  # latest wins
                 continue
             if msg.type in TERMINAL:
-                if job in latest_preview:
-                    self._route(job, latest_preview.pop(job))
+                for kind in ("preview", "proxy"):  # before the end, never after it
+                    if (job, kind) in latest:
+                        self._route(job, latest.pop((job, kind)))
                 self._record_end(job, msg)
             self._route(job, msg)
-        for job, msg in latest_preview.items():
+        for (job, _), msg in latest.items():
             self._route(job, msg)
         if keep_going:
             self._dispatch()

@@ -23,10 +23,11 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_ID_CHARS = 64
 MAX_STATUS_LIMIT = 500
 MAX_PRUNE_DAYS = 36500  # jobs a client may ask `status` for at once
-DTYPES = ("uint8", "int32", "uint32", "float32")
+DTYPES = ("uint8", "int32", "uint32", "float16", "float32")
 
 CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result", "prune")
-SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "done", "result", "error", "status", "pruned")
+SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "proxy", "done", "result", "error", "status",
+                "pruned")
 
 
 

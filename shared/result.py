@@ -68,6 +68,12 @@ class Mesh:
         return cls(v, f, c, n)
 
 
+def proxy_arrays(mesh: Mesh) -> dict[str, np.ndarray]:
+    """A coarse mesh as a `proxy` message carries it: float16 positions, uint8 sRGB colours."""
+    return {"vertices": mesh.vertices.astype(np.float16), "faces": mesh.faces.astype(np.int32),
+            "colors": np.round(np.clip(mesh.colors, 0, 1) * 255).astype(np.uint8)}
+
+
 # ---- writing files ------------------------------------------------------------------------
 def _fsync_dir(folder: Path) -> None:
     try:

@@ -20,6 +20,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "resolution": (16, 512),
     "guidance_scale": (0.0, 1000.0),
     "preview_every": (0, 100000),
+    "proxy_every": (0.0, 3600.0),
     "mesh_resolution": (32, 256),
     "max_faces": (100, 5_000_000),
 }
@@ -85,6 +86,9 @@ class JobSpec:
     guidance_scale: float | None = None
     model: str = "embedded"
     preview_every: int = 0
+    # Seconds between coarse 3D proxies of the object (never more often than 20x their cost);
+    # 0, the default, sends none: the clients that show them (the add-on, submit --proxy-dir) ask.
+    proxy_every: float = 0.0
     mesh_resolution: int = 128
     max_faces: int | None = None
     device: str = "auto"
@@ -109,7 +113,7 @@ class JobSpec:
             value = getattr(self, name)
             if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces"):
                 continue
-            want_int = name != "guidance_scale"
+            want_int = name not in ("guidance_scale", "proxy_every")
             ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok_type:
                 raise SpecError(name, f"expected {'an integer' if want_int else 'a number'}, got {type(value).__name__}")

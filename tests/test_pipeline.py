@@ -9,14 +9,24 @@ import pytest
 import torch
 
 from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
-from promptmesh.backend.pipeline import Cancelled, PreviewEvent, ResultEvent, StageEvent, StepEvent, run
+from promptmesh.backend.pipeline import (
+    PROXY_MAX_FACES,
+    Cancelled,
+    PreviewEvent,
+    ProxyEvent,
+    ResultEvent,
+    StageEvent,
+    StepEvent,
+    run,
+)
 from promptmesh.backend.recipe import Recipe, resolve
 from promptmesh.shared.errors import BAD_REQUEST, PromptMeshError
 from promptmesh.shared.spec import JobSpec
 
 
 def spec(tiny_sd, **kw):
-    return JobSpec(prompt="a blue sphere", model=str(tiny_sd), steps=6, resolution=32, mesh_resolution=40, **kw)
+    return JobSpec(**{"prompt": "a blue sphere", "model": str(tiny_sd), "steps": 6, "resolution": 32,
+                      "mesh_resolution": 40, **kw})
 
 
 def test_events_arrive_in_order(tiny_sd):
@@ -93,3 +103,21 @@ def test_resume_under_another_recipe_is_refused_naming_the_setting(tiny_sd, tmp_
         run(job, checkpoint=ckpt, resume=True)
     assert err.value.code == BAD_REQUEST
     assert torch.load(ckpt, weights_only=False)["trainer"]["step"] == 2  # refused, left as it was
+
+
+@pytest.mark.slow
+def test_proxies_arrive_while_it_optimises_coarse_and_changing(tiny_sd):
+    events = []
+    run(spec(tiny_sd, steps=150, resolution=16, proxy_every=0.01), events.append)  # as often as 5 % of the time allows
+    proxies = [e for e in events if isinstance(e, ProxyEvent)]
+    assert len(proxies) >= 3
+    assert all(0 < len(p.mesh.faces) <= PROXY_MAX_FACES for p in proxies)
+    assert [p.step for p in proxies] == sorted({p.step for p in proxies})
+    meshing = next(i for i, e in enumerate(events) if isinstance(e, StageEvent) and e.stage == "meshing")
+    assert all(events.index(p) < meshing for p in proxies)  # only while it optimises
+
+
+def test_no_proxies_unless_asked(tiny_sd):
+    events = []
+    run(spec(tiny_sd, steps=20), events.append)
+    assert not any(isinstance(e, ProxyEvent) for e in events)

@@ -12,6 +12,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import trimesh
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -389,3 +390,28 @@ def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_
     assert all(ends[job] == ["done"] for job in jobs[:8])  # never the target of a cancel
     print(f"{sum(counts)} requests; {sum(e == ['done'] for e in ends.values())} done, "
           f"{sum(e == [P.CANCELLED] for e in ends.values())} cancelled")
+
+
+def test_submit_wait_writes_the_coarse_proxies_a_job_sends_as_ply(server, tiny_sd, tmp_path):
+    proxies = tmp_path / "proxies"
+    proc = promptmesh("submit", "a red cube", "--endpoint", server.endpoint, "--model", tiny_sd.name, "--steps", "60",
+                      "--resolution", "16", "--mesh-resolution", "32", "--wait", "--proxy-dir", str(proxies),
+                      "--proxy-every", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(proxies.glob("proxy_*.ply"))
+    assert len(files) >= 2
+    meshes = [trimesh.load(f, process=False) for f in files]
+    assert all(0 < len(m.faces) <= 20_000 and m.visual.vertex_colors.shape == (len(m.vertices), 4) for m in meshes)
+    assert not list(proxies.glob(".*"))  # written atomically, nothing half-written left
+
+
+def test_a_slow_client_gets_only_the_newest_proxy(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        job = c.request("generate", spec=small_spec(tiny_sd, steps=60, proxy_every=0.05)).job
+        time.sleep(8.0)  # not reading: proxies pile up only as the newest one
+        events = wait_for(c, job, timeout=120)
+    proxies = [m for m in events if m.type == "proxy"]
+    assert proxies and events[-1].type == "done"
+    assert all(m.arrays["vertices"].dtype == np.float16 and m.arrays["colors"].dtype == np.uint8 for m in proxies)
+    assert [m.fields["step"] for m in proxies] == sorted(m.fields["step"] for m in proxies)
+    assert events.index(proxies[-1]) < len(events) - 1  # never after `done`
