@@ -6,9 +6,9 @@ answers with one timer, and imports and exports meshes with Blender's own data A
 
 from __future__ import annotations
 
-from . import backend_process, operators, panels, preferences, properties, session
+from . import backend_process, operators, panels, preferences, properties, proxy, session
 
-MODULES = (properties, preferences, operators, panels)
+MODULES = (properties, preferences, operators, panels, proxy)
 
 
 def register() -> None:

@@ -62,6 +62,7 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
             layout.progress(factor=st.progress, type="BAR", text=text)
             if st.eta:
                 layout.label(text=st.eta, icon="TIME")
+        layout.prop(settings, "show_proxy")
         if st.preview_step and session.preview().icon_id:
             layout.template_icon(icon_value=session.preview().icon_id, scale=8.0)
         if st.status:
@@ -78,7 +79,7 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
     def draw(self, context):
         layout, settings = self.layout, context.scene.promptmesh
         layout.use_property_split = True
-        for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "mesh_resolution",
+        for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "proxy_every", "mesh_resolution",
                      "max_faces", "device", "import_when_done"):
             layout.prop(settings, name)
 

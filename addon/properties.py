@@ -48,6 +48,10 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                            description="Decimate to at most this many faces; 0: no limit")
     device: EnumProperty(name="Device", items=[("auto", "Auto", "The backend's choice"), ("cpu", "CPU", ""),
                                                  ("cuda", "CUDA", "")], default="auto")
+    show_proxy: BoolProperty(name="Live 3D Proxy", default=True,
+                             description="Show a coarse mesh of the object at the 3D cursor while it is generated")
+    proxy_every: FloatProperty(name="Proxy Every", min=0.5, max=60.0, default=3.0, unit="TIME_ABSOLUTE",
+                               description="Seconds between proxy updates (the backend keeps them under 5 % of its time)")
     import_when_done: BoolProperty(name="Import When Done", default=True,
                                    description="Put the object into the scene as soon as it is ready")
 
@@ -59,7 +63,8 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
             if value:
                 fields[name] = value
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
-                       preview_every=self.preview_every, device=self.device, **fields).validate()
+                       preview_every=self.preview_every, device=self.device,
+                       proxy_every=self.proxy_every if self.show_proxy else 0.0, **fields).validate()
 
 
 class PROMPTMESH_PG_job(bpy.types.PropertyGroup):

@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import backend_process
+from . import backend_process, proxy
 from .preferences import preferences
 from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
@@ -49,6 +49,7 @@ class Session:
         self.pending: dict[str, tuple[str, float]] = {}  # message id -> (kind, sent at)
         self.last_heard = time.monotonic()
         self.preview: Message | None = None
+        self.proxy: Message | None = None  # the newest proxy, shown once per tick
         self.interval = FAST_S
 
     def send(self, kind: str, job: str | None = None, **fields: Any) -> str:
@@ -228,6 +229,11 @@ def pump() -> float | None:
     if sess.preview is not None:
         show_preview(st, sess.preview)
         sess.preview = None
+    if sess.proxy is not None and bpy.context.scene.promptmesh.show_proxy:
+        show_proxy(sess.proxy)
+    elif not bpy.context.scene.promptmesh.show_proxy:
+        proxy.remove()
+    sess.proxy = None
     if not check_timeouts(st, sess):
         return _redraw(None)
     if st.connection in ("ONLINE", "CONNECTING") and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
@@ -374,6 +380,25 @@ def on_preview(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
         sess.preview = msg  # only the newest is drawn
 
 
+def on_proxy(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    if msg.job == st.active_job and {"vertices", "faces", "colors"} <= msg.arrays.keys():
+        sess.proxy = msg  # only the newest is shown
+
+
+def end_proxy(sess: Session) -> None:
+    sess.proxy = None
+    proxy.remove()
+
+
+def show_proxy(msg: Message) -> None:
+    arrays = msg.arrays
+    if arrays["vertices"].ndim == 2 and arrays["faces"].ndim == 2 and len(arrays["faces"]):
+        try:
+            proxy.update(bpy.context, arrays["vertices"], arrays["faces"], arrays["colors"])
+        except PromptMeshError:  # inconsistent arrays: skip this one
+            pass
+
+
 def on_done(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
     item = st.job(msg.job or "")
     if item is not None:
@@ -400,6 +425,7 @@ def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -
     item.state, item.message = "DONE", ""
     save_record(item)
     if item.job == st.active_job:
+        end_proxy(sess)  # the result replaces it
         st.stage, st.progress = "done", 1.0
         st.say(f"done: {item.prompt}")
         if bpy.context.scene.promptmesh.import_when_done:
@@ -426,6 +452,7 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
             save_record(item)
         if item.job == st.active_job or kind == "generate":
             st.stage = item.state.lower()
+            end_proxy(sess)
     elif item is not None and code == P.NOT_FOUND:
         item.state, item.message = "FAILED", "this backend does not know the job"
         save_record(item)
@@ -436,7 +463,8 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
 
 
 HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted,
-            "progress": on_progress, "preview": on_preview, "done": on_done, "result": on_result, "error": on_error}
+            "progress": on_progress, "preview": on_preview, "proxy": on_proxy, "done": on_done, "result": on_result,
+            "error": on_error}
 
 
 # ---- the live preview -----------------------------------------------------------------------

@@ -45,11 +45,16 @@ def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, colors_srgb: 
     """A new bpy Mesh: triangles, smooth shading, POINT colour attribute (active and render)."""
     import bpy
 
+    return fill_mesh(bpy.data.meshes.new(name), vertices, faces, colors_srgb)
+
+
+def fill_mesh(mesh: Any, vertices: np.ndarray, faces: np.ndarray, colors_srgb: np.ndarray) -> Any:
+    """Replace `mesh`'s geometry and colours in place (bulk foreach_set, no per-vertex Python)."""
     vertices = np.ascontiguousarray(vertices, np.float32)
     faces = np.ascontiguousarray(faces, np.int32)
     colors_srgb = np.asarray(colors_srgb, np.float32)
     check_arrays(vertices, faces, colors_srgb)
-    mesh = bpy.data.meshes.new(name)
+    mesh.clear_geometry()
     mesh.vertices.add(len(vertices))
     mesh.vertices.foreach_set("co", vertices.ravel())
     mesh.loops.add(faces.size)

@@ -427,3 +427,69 @@ def test_cli_export_writes_fbx_for_a_job_and_glb_for_a_mesh_file(bpy, tmp_path, 
     assert proc.returncode == 0, proc.stderr
     report = json.loads(subprocess.run([*gltf_validator, str(tmp_path / "m.glb")], capture_output=True, text=True).stdout)
     assert report["issues"]["numErrors"] == 0 and report["info"]["totalTriangleCount"] == len(mesh.faces)
+
+
+def proxy_blocks(bpy) -> set[str]:
+    name = "PromptMesh Proxy"
+    return {kind for kind in ("objects", "meshes", "materials", "collections") if getattr(bpy.data, kind).get(name)}
+
+
+@pytest.mark.slow
+def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, addon, prefs, tmp_path, tiny_sd):
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt, settings.model, settings.steps, settings.resolution = "a red cube", tiny_sd.name, 300, 16
+        settings.mesh_resolution, settings.device, settings.import_when_done = 32, "cpu", True
+        settings.show_proxy, settings.proxy_every = True, 0.5
+        bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        counts: list[int] = []
+
+        def watch() -> bool:
+            obj = bpy.data.objects.get("PromptMesh Proxy")
+            if obj is not None:
+                assert obj.hide_select and obj.users_collection[0].name == "PromptMesh Proxy"
+                world_z = obj.location.z + min(v.co.z for v in obj.data.vertices)
+                assert abs(world_z - 1.0) < 1e-3  # standing on the cursor
+                if not counts or counts[-1] != len(obj.data.vertices):
+                    counts.append(len(obj.data.vertices))
+            return st.jobs[-1].state in ("DONE", "FAILED", "CANCELLED")
+
+        pump_until(session, watch, timeout=300)
+        assert st.jobs[-1].state == "DONE", st.jobs[-1].message
+        assert len(counts) >= 3, counts  # updated in place as it took shape
+        assert not proxy_blocks(bpy)  # replaced by the imported result
+        assert bpy.context.view_layer.objects.active.name.startswith("a red cube")
+
+        settings.steps = 5000  # a cancelled job loses its proxy too
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: bpy.data.objects.get("PromptMesh Proxy") is not None, timeout=120)
+        assert bpy.ops.promptmesh.cancel() == {"FINISHED"}
+        pump_until(session, lambda: st.jobs[-1].state == "CANCELLED", timeout=60)
+        assert not proxy_blocks(bpy)
+    finally:
+        server.stop()
+
+
+def test_a_proxy_is_never_saved_and_disabling_the_add_on_removes_it(bpy, addon, prefs, tmp_path):
+    import addon_utils
+
+    proxy = sys.modules[f"{MODULE}.proxy"]
+    cube = trimesh.creation.box()
+    proxy.update(bpy.context, cube.vertices.astype(np.float16), cube.faces.astype(np.int32),
+                 np.full((len(cube.vertices), 3), 200, np.uint8))
+    assert proxy_blocks(bpy) == {"objects", "meshes", "materials", "collections"}
+    path = tmp_path / "scene.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True)
+    with bpy.data.libraries.load(str(path)) as (saved, _):
+        assert "PromptMesh Proxy" not in saved.objects and "PromptMesh Proxy" not in saved.meshes
+    proxy.update(bpy.context, cube.vertices.astype(np.float16), cube.faces.astype(np.int32),
+                 np.full((len(cube.vertices), 3), 200, np.uint8))
+    addon_utils.disable(MODULE, default_set=True)
+    try:
+        assert not proxy_blocks(bpy)
+    finally:
+        addon_utils.enable(MODULE, default_set=True)
