@@ -15,10 +15,13 @@ import numpy as np
 from .shared.blender_io import fill_mesh, standing, vertex_color_material
 
 NAME = "PromptMesh Proxy"
+_live = False  # a job is showing its proxy now
 
 
 def update(context: Any, vertices: np.ndarray, faces: np.ndarray, colors_u8: np.ndarray) -> Any:
     """Show this coarse mesh (float16 positions, uint8 sRGB colours) standing on the 3D cursor."""
+    global _live
+    _live = True
     obj = bpy.data.objects.get(NAME)
     if obj is None:
         collection = bpy.data.collections.get(NAME) or bpy.data.collections.new(NAME)
@@ -36,6 +39,12 @@ def update(context: Any, vertices: np.ndarray, faces: np.ndarray, colors_u8: np.
 
 def remove() -> None:
     """Take the proxy and everything made for it out of the file."""
+    global _live
+    _live = False
+    _remove_blocks()
+
+
+def _remove_blocks() -> None:
     for collection, name in ((bpy.data.objects, NAME), (bpy.data.meshes, NAME), (bpy.data.materials, NAME),
                              (bpy.data.collections, NAME)):
         block = collection.get(name)
@@ -45,15 +54,29 @@ def remove() -> None:
 
 @bpy.app.handlers.persistent
 def _before_save(*_: Any) -> None:
-    remove()  # the next update brings it back
+    _remove_blocks()  # the next update brings it back
+
+
+@bpy.app.handlers.persistent
+def _after_undo(*_: Any) -> None:
+    """An undo step taken while a job ran holds a proxy: undoing to it after the job must not
+    bring that proxy back."""
+    if not _live:
+        _remove_blocks()
+
+
+HANDLERS = ((bpy.app.handlers.save_pre, _before_save), (bpy.app.handlers.undo_post, _after_undo),
+            (bpy.app.handlers.redo_post, _after_undo))
 
 
 def register() -> None:
-    if _before_save not in bpy.app.handlers.save_pre:
-        bpy.app.handlers.save_pre.append(_before_save)
+    for handlers, handler in HANDLERS:
+        if handler not in handlers:
+            handlers.append(handler)
 
 
 def unregister() -> None:
-    if _before_save in bpy.app.handlers.save_pre:
-        bpy.app.handlers.save_pre.remove(_before_save)
+    for handlers, handler in HANDLERS:
+        if handler in handlers:
+            handlers.remove(handler)
     remove()
