@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
@@ -26,6 +28,14 @@ CONNECTION = [
 ]
 
 
+OFFERED_MODELS: list[str] = []  # what the connected backend offers (its welcome); free text stays allowed
+
+
+def offered_models(self: Any, context: Any, edit_text: str) -> list[str]:
+    """The model field's drop-down: the backend's models that contain what is typed."""
+    return [m for m in OFFERED_MODELS if edit_text.lower() in m.lower()]
+
+
 class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     """What to generate (saved with the .blend)."""
 
@@ -34,7 +44,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=0)
     quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in QUALITY],
                           default="STANDARD", description="Steps and resolution, from the model's defaults")
-    model: StringProperty(name="Model", default="embedded",
+    model: StringProperty(name="Model", default="embedded", search=offered_models, search_options={"SUGGESTION"},
                           description="A model the backend offers: embedded, sd21, sd15, or a folder in its models directory")
     steps: IntProperty(name="Steps", min=0, max=int(LIMITS["steps"][1]), default=0, description="0: from the quality preset")
     resolution: IntProperty(name="Resolution", min=0, max=int(LIMITS["resolution"][1]), step=8, default=0,

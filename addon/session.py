@@ -19,7 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import backend_process, proxy
 from .preferences import preferences
-from .properties import FINAL_STATES, STATE_NAMES, PROMPTMESH_PG_state
+from .properties import FINAL_STATES, OFFERED_MODELS, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
 from .shared.client import Client, is_loopback
 from .shared.errors import BUSY, PromptMeshError
@@ -304,6 +304,8 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
         return
     st.connection, st.device = "ONLINE", str(msg.fields.get("device", "?"))
     st.say(f"connected: backend {msg.fields.get('version', '?')} on {st.device}")
+    models = msg.fields.get("models")
+    OFFERED_MODELS[:] = [str(m) for m in models] if isinstance(models, list) else []
     vocabularies = msg.fields.get("vocabularies")
     _vocabularies.clear()
     if isinstance(vocabularies, dict):

@@ -218,7 +218,7 @@ def run(
         "steps": steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
-        "resumed_from_step": resumed_from, "threads": torch.get_num_threads(),
+        "resumed_from_step": resumed_from, "threads": torch.get_num_threads(), "weights": guidance.weights,
     }
     result = Result(mesh, metadata, trainer)
     on_event(StageEvent("done"))

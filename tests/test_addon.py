@@ -333,6 +333,9 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
         assert not bpy.ops.promptmesh.generate.poll() and len(st.jobs) == 1
         bpy.context.scene.promptmesh.prompt = "A Red Cube"
         assert session.prompt_problem(bpy.context.scene.promptmesh) is None
+        properties = sys.modules[f"{MODULE}.properties"]  # the model field's drop-down: what the backend offers
+        assert {"embedded", "sd21", "sd15"} <= set(properties.offered_models(None, bpy.context, ""))
+        assert properties.offered_models(None, bpy.context, "SD") == ["sd21", "sd15"]
 
         bpy.context.scene.promptmesh.prompt, bpy.context.scene.promptmesh.steps = PROMPT, 5000
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}

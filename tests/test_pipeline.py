@@ -121,3 +121,14 @@ def test_no_proxies_unless_asked(tiny_sd):
     events = []
     run(spec(tiny_sd, steps=20), events.append)
     assert not any(isinstance(e, ProxyEvent) for e in events)
+
+
+def test_the_result_records_which_weights_made_it(tiny_sd):
+    import hashlib
+
+    result = run(spec(tiny_sd, steps=2))
+    weights = result.metadata["weights"]
+    assert weights["source"] == str(tiny_sd.resolve())
+    unet = next(p for p in (tiny_sd / "unet").iterdir() if p.suffix == ".safetensors")
+    assert weights["sha256"][f"unet/{unet.name}"] == hashlib.sha256(unet.read_bytes()).hexdigest()
+    assert {k.split("/")[0] for k in weights["sha256"]} == {"unet", "vae", "text_encoder"}

@@ -109,3 +109,34 @@ def test_an_alias_falls_back_to_its_next_mirror(tiny_sd, monkeypatch):
     monkeypatch.setitem(models.CATALOGUE, "mirrored", models.Model("mirrored", "", (str(tiny_sd.parent / "gone"),)))
     with pytest.raises(ModelLoadError, match="gone"):
         load_guidance("mirrored")
+
+
+def test_a_hub_id_that_no_longer_exists_gets_one_line_naming_the_aliases():
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from promptmesh.backend.guidance.stable_diffusion import repository_missing
+
+    not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as huggingface_hub raises it, minus the HTTP reply
+    Exception.__init__(not_found, "404 Client Error")
+    try:
+        try:
+            raise not_found
+        except RepositoryNotFoundError as inner:
+            raise OSError("stabilityai/stable-diffusion-2-1-base is not a local folder") from inner
+    except OSError as wrapped:
+        assert repository_missing(wrapped)
+    assert not repository_missing(OSError("disk full"))
+
+
+def test_the_half_precision_path_runs_end_to_end_in_bfloat16_on_the_cpu(tiny_sd):
+    """What CUDA runs in fp16 (VAE and UNet in half precision, SDS arithmetic in fp32), shaken
+    out on the CPU in bfloat16: every tensor on the right dtype, a finite gradient that reaches
+    the render."""
+    g = StableDiffusionGuidance(str(tiny_sd), dtype=torch.bfloat16)
+    assert next(g.unet.parameters()).dtype == torch.bfloat16 and g.alphas_cumprod.dtype == torch.float32
+    emb = g.embed_prompt("a red cube")
+    images = torch.rand(1, 3, 16, 16, requires_grad=True)
+    loss = g.sds_loss(images, emb, cams(30), 7.5, (0.02, 0.98), torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0

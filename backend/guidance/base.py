@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +21,24 @@ class ModelLoadError(PromptMeshError):
     code = MODEL
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+
+
+def weight_hashes(folder: Path, components: tuple[str, ...] = ()) -> dict[str, str]:
+    """The sha256 of every weight file under `folder` (or its `components` subfolders), by relative
+    path: what a result's metadata records, so that a model can be told from a look-alike."""
+    roots = [folder / c for c in components] if components else [folder]
+    out = {}
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return out
+
+
 class Guidance(nn.Module):
     """A frozen diffusion prior. Subclasses map renders to its input space, encode text and
     predict noise; `sds_grad` and `sds_loss` are the same for all of them. `recipe` holds the
@@ -25,6 +46,7 @@ class Guidance(nn.Module):
 
     recipe: Recipe
     alphas_cumprod: torch.Tensor
+    weights: dict  # where the weights came from: {"source", "revision", "sha256": {file: digest}}
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] display colour in [0, 1] -> the diffusion model's input space."""

@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
 from ..cameras import Cameras
 from ..field import FieldConfig
 from ..prior import WEIGHTS_DIR
 from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
 from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
-from .base import Guidance, ModelLoadError
+from .base import Guidance, ModelLoadError, weight_hashes
 
 
 class EmbeddedGuidance(Guidance):
@@ -42,6 +43,8 @@ class EmbeddedGuidance(Guidance):
                 "weights with `promptmesh prior train`"
             ) from exc
         self.prior.requires_grad_(False).eval().to(device)
+        self.weights = {"source": str(path), "revision": f"promptmesh {__version__}" if Path(path) == WEIGHTS_DIR else None,
+                        "sha256": weight_hashes(Path(path))}
         self.register_buffer("alphas_cumprod", self.prior.scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
 
     def check_prompt(self, text: str) -> None:

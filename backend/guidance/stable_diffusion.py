@@ -15,7 +15,7 @@ from ..cameras import Cameras
 from ..models import CATALOGUE
 from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
-from .base import Guidance, ModelLoadError
+from .base import Guidance, ModelLoadError, weight_hashes
 
 DEFAULT_MODEL_ID = CATALOGUE["sd21"].repos[0]
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -43,6 +43,33 @@ def _is_cached(model: str) -> bool:
         return False
 
 
+def provenance(model: str, local: bool) -> dict:
+    """Where the weights came from: the folder, or the Hub id with the cached snapshot's commit,
+    and the sha256 of the weight files SDS uses (UNet, VAE, text encoder)."""
+    if local:
+        folder, source, revision = Path(model), str(Path(model).resolve()), None
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, local_files_only=True))  # what from_pretrained just loaded
+        source, revision = model, folder.name
+    return {"source": source, "revision": revision, "sha256": weight_hashes(folder, ("unet", "vae", "text_encoder"))}
+
+
+def repository_missing(exc: BaseException) -> bool:
+    """Whether loading failed because the Hub has no such repository (or refuses it)."""
+    from huggingface_hub.errors import DisabledRepoError, GatedRepoError, RepositoryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (RepositoryNotFoundError, GatedRepoError, DisabledRepoError)):
+            return True
+        if "is not a valid model identifier" in str(seen) or "Repository Not Found" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class StableDiffusionGuidance(Guidance):
     """SDS against Stable Diffusion: renders are upsampled to the UNet's native size (512 for
     SD 2.1-base), VAE-encoded, and scored by the frozen UNet (fp16 and no grad on CUDA)."""
@@ -53,10 +80,12 @@ class StableDiffusionGuidance(Guidance):
         shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp",
     )
 
-    def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         device = torch.device(device)
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        # Half precision on CUDA (fp16 LayerNorm has no CPU kernel); the SDS arithmetic stays fp32.
+        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         local = Path(model).is_dir()
         if not local and Path(model).exists():
             raise ModelLoadError(f"model path {model} is not a folder")
@@ -81,6 +110,10 @@ class StableDiffusionGuidance(Guidance):
             self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only)
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
         except (OSError, ValueError) as exc:
+            if not local and repository_missing(exc):
+                raise ModelLoadError(
+                    f"the Hugging Face Hub has no model {model!r} (removed, renamed, private or gated): use an alias, "
+                    f"{' or '.join(a for a in CATALOGUE if a != 'embedded')}, or a local folder") from exc
             where = "folder" if local else "Hub id"
             hint = "" if local else (
                 " (offline: download it first with `huggingface-cli download "
@@ -89,6 +122,7 @@ class StableDiffusionGuidance(Guidance):
             raise ModelLoadError(f"cannot load Stable Diffusion from {where} {model!r}{hint}: {exc}") from exc
         for module in (self.text_encoder, self.unet, self.vae):
             module.requires_grad_(False).eval().to(device)
+        self.weights = provenance(model, local)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = self.unet.config.sample_size * vae_scale
