@@ -74,7 +74,8 @@ _previews: Any = None
 _vocabularies: dict[str, set[str]] = {}  # model -> the words a closed-vocabulary prior knows (from welcome)
 
 # Where each stage sits on the progress bar, so that meshing and fetching move it too.
-STAGE_SPANS = {"loading": (0.0, 0.02), "optimising": (0.02, 0.92), "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
+STAGE_SPANS = {"loading": (0.0, 0.02), "downloading": (0.0, 0.02), "optimising": (0.02, 0.92),
+               "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
 # Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
 REFUSALS = {P.BAD_REQUEST, "MODEL", "QUEUE_FULL", "FORBIDDEN", P.NOT_FOUND, "MESH"}
 

@@ -370,6 +370,29 @@ def export_fbx(mesh, name: str, out: Path) -> None:
     export_objects(bpy.context, [obj], out, "fbx")
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The catalogue, and which models are in the local cache (no network needed)."""
+    from .models import CATALOGUE, cached_repo
+
+    for m in CATALOGUE.values():
+        where = cached_repo(m.alias)
+        state = "ready" if where == "package" else (f"cached ({where})" if where else "not downloaded")
+        print(f"{m.alias:<9} {state:<52} {m.size}\n          {m.description}; licence {m.licence}")
+    return 0
+
+
+def cmd_models_download(args: argparse.Namespace) -> int:
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"  # this command is all about its progress
+    from .models import EMBEDDED, download
+
+    if args.model == EMBEDDED:
+        print("the embedded prior ships in the package: nothing to download", file=sys.stderr)
+        return 0
+    repo = download(args.model)
+    print(f"{args.model}: downloaded from {repo} into the Hugging Face cache", file=sys.stderr)
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.send("cancel", args.job)
@@ -485,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(cn)
     cn.add_argument("job")
     cn.set_defaults(func=cmd_cancel)
+
+    mo = sub.add_parser("models", help="list the model catalogue and what is downloaded")
+    mo.set_defaults(func=cmd_models)
+    mo_sub = mo.add_subparsers(dest="models_command", parser_class=Parser)
+    md = mo_sub.add_parser("download", help="fetch what SDS needs of a model (resumable)")
+    md.add_argument("model", help="an alias (sd21, sd15) or a Hub id")
+    md.set_defaults(func=cmd_models_download)
 
     ex = sub.add_parser("export", help="write FBX for Cinema 4D (Blender's exporter, needs bpy), or GLB/PLY/OBJ")
     ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")

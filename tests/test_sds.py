@@ -140,3 +140,30 @@ def test_the_half_precision_path_runs_end_to_end_in_bfloat16_on_the_cpu(tiny_sd)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_a_folder_with_only_fp16_weights_loads_them(tiny_sd, tmp_path):
+    """What `promptmesh models download` keeps of a repository that has fp16 variants."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "fp16-only"
+    shutil.copytree(tiny_sd, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", variant="fp16")
+    assert [p.name for p in (folder / "unet").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    g = load_guidance(str(folder))
+    assert torch.equal(next(g.unet.parameters()), next(unet.parameters()))
+
+
+def test_only_an_uncached_hub_model_is_downloaded_and_never_offline(tiny_sd, tmp_path, monkeypatch):
+    from promptmesh.backend.models import needs_download
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert needs_download("sd21") and needs_download("someone/some-model")
+    assert not needs_download("embedded") and not needs_download(str(tiny_sd)) and not needs_download("./a/b")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not needs_download("sd21")

@@ -43,6 +43,24 @@ def _is_cached(model: str) -> bool:
         return False
 
 
+def _snapshot(model: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not in the cache after all: from_pretrained says what is missing
+        return None
+
+
+def _variant(folder: Path | None, component: str) -> str | None:
+    """"fp16" when the component's only weights are the fp16 variant (what `promptmesh models
+    download` fetches where a repository has it), else None (the default files)."""
+    if folder is None:
+        return None
+    weights = [p.name for p in (folder / component).glob("*.safetensors")]
+    return "fp16" if weights and all(".fp16." in name for name in weights) else None
+
+
 def provenance(model: str, local: bool) -> dict:
     """Where the weights came from: the folder, or the Hub id with the cached snapshot's commit,
     and the sha256 of the weight files SDS uses (UNet, VAE, text encoder)."""
@@ -97,17 +115,20 @@ class StableDiffusionGuidance(Guidance):
         if not local_only and not _hub_reachable():
             raise ModelLoadError(
                 f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be reached: "
-                f"download it on a connected machine (`huggingface-cli download {model}`) or pass a local folder"
+                f"download it on a connected machine (`promptmesh models download {model}`) or pass a local folder"
             )
+        folder = Path(model) if local else (_snapshot(model) if local_only else None)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_only)
             self.text_encoder = CLIPTextModel.from_pretrained(
-                model, subfolder="text_encoder", torch_dtype=self.dtype, local_files_only=local_only
+                model, subfolder="text_encoder", torch_dtype=self.dtype, local_files_only=local_only,
+                variant=_variant(folder, "text_encoder"),
             )
             self.unet = UNet2DConditionModel.from_pretrained(
-                model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only
+                model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only, variant=_variant(folder, "unet")
             )
-            self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only)
+            self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only,
+                                                     variant=_variant(folder, "vae"))
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
         except (OSError, ValueError) as exc:
             if not local and repository_missing(exc):
