@@ -167,3 +167,37 @@ def test_only_an_uncached_hub_model_is_downloaded_and_never_offline(tiny_sd, tmp
     assert not needs_download("embedded") and not needs_download(str(tiny_sd)) and not needs_download("./a/b")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not needs_download("sd21")
+
+
+def test_the_full_size_sd21_configuration_runs_our_sds_code_on_the_meta_device():
+    """Stable Diffusion 2.1 base at its published sizes, in fp16 as on CUDA, built on the meta
+    device (no memory): our encode -> UNet -> SDS code keeps every shape and dtype, and the
+    weights are the 2.6 GB the README's VRAM budget counts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from promptmesh.backend.prompts import PromptEmbeddings
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).half()
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=512).half()
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                            num_attention_heads=16, hidden_act="gelu", max_position_embeddings=77)).half()
+    weights = sum(p.numel() * p.element_size() for m in (unet, vae, text) for p in m.parameters())
+    assert 2.4e9 < weights < 2.7e9
+    g = StableDiffusionGuidance.__new__(StableDiffusionGuidance)
+    torch.nn.Module.__init__(g)
+    g.unet, g.vae, g.dtype, g.image_size, g.scaling_factor = unet, vae, torch.float16, 512, 0.18215
+    g.register_buffer("alphas_cumprod", torch.empty(1000, device="meta"))
+    latents = g.encode_images(torch.empty(1, 3, 64, 64, device="meta"))  # a 64 px render, upsampled to 512
+    assert latents.shape == (1, 4, 64, 64) and latents.dtype == torch.float16
+    emb = PromptEmbeddings("a mug", "", lambda texts: torch.empty(len(texts), 77, 1024, device="meta", dtype=torch.float16))
+    t = torch.full((1,), 500, device="meta", dtype=torch.long)
+    grad = g.sds_grad(latents, emb, cams(30), 100.0, t, torch.empty_like(latents))
+    assert grad.shape == latents.shape and grad.dtype == torch.float32  # the SDS arithmetic in fp32
