@@ -21,6 +21,7 @@ import torch
 
 PROBE_STEPS = 4  # steps a probe of the other thread count runs when it is not clearly worse
 CLEARLY_WORSE = 2.0  # a probe step this many times the baseline ends the probe at once
+CLEARLY_BETTER = 0.9  # a probe must beat the baseline by this much to switch (step times drift and jitter)
 WINDOW = 8  # steps whose median is the current count's baseline
 
 
@@ -79,7 +80,7 @@ class ThreadTuner:
         worse = seconds > CLEARLY_WORSE * self.baseline
         if not worse and len(self.probe) < PROBE_STEPS:
             return
-        better = not worse and statistics.median(self.probe) < self.baseline
+        better = not worse and statistics.median(self.probe) < CLEARLY_BETTER * self.baseline
         if better:  # switch: the probed count becomes the current one
             self.threads = self.other
             self.recent.clear()
