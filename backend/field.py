@@ -76,7 +76,12 @@ class HashGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, 3] in [-1, 1]."""
         outs, dense_i, hashed_i = [], 0, 0
-        grid = x.view(1, 1, 1, -1, 3)
+        # The CPU kernel of grid_sample parallelises over the batch only: the points are split
+        # into one batch entry per thread (same values, the grid broadcast, not copied).
+        parts = torch.get_num_threads() if x.device.type == "cpu" else 1
+        n = x.shape[0]
+        padded = F.pad(x, (0, 0, 0, -n % parts)) if n % parts else x
+        grid = padded.view(parts, 1, 1, -1, 3)
         for level, res in enumerate(self.resolutions):
             if (res + 1) ** 3 <= 2**self.config.log2_table_size:
                 param = self.dense[dense_i]
@@ -85,8 +90,9 @@ class HashGrid(nn.Module):
                     outs.append(x.new_zeros(x.shape[0], self.config.features_per_level))
                     continue
                 # grid_sample wants (x, y, z) for (W, H, D); our tensor is laid out [D=z, H=y, W=x].
-                feat = F.grid_sample(param, grid, mode="bilinear", padding_mode="border", align_corners=True)
-                outs.append(feat.view(self.config.features_per_level, -1).t())
+                feat = F.grid_sample(param.expand(parts, -1, -1, -1, -1), grid, mode="bilinear",
+                                     padding_mode="border", align_corners=True)  # [parts, F, 1, 1, n / parts]
+                outs.append(feat.permute(0, 4, 1, 2, 3).reshape(-1, self.config.features_per_level)[:n])
             else:
                 table = self.hashed[hashed_i]
                 hashed_i += 1
@@ -107,6 +113,11 @@ class NeRFField(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(self.encoding.output_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, 4),
         )
+
+    @property
+    def radius(self) -> float:
+        """No density beyond this distance from the centre: the renderer samples only inside it."""
+        return self.config.radius
 
     def blob(self, r: torch.Tensor) -> torch.Tensor:
         """Pre-activation density added at distance r from the centre."""

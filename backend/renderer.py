@@ -1,10 +1,12 @@
 """Volume rendering of the field: rays through the bounding sphere, stratified samples,
 an occupancy grid that skips empty space, alpha compositing, and deferred shading.
 
-Only samples in occupied cells, in front of the point where a ray turns opaque, are
-differentiated. Normals are taken once per ray at the
-expected surface point (deferred shading) instead of at every sample: for the solid
-surfaces SDS converges to this is the same image, at a fraction of the cost.
+Only samples in occupied cells are evaluated, in one pass with gradients (a no-grad pass
+that found where each ray turns opaque, so that only the samples in front are
+differentiated, cost more than it saved: it cut 1-15 % of the samples for a whole extra
+forward pass). Normals are taken once per ray at the expected surface point (deferred
+shading) instead of at every sample: for the solid surfaces SDS converges to this is the
+same image, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from .shading import ShadingConfig, shade
 class RenderConfig:
     """How rays are sampled and how the occupancy grid skips empty space."""
 
+    # Samples along a diameter of the bounding sphere. Rays are sampled only across the field's
+    # own sphere (FieldConfig.radius: no density beyond it), at the same spacing.
     samples_per_ray: int = 64
     occupancy_resolution: int = 32
-    occupancy_threshold: float = 0.05  # density below which a cell counts as empty
+    # A cell counts as empty where a sample's optical thickness (density x sample spacing) is
+    # below this: Instant-NGP's 0.01, i.e. under 1 % opacity per sample.
+    occupancy_thickness: float = 0.01
     occupancy_decay: float = 0.9
     occupancy_dilation: int = 2  # cells
-    min_transmittance: float = 1e-4  # samples behind this much opacity are not differentiated
 
 
 class OccupancyGrid(nn.Module):
@@ -56,7 +61,8 @@ class OccupancyGrid(nn.Module):
         fresh = torch.cat([field.density(chunk) for chunk in points.split(65536)]).view(res, res, res)
         finite = torch.isfinite(self.density)
         self.density = torch.where(finite, torch.maximum(self.density * self.config.occupancy_decay, fresh), fresh)
-        occupied = (self.density > self.config.occupancy_threshold).float()[None, None]
+        spacing = 2 * BOUND_RADIUS / self.config.samples_per_ray
+        occupied = (self.density * spacing > self.config.occupancy_thickness).float()[None, None]
         k = 2 * self.config.occupancy_dilation + 1
         self.mask = F.max_pool3d(occupied, k, stride=1, padding=self.config.occupancy_dilation)[0, 0].bool()
 
@@ -104,8 +110,8 @@ def render(
     origins, dirs = ray_bundle(cameras, height, width)
     batch = origins.shape[0]
     o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-    near, far, hit = sphere_near_far(o, d)
-    s = config.samples_per_ray
+    near, far, hit = sphere_near_far(o, d, field.radius)
+    s = max(1, round(config.samples_per_ray * field.radius / BOUND_RADIUS))
     if generator is None:
         u = torch.full((o.shape[0], s), 0.5, device=o.device)
     else:
@@ -116,12 +122,6 @@ def render(
     mask = hit[:, None].expand(-1, s)
     if occupancy is not None:
         mask = mask & occupancy.occupied(points)
-    if mask.any() and torch.is_grad_enabled():
-        # Early ray termination in two passes: a cheap no-grad pass finds where each ray is
-        # already opaque; only the samples in front of that are evaluated with gradients.
-        with torch.no_grad():
-            tau = torch.zeros(mask.shape, device=o.device).index_put((mask,), field.density(points[mask])) * delta
-            mask = mask & (torch.exp(-(torch.cumsum(tau, -1) - tau)) > config.min_transmittance)
     density = torch.zeros(mask.shape, device=o.device)
     albedo = torch.zeros(*mask.shape, 3, device=o.device)
     if mask.any():

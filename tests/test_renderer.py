@@ -14,6 +14,8 @@ RADIUS = 0.5
 class AnalyticSphere(nn.Module):
     """A hard sphere of constant albedo, with the field's interface."""
 
+    radius = 1.0  # the renderer samples the whole bounding sphere
+
     def forward(self, x):
         inside = (x.norm(dim=-1) < RADIUS).float()
         return inside * 1e4, torch.tensor([0.8, 0.2, 0.1]).expand(len(x), 3)
@@ -91,6 +93,57 @@ def test_a_bounded_field_has_no_density_beyond_its_radius():
         d_bounded, d_free = bounded.density(points), free.density(points)
     assert (d_bounded[~inside] == 0).all() and (d_free[~inside] > 0).all()  # softplus: the free field is never 0
     assert torch.equal(d_bounded[inside], d_free[inside])
+
+
+class Unbounded(nn.Module):
+    """A field seen as filling the whole bounding sphere: the renderer samples all of it."""
+
+    radius = 1.0
+
+    def __init__(self, field):
+        super().__init__()
+        self.field = field
+
+    def forward(self, x):
+        return self.field(x)
+
+    def density(self, x):
+        return self.field.density(x)
+
+    def normals(self, x):
+        return self.field.normals(x)
+
+
+def test_rays_are_sampled_only_inside_a_bounded_field_at_the_same_spacing():
+    field = NeRFField(FieldConfig(radius=0.5, blob_density=30.0, blob_radius=0.45))
+    cams = front_camera()
+    with torch.no_grad():
+        inside = render(field, SolidBackground(), cams, 32, 32, shading="albedo")
+        whole = render(Unbounded(field), SolidBackground(), cams, 32, 32, shading="albedo")
+    assert inside.samples < 0.55 * whole.samples  # half the chord, a quarter of the rays' cross-section
+    assert torch.allclose(inside.opacity, whole.opacity, atol=0.03)
+    assert torch.allclose(inside.rgb, whole.rgb, atol=0.03)
+
+
+def test_the_grid_gives_the_same_features_and_gradients_whatever_the_thread_count():
+    field = NeRFField(FieldConfig(max_resolution=32))
+    for p in field.encoding.parameters():
+        p.data.normal_()
+    x = torch.rand(1001, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1  # odd: one thread's share is padded
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            field.zero_grad()
+            feats = field.encoding(x)
+            (feats * torch.linspace(-1, 1, feats.shape[1])).sum().backward()
+            results.append((feats.detach(), [p.grad.clone() for p in field.encoding.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    (f1, g1), (f3, g3) = results
+    assert torch.equal(f1, f3)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g3, strict=True))
 
 
 def test_field_gradients_reach_the_grid_through_render():
