@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from figures import report  # noqa: E402
+
 from promptmesh.backend.cameras import sample_cameras  # noqa: E402
 from promptmesh.backend.guidance import load_guidance  # noqa: E402
 from promptmesh.backend.recipe import resolve  # noqa: E402
