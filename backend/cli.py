@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..shared.errors import BAD_REQUEST, PromptMeshError
-from ..shared.spec import JobSpec
+from ..shared.spec import QUALITY, JobSpec, quality_settings
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -67,10 +67,19 @@ def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[st
 
 
 def _spec(args: argparse.Namespace) -> JobSpec:
+    """The job spec of the options: a quality preset first, then what was given explicitly."""
+    model = args.model or "embedded"
+    preset = quality_settings(model, args.quality)
+
+    def given(name: str, default: int | None = None) -> int | None:
+        value = getattr(args, name)
+        return value if value is not None else preset.get(name, default)
+
     return JobSpec(
-        prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, resolution=args.resolution,
-        guidance_scale=args.guidance_scale, model=args.model or "embedded", preview_every=args.preview_every,
-        mesh_resolution=args.mesh_resolution, max_faces=args.max_faces, device=args.device,
+        prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
+        resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
+        preview_every=args.preview_every, mesh_resolution=given("mesh_resolution", JobSpec.mesh_resolution),
+        max_faces=args.max_faces, device=args.device,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -419,7 +428,9 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--preview-every", type=int, default=0)
-    g.add_argument("--mesh-resolution", type=int, default=128, help="marching cubes grid (32..256)")
+    g.add_argument("--mesh-resolution", type=int, help=f"marching cubes grid (32..256, default {JobSpec.mesh_resolution})")
+    g.add_argument("--quality", choices=QUALITY, default="standard",
+                   help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
 
 

