@@ -78,8 +78,8 @@ class HashGrid(nn.Module):
         outs, dense_i, hashed_i = [], 0, 0
         # The CPU kernel of grid_sample parallelises over the batch only: the points are split
         # into one batch entry per thread (same values, the grid broadcast, not copied).
-        parts = torch.get_num_threads() if x.device.type == "cpu" else 1
         n = x.shape[0]
+        parts = max(1, min(torch.get_num_threads(), n)) if x.device.type == "cpu" else 1
         padded = F.pad(x, (0, 0, 0, -n % parts)) if n % parts else x
         grid = padded.view(parts, 1, 1, -1, 3)
         for level, res in enumerate(self.resolutions):
