@@ -71,14 +71,15 @@ def _spec(args: argparse.Namespace) -> JobSpec:
     model = args.model or "embedded"
     preset = quality_settings(model, args.quality)
 
-    def given(name: str, default: int | None = None) -> int | None:
+    def given(name: str) -> int | None:
         value = getattr(args, name)
-        return value if value is not None else preset.get(name, default)
+        return value if value is not None else preset.get(name)
 
+    mesh = given("mesh_resolution")
     return JobSpec(
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
         resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
-        preview_every=args.preview_every, mesh_resolution=given("mesh_resolution", JobSpec.mesh_resolution),
+        preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
         max_faces=args.max_faces, device=args.device,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
