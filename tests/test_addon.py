@@ -444,7 +444,7 @@ def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, 
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.model, settings.steps, settings.resolution = "a red cube", tiny_sd.name, 300, 16
+        settings.prompt, settings.model, settings.steps, settings.resolution = "a red cube", tiny_sd.name, 600, 16
         settings.mesh_resolution, settings.device, settings.import_when_done = 32, "cpu", True
         settings.show_proxy, settings.proxy_every = True, 0.5
         bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
