@@ -184,7 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does: cleanly
 
-    signal.signal(signal.SIGTERM, terminate)
+    # SIGINT too: Python raises KeyboardInterrupt only where SIGINT was not ignored at start-up, and
+    # a parent can leave it ignored (a shell's background job; a test process after Blender ran).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, terminate)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

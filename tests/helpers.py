@@ -45,13 +45,15 @@ class ServerProcess:
     """`promptmesh serve` on a loopback port, started and ready (it answers hello)."""
 
     def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = (), models: Path | None = None,
-                 server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None) -> None:
+                 server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
+                 log_dir: Path | None = None) -> None:
         if models is not None:
             extra = ("--models-dir", str(models), *extra)
         self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
         self.data_dir = data_dir
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        self.log_path = data_dir.parent / f"server-{data_dir.name}.log"
+        # faulthandler: a server that does not stop is made to print every thread's stack (SIGABRT)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+        self.log_path = (log_dir or data_dir.parent) / f"server-{data_dir.name}.log"
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", self.endpoint, "--data-dir", str(data_dir),
@@ -69,10 +71,23 @@ class ServerProcess:
                         raise RuntimeError("server did not start: " + self.log_path.read_text()) from None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-        self.log.close()
+        """Stop it with `sig`; one that has not stopped within 30 s fails the test with its log
+        (and its threads' stacks) and is killed, so that it cannot slow down the tests after it."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.send_signal(signal.SIGABRT)
+                    self.proc.wait(timeout=30)
+                    pytest.fail(f"the server did not stop within 30 s of signal {sig}:\n"
+                                + self.log_path.read_text(errors="replace")[-20_000:])
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
 
 
 def small_spec(model: Path, prompt: str = "a red cube", **kw) -> dict:

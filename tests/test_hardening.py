@@ -125,7 +125,7 @@ def fill(folder: Path, leave: int) -> Path:
 
 @pytest.mark.slow
 def test_a_full_disk_fails_the_job_with_disk_and_the_server_goes_on(tmpfs, tiny_sd):
-    srv = ServerProcess(tmpfs / "data", models=tiny_sd.parent)
+    srv = ServerProcess(tmpfs / "data", models=tiny_sd.parent, log_dir=tmpfs.parent)  # its log is not on the full disk
     try:
         with Client(srv.endpoint) as c:
             filler = fill(tmpfs, leave=48 * 1024)
