@@ -170,12 +170,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     _quiet_libraries()
-    from .executor import InProcessExecutor
+    from .executor import Executor, InProcessExecutor
     from .models import Offer
     from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    executor = InProcessExecutor(args.device, threads=args.threads)
+    executor: Executor
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray_address, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
+                               retries=args.retries, device=args.device, log_dir=Path(args.data_dir))
+    else:
+        executor = InProcessExecutor(args.device, threads=args.threads)
     server = Server(args.bind, Path(args.data_dir), executor=executor, curve_dir=Path(args.keys) if args.keys else None,
                     max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
                     offer=Offer(Path(args.models_dir) if args.models_dir else None, tuple(args.allow_model)))
@@ -490,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-model", action="append", default=[], metavar="HUB_ID",
                      help="also offer this Hub id (repeatable); clients may name only offered models")
     srv.add_argument("--max-queue", type=int, default=100, help="jobs waiting at most, from all clients")
+    srv.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where jobs run: in this process (default), or on a Ray cluster (pip install 'promptmesh[ray]')")
+    srv.add_argument("--ray-address", help="with --executor ray: the cluster's head (host:port); default: a new "
+                     "local cluster on loopback")
+    srv.add_argument("--gpus-per-job", type=float, default=1, help="with --executor ray: GPUs each job takes")
+    srv.add_argument("--cpus-per-job", type=float, default=1,
+                     help="with --executor ray, on a cluster without GPUs: CPUs (and torch threads) each job takes")
+    srv.add_argument("--retries", type=int, default=0, choices=(0, 1, 2, 3),
+                     help="with --executor ray: rerun a job this many times when its worker or node is lost")
     srv.add_argument("--max-queue-per-client", type=int, default=20, help="jobs waiting at most per client connection")
     srv.set_defaults(func=cmd_serve)
 

@@ -24,11 +24,12 @@ import zmq
 from ..shared import protocol as P
 from ..shared.errors import CANCELLED, DISK, INTERNAL, OOM, PromptMeshError
 from ..shared.protocol import Message
-from ..shared.result import JobFiles, proxy_arrays, remove_temporaries, write_json, write_npz
+from ..shared.result import JobFiles, Mesh, proxy_arrays, remove_temporaries, write_json, write_npz
 from ..shared.spec import JobSpec
 
 log = logging.getLogger("promptmesh.executor")
 
+WAKE = b"wake"  # an executor's frame that only makes the loop look again (its slots changed)
 DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
@@ -107,19 +108,11 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
     """Run one job (from its checkpoint, if an earlier server stopped it), sending its progress
     and previews through `send`, write its result files, and return the frames of its terminal
     event (done, or error with a code). Stopped by `stopping`, it keeps its checkpoint."""
-    from .export import write_mesh
-    from .pipeline import Cancelled, CheckpointMismatch, PreviewEvent, ProxyEvent, StageEvent, StepEvent, run
+    from .pipeline import Cancelled, CheckpointMismatch, run
 
     def on_event(e: Any) -> None:
-        if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
-            send(event("progress", job, {"stage": e.stage, "step": 0, "total": 0}))
-        elif isinstance(e, StepEvent):
-            send(event("progress", job, {"stage": "optimising", "step": e.step, "total": e.total, "loss": e.loss}))
-        elif isinstance(e, PreviewEvent):
-            h, w = e.rgba.shape[:2]
-            send(event("preview", job, {"step": e.step, "w": w, "h": h}, {"rgba": e.rgba}))
-        elif isinstance(e, ProxyEvent):
-            send(event("proxy", job, {"step": e.step}, proxy_arrays(e.mesh)))
+        if (frames := event_frames(job, e)) is not None:
+            send(frames)
 
     try:
         try:
@@ -128,19 +121,48 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
             log.warning("job %s starts afresh: %s", job, exc)
             files.checkpoint.unlink(missing_ok=True)
             result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads)
-        write_mesh(result.mesh, files.glb)
-        write_mesh(result.mesh, files.ply)
-        write_npz(result.mesh, files.mesh)
-        meta = {**result.metadata, "job": job}
-        write_json(meta, files.meta)  # the last file: its presence means the result is whole
-        return event("done", job, {"meta": meta})
+        return commit_result(job, result.mesh, result.metadata, files)
     except Exception as exc:  # every outcome must reach the client
-        code, message = classify(exc)
-        if code == INTERNAL:
-            log.error("job %s failed: %s", job, traceback.format_exc())
         if not (isinstance(exc, Cancelled) and stopping.is_set()):
             discard_partial_result(files)
-        return event("error", job, {"code": code, "message": message})
+        return failure(job, exc)
+
+
+def event_frames(job: str, e: Any) -> list[bytes] | None:
+    """The wire event of one pipeline event (None for those the client does not hear of)."""
+    from .pipeline import PreviewEvent, ProxyEvent, StageEvent, StepEvent
+
+    if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
+        return event("progress", job, {"stage": e.stage, "step": 0, "total": 0})
+    if isinstance(e, StepEvent):
+        return event("progress", job, {"stage": "optimising", "step": e.step, "total": e.total, "loss": e.loss})
+    if isinstance(e, PreviewEvent):
+        h, w = e.rgba.shape[:2]
+        return event("preview", job, {"step": e.step, "w": w, "h": h}, {"rgba": e.rgba})
+    if isinstance(e, ProxyEvent):
+        return event("proxy", job, {"step": e.step}, proxy_arrays(e.mesh))
+    return None
+
+
+def commit_result(job: str, mesh: Mesh, metadata: dict[str, Any], files: JobFiles) -> list[bytes]:
+    """Write a job's result files (each atomically; meta.json last, so its presence means the
+    result is whole) and return the frames of its `done`."""
+    from .export import write_mesh
+
+    write_mesh(mesh, files.glb)
+    write_mesh(mesh, files.ply)
+    write_npz(mesh, files.mesh)
+    meta = {**metadata, "job": job}
+    write_json(meta, files.meta)
+    return event("done", job, {"meta": meta})
+
+
+def failure(job: str, exc: BaseException) -> list[bytes]:
+    """The frames of a job's `error` (the traceback goes to the log when it is a bug)."""
+    code, message = classify(exc)
+    if code == INTERNAL:
+        log.error("job %s failed: %s", job, "".join(traceback.format_exception(exc)))
+    return event("error", job, {"code": code, "message": message})
 
 
 def discard_partial_result(files: JobFiles) -> None:

@@ -45,7 +45,7 @@ from ..shared.errors import (
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
 from . import __version__
-from .executor import Executor, InProcessExecutor
+from .executor import WAKE, Executor, InProcessExecutor
 from .keys import admin_keys
 from .models import EMBEDDED, Offer
 from .prior import vocabulary
@@ -103,6 +103,7 @@ class Server:
         self.events.bind(self.events_endpoint)
         self.pending: deque[str] = deque(j.id for j in self.registry.queued())  # FIFO of queued jobs
         self.running: set[str] = set()  # handed to the executor, not yet ended
+        self.nodes: dict[str, str] = {}  # running job -> the machine it runs on, where the executor says
         self.owners: dict[str, bytes] = {}  # job -> submitting client identity
         self.watchers: dict[str, set[bytes]] = {}  # job -> other clients awaiting its end (cancel)
         self.outbox: dict[bytes, deque[tuple[str, list[bytes]]]] = {}  # client -> what its pipe had no room for
@@ -280,7 +281,8 @@ class Server:
     def _on_ping(self, client: bytes, msg: Message) -> None:
         busy = min(self.running, key=self._seq) if self.running else None
         self._send(client, Message("pong", msg.id, fields={
-            "device": self.device_name, "busy": busy, "queue": len(self.pending)}))
+            "device": self.device_name, "busy": busy, "queue": len(self.pending), "slots": self.executor.slots,
+            "running": {job: self.nodes.get(job) for job in self.running}}))
 
     def _on_generate(self, client: bytes, msg: Message) -> None:
         if len(self.pending) >= self.max_queue:
@@ -318,7 +320,7 @@ class Server:
     def _on_status(self, client: bytes, msg: Message) -> None:
         """One job, or a page of jobs (live ones first) that always fits the client's header limit."""
         jobs, total = ([self._job(msg)], 1) if msg.job else self.registry.overview(msg.fields.get("limit", STATUS_LIMIT))
-        summaries = [{**job.summary(), "position": self._position(job.id)} for job in jobs]
+        summaries = [{**job.summary(), "position": self._position(job.id), "node": self.nodes.get(job.id)} for job in jobs]
         while True:
             reply = Message("status", msg.id, msg.job, {"jobs": summaries, "total": total})
             frames = P.encode(reply)
@@ -390,12 +392,16 @@ class Server:
             if frames == [STOP]:
                 keep_going = False
                 break
+            if frames == [WAKE]:  # the executor's slots changed: _dispatch below
+                continue
             try:
                 msg = P.decode(frames, P.SERVER_TYPES)
             except P.ProtocolError as exc:  # an executor bug: say so, keep serving
                 log.error("an executor event could not be decoded: %s", exc)
                 continue
             job = msg.job or ""
+            if msg.type == "progress" and "node" in msg.fields:
+                self.nodes[job] = str(msg.fields["node"])
             if msg.type in ("preview", "proxy"):
                 latest[job, msg.type] = msg  # latest wins
                 continue
@@ -415,6 +421,7 @@ class Server:
         """The job's end in the registry. If the disk refuses, the client still hears the end and
         the registry reads "failed: the server stopped" after a restart."""
         self.running.discard(job)
+        self.nodes.pop(job, None)
         try:
             if msg.type == "done":
                 self.registry.set_state(job, "done", meta=msg.fields["meta"])

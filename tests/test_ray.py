@@ -1,0 +1,203 @@
+"""`promptmesh serve --executor ray` on a real Ray cluster on this machine: a head without
+slots and two nodes of one CPU each (loopback only, Ray's token authentication as Ray sets it),
+started once for this module. Jobs are embedded-prior jobs of a few seconds, sent through the
+ZeroMQ front as any client sends them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from helpers import ServerProcess, require_tool
+from promptmesh.shared.client import Client
+from promptmesh.shared.protocol import Message
+from promptmesh.shared.result import JobFiles, read_npz
+from test_addon import addon, addon_zip, bpy, prefs, pump_until  # noqa: F401 (fixtures for the add-on test)
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: nodes on 127.0.0.1 only
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        from ray.cluster_utils import Cluster
+    except ImportError:
+        require_tool(False, "ray (pip install -e '.[ray]')")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def ray_server(cluster, tmp_path, *extra: str, slots: int = 2) -> ServerProcess:
+    """A server on the cluster, once its bridge to Ray reports the cluster's `slots`."""
+    srv = ServerProcess(tmp_path / "data", extra=("--executor", "ray", "--ray-address", cluster.address, *extra))
+    with Client(srv.endpoint) as c:
+        until_slots(c, slots)
+    return srv
+
+
+def until_slots(client: Client, slots: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (pong := client.request("ping")).fields["slots"] != slots:
+        assert time.monotonic() < deadline, pong.fields
+        time.sleep(0.2)
+    return pong.fields
+
+
+def spec(steps: int = 60, seed: int = 0, prompt: str = "a red cube") -> dict:
+    return {"prompt": prompt, "model": "embedded", "steps": steps, "seed": seed, "mesh_resolution": 32,
+            "device": "cpu", "preview_every": 20}
+
+
+def ends(client: Client, jobs: list[str], timeout: float = 240) -> dict[str, Message]:
+    """The terminal message of each job, and every message seen on the way (by job)."""
+    out: dict[str, Message] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < len(jobs):
+        assert time.monotonic() < deadline, f"jobs did not end: {set(jobs) - set(out)}"
+        for msg in client.poll(0.5):
+            if msg.job in jobs and msg.type in ("done", "error"):
+                out[msg.job] = msg
+    return out
+
+
+def statuses(client: Client) -> dict[str, dict]:
+    return {s["job"]: s for s in client.request("status").fields["jobs"]}
+
+
+def until_running(client: Client, jobs: list[str], timeout: float = 120) -> dict[str, dict]:
+    """Status once every job in `jobs` runs and its node is known."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = statuses(client)
+        if all(st[j]["state"] == "running" and st[j]["node"] for j in jobs):
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
+def worker_pid(node: str) -> int:
+    return int(re.search(r"pid (\d+)", node).group(1))
+
+
+def test_two_nodes_run_two_jobs_at_once_and_a_third_waits_its_turn(cluster, tmp_path):
+    srv = ray_server(cluster, tmp_path)
+    try:
+        with Client(srv.endpoint) as c:
+            assert c.request("ping").fields["device"] == "ray: 2 slot(s) of 1 CPU"
+            jobs = [c.request("generate", spec=spec(steps=150, seed=i)).job for i in range(3)]
+            st = until_running(c, jobs[:2])
+            assert st[jobs[0]]["node"].split(" (")[1][:8] != st[jobs[1]]["node"].split(" (")[1][:8]  # two nodes
+            assert st[jobs[2]]["state"] == "queued" and st[jobs[2]]["position"] == 2
+            assert c.request("ping").fields["running"].keys() == set(jobs[:2])
+            end = ends(c, jobs)
+            assert all(m.type == "done" for m in end.values()), {j: m.fields for j, m in end.items()}
+            st = statuses(c)
+            assert st[jobs[1]]["started"] < st[jobs[0]]["finished"]  # the first two overlapped
+            assert st[jobs[2]]["started"] >= min(st[jobs[0]]["finished"], st[jobs[1]]["finished"])
+            for job in jobs:
+                files = JobFiles.of(tmp_path / "data", job)
+                assert end[job].fields["meta"]["attempt"] == 1 and files.glb.is_file() and files.ply.is_file()
+                fetched = c.request("result", job, timeout=30)
+                stored = read_npz(files.mesh).arrays
+                assert fetched.arrays.keys() == stored.keys()
+                for name, array in stored.items():
+                    assert fetched.arrays[name].dtype == array.dtype and fetched.arrays[name].tobytes() == array.tobytes()
+    finally:
+        srv.stop()
+
+
+def test_cancel_stops_a_running_job_within_a_step_and_a_queued_one_at_once(cluster, tmp_path):
+    srv = ray_server(cluster, tmp_path)
+    try:
+        with Client(srv.endpoint) as c:
+            jobs = [c.request("generate", spec=spec(steps=5000, seed=i)).job for i in range(3)]
+            until_running(c, jobs[:2])
+            c.send("cancel", jobs[2])
+            assert ends(c, [jobs[2]], timeout=10)[jobs[2]].fields["message"] == "cancelled while queued"
+            t0 = time.monotonic()
+            c.send("cancel", jobs[0])
+            end = ends(c, [jobs[0]], timeout=30)[jobs[0]]
+            assert end.fields["code"] == "CANCELLED" and time.monotonic() - t0 < 5  # cooperative, not the forced kill
+            later = c.request("generate", spec=spec(steps=20)).job  # the freed slot takes the next job
+            assert ends(c, [later])[later].type == "done"
+            c.send("cancel", jobs[1])
+            assert ends(c, [jobs[1]], timeout=30)[jobs[1]].fields["code"] == "CANCELLED"
+            st = statuses(c)
+            assert [st[j]["state"] for j in jobs] == ["cancelled"] * 3
+            assert not any(JobFiles.of(tmp_path / "data", j).folder.exists() for j in jobs)
+    finally:
+        srv.stop()
+
+
+def test_a_killed_worker_fails_its_job_with_the_reason_and_the_server_goes_on(cluster, tmp_path):
+    srv = ray_server(cluster, tmp_path)
+    try:
+        with Client(srv.endpoint) as c:
+            job = c.request("generate", spec=spec(steps=5000)).job
+            node = until_running(c, [job])[job]["node"]
+            os.kill(worker_pid(node), signal.SIGKILL)
+            end = ends(c, [job], timeout=60)[job]
+            assert end.type == "error" and end.fields["code"] == "WORKER_LOST", end.fields
+            assert "lost" in end.fields["message"]
+            assert statuses(c)[job]["state"] == "failed"
+            again = c.request("generate", spec=spec(steps=20)).job
+            assert ends(c, [again])[again].type == "done"
+    finally:
+        srv.stop()
+
+
+def test_with_retries_a_job_whose_worker_dies_runs_again_and_completes_once(cluster, tmp_path):
+    srv = ray_server(cluster, tmp_path, "--retries", "1")
+    try:
+        with Client(srv.endpoint) as c:
+            job = c.request("generate", spec=spec(steps=150)).job
+            node = until_running(c, [job])[job]["node"]
+            os.kill(worker_pid(node), signal.SIGKILL)
+            stages, end = [], None
+            deadline = time.monotonic() + 240
+            while end is None and time.monotonic() < deadline:
+                for msg in c.poll(0.5):
+                    if msg.job == job and msg.type == "progress":
+                        stages.append(msg.fields["stage"])
+                    elif msg.job == job and msg.type in ("done", "error"):
+                        end = msg
+            assert end is not None and end.type == "done", end and end.fields
+            assert "retrying" in stages and end.fields["meta"]["attempt"] == 2
+            files = JobFiles.of(tmp_path / "data", job)
+            assert sorted(p.name for p in files.folder.iterdir()) == sorted(
+                p.name for p in (files.meta, files.mesh, files.glb, files.ply))  # one result, no leftovers
+    finally:
+        srv.stop()
+
+
+def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon, prefs):  # noqa: F811
+    _, session = addon
+    srv = ray_server(cluster, tmp_path)
+    try:
+        prefs.endpoint, prefs.timeout = srv.endpoint, 10.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt, settings.seed, settings.quality = "a red cube", 0, "DRAFT"
+        settings.steps, settings.preview_every, settings.mesh_resolution = 60, 20, 32
+        settings.device, settings.import_when_done = "cpu", False
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: len(st.jobs) == 1 and st.jobs[0].state in ("DONE", "FAILED", "CANCELLED"),
+                   timeout=240)
+        job = st.jobs[0]
+        assert job.state == "DONE", job.message
+        assert st.device.startswith("ray")
+        import json
+
+        meta = json.loads(session.job_files(job.job).meta.read_text())
+        assert meta["attempt"] == 1 and meta["node"]
+    finally:
+        srv.stop()
