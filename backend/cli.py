@@ -330,7 +330,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for j in jobs:
         took = f"{j['finished'] - j['started']:.0f}s" if j.get("finished") and j.get("started") else "-"
         pos = "" if j.get("position") is None else f" #{j['position']}"
-        print(f"{printable(j['job'])}  {printable(j['state']):<9}{pos:<4} {took:>6}  {printable(j['prompt'])}")
+        node = f"  [on {printable(j['node'])}]" if j.get("node") else ""
+        print(f"{printable(j['job'])}  {printable(j['state']):<9}{pos:<4} {took:>6}  {printable(j['prompt'])}{node}")
     if reply.get("total", len(jobs)) > len(jobs):
         print(f"... {reply['total'] - len(jobs)} older job(s) not shown (--limit N shows up to 500)", file=sys.stderr)
     return 0

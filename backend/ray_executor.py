@@ -231,8 +231,10 @@ def connect(address: str | None) -> None:
     import ray
 
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"_node_ip_address": "127.0.0.1"}))
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PromptMeshError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {exc}") from exc
 
@@ -362,7 +364,7 @@ class RayExecutor:
                                 "code": WORKER_LOST, "message": "the Ray cluster is unreachable; submit it again"}))
                             continue
                         in_flight[job] = frames
-                    if job in in_flight:
+                    if job in in_flight and bridge is not None:
                         bridge.commands.send_multipart(frames)
                 if bridge is not None and bridge.events in ready:
                     frames = bridge.events.recv_multipart()

@@ -201,3 +201,43 @@ def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon
         assert meta["attempt"] == 1 and meta["node"]
     finally:
         srv.stop()
+
+
+def test_the_server_outlives_its_cluster_fails_the_running_job_keeps_the_queued_one_and_reconnects(tmp_path):
+    """A cluster of its own (this one is shut down and started again at the same address)."""
+    from ray.cluster_utils import Cluster
+
+    def start(port: int | None = None) -> Cluster:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                          **({"gcs_server_port": port} if port else {})})
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        return c
+
+    own = start()
+    port = int(own.address.rsplit(":", 1)[1])
+    os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"] = "5"  # Ray ends a driver without its GCS this soon
+    try:
+        srv = ray_server(own, tmp_path, slots=1)
+    finally:
+        del os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"]
+    try:
+        with Client(srv.endpoint) as c:
+            running = c.request("generate", spec=spec(steps=5000)).job
+            until_running(c, [running])
+            queued = c.request("generate", spec=spec(steps=20)).job
+            own.shutdown()
+            end = ends(c, [running], timeout=60)[running]
+            assert end.fields["code"] == "WORKER_LOST", end.fields
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 20:  # while Ray ends the bridge and the relay starts another
+                pong = c.request("ping").fields  # the loop answers all along
+                assert pong["queue"] == 1 and statuses(c)[queued]["state"] == "queued", pong
+                time.sleep(1)
+            assert pong["slots"] == 0 and "ray" in pong["device"]
+            own = start(port)
+            assert ends(c, [queued], timeout=120)[queued].type == "done"
+            assert c.request("ping").fields["slots"] == 1
+    finally:
+        srv.stop()
+        own.shutdown()
