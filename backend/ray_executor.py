@@ -234,7 +234,8 @@ def connect(address: str | None) -> None:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+            # "local": a new cluster of its own, never one that RAY_ADDRESS or /tmp/ray points to
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PromptMeshError(f"cannot reach the Ray cluster at {address or 'a new local cluster'}: {exc}") from exc
 

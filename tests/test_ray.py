@@ -104,6 +104,8 @@ def test_two_nodes_run_two_jobs_at_once_and_a_third_waits_its_turn(cluster, tmp_
             st = statuses(c)
             assert st[jobs[1]]["started"] < st[jobs[0]]["finished"]  # the first two overlapped
             assert st[jobs[2]]["started"] >= min(st[jobs[0]]["finished"], st[jobs[1]]["finished"])
+            loads = [end[j].fields["meta"]["timings"]["load_seconds"] for j in jobs]
+            assert loads[2] < 0.5 * max(loads[:2]), loads  # the third job found the prior loaded in its worker
             for job in jobs:
                 files = JobFiles.of(tmp_path / "data", job)
                 assert end[job].fields["meta"]["attempt"] == 1 and files.glb.is_file() and files.ply.is_file()
@@ -241,3 +243,21 @@ def test_the_server_outlives_its_cluster_fails_the_running_job_keeps_the_queued_
     finally:
         srv.stop()
         own.shutdown()
+
+
+def test_without_an_address_the_server_starts_a_local_cluster_on_loopback_with_a_slot_per_core(tmp_path):
+    import psutil
+
+    srv = ServerProcess(tmp_path / "data", extra=("--executor", "ray", "--cpus-per-job", "1"))
+    try:
+        with Client(srv.endpoint) as c:
+            until_slots(c, os.cpu_count())
+            job = c.request("generate", spec=spec(steps=20)).job
+            assert ends(c, [job])[job].type == "done"
+            ray_pids = {p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)}
+            listening = [s.laddr.ip for s in psutil.net_connections("inet") if s.status == psutil.CONN_LISTEN
+                         and s.pid in ray_pids]
+            assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    finally:
+        srv.stop()
+    assert "Ray" in (tmp_path / "data" / "ray.log").read_text()  # Ray's messages went there
