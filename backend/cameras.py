@@ -51,8 +51,8 @@ class Cameras:
     def __getitem__(self, index: slice) -> Cameras:
         return Cameras(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
-    def cat(self, other: Cameras) -> Cameras:
-        return Cameras(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
+    def cat(self, *others: Cameras) -> Cameras:
+        return Cameras(*(torch.cat([getattr(c, f) for c in (self, *others)]) for f in self.__dataclass_fields__))
 
 
 def spherical_position(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,10 @@ def orbit_cameras(
     return make_cameras(full(elevation), azimuth, full(distance), full(fovy))
 
 
-def view_word(elevation: torch.Tensor, azimuth: torch.Tensor, overhead_above: float = 55.0) -> list[str]:
+OVERHEAD_ABOVE = 55.0  # degrees of elevation above which a view is "overhead" (DreamFusion's threshold)
+
+
+def view_word(elevation: torch.Tensor, azimuth: torch.Tensor, overhead_above: float = OVERHEAD_ABOVE) -> list[str]:
     """DreamFusion's view word for each camera: overhead, front, side or back."""
     words = []
     for el, az in zip(elevation.tolist(), azimuth.tolist(), strict=True):

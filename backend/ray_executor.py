@@ -188,7 +188,9 @@ class ClusterDriver:
                     continue
                 try:
                     item = ray.get(next(stream))
-                except StopIteration:
+                except StopIteration:  # Ray closes a generator cancelled while it waits at a yield
+                    if cancel.is_set():
+                        return event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
                     raise RuntimeError("the job's task ended without a result") from None
                 if isinstance(item, list):  # a wire event
                     send(item)

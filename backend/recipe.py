@@ -50,6 +50,24 @@ class Optimisation:
 
 
 @dataclass(frozen=True)
+class ViewPrompts:
+    """How the camera's view enters the text condition (the Janus problem's first levers).
+
+    Hard (DreamFusion): the nearest view word's prompt. `interpolate`: the front/side/back
+    prompt embeddings blended linearly with the azimuth (stable-dreamfusion's scheme).
+    `perp_neg` (Armandpour et al. 2023): the interpolated prompt guides, and the views the
+    camera is not looking from are pushed away only along directions orthogonal to it, with
+    weights `perp_neg_scale * exp(-decay * x)` (<= 0) that fade as the camera nears that view;
+    it costs two more denoiser passes per step."""
+
+    interpolate: bool = False
+    perp_neg: bool = False
+    perp_neg_scale: float = -2.0
+    front_decay: float = 2.0  # how fast the push away from "front" fades as the camera leaves the front
+    side_decay: float = 10.0  # the same for "side"
+
+
+@dataclass(frozen=True)
 class MeshSettings:
     """Meshing of the final field; the defaults are the job spec's, so a default job changes nothing."""
 
@@ -71,6 +89,7 @@ class Recipe:
     shading: ShadingConfig = ShadingConfig()
     background: str = "mlp"  # "white" (fixed) or "mlp" (learnt from the ray direction)
     mesh: MeshSettings = MeshSettings()
+    views: ViewPrompts = ViewPrompts()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists); `from_dict` rebuilds an equal recipe."""

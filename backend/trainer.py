@@ -66,7 +66,8 @@ class Trainer:
             occupancy=self.occupancy if self.step >= optim.occupancy_warmup else None, config=r.render,
             generator=self.generator,
         )
-        sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, r.guidance_scale, self.t_range(), self.generator)
+        sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, r.guidance_scale, self.t_range(), self.generator,
+                                     r.views)
         loss = sds + optim.orientation_weight * out.orientation
         if self.step >= optim.entropy_from * r.schedule.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)

@@ -53,9 +53,11 @@ def normalise_text(text: str) -> str:
 
 
 def prompt_words(text: str) -> list[str]:
-    """The words and punctuation of a prompt, lower-cased, as a closed-vocabulary prior's
-    tokenizer splits them (the backend checks with it; the add-on checks before sending)."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+    """The words of a prompt as the embedded prior's tokenizer reads them: lower-cased, sentence
+    punctuation dropped except the comma, any other symbol a word of its own (the backend checks
+    with it; the add-on checks before sending)."""
+    text = "".join(" " if unicodedata.category(ch).startswith("P") and ch != "," else ch for ch in text.lower())
+    return re.findall(r"\w+|[^\w\s]", text)
 
 
 def unknown_words(text: str, vocabulary: set[str] | list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ from promptmesh.backend.guidance import load_guidance
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
 from promptmesh.backend.prior import WEIGHTS_DIR
 from promptmesh.backend.prior.data import make_batch, render_primitives
+from promptmesh.backend.prior.judge import judge_janus
 from promptmesh.backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer, camera_features
-from promptmesh.backend.prior.shapes import PALETTE, SHAPES
+from promptmesh.backend.prior.shapes import FEATURE_AZIMUTH, JANUS_VARIANTS, OBJECTS, PALETTE, SHAPES, object_sdf, sdf
 
 
 def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
@@ -69,6 +71,21 @@ def test_tokenizer_maps_known_words_and_flags_unknown_ones():
     assert ", ," not in message and "overhead" not in message and not message.startswith(",")
 
 
+@pytest.mark.parametrize("tokenizer", ["built", "shipped"])
+def test_case_and_sentence_punctuation_read_as_a_text_encoder_reads_them(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = build_tokenizer() if tokenizer == "built" else PreTrainedTokenizerFast.from_pretrained(WEIGHTS_DIR / "tokenizer")
+    plain = tok("a red cube").input_ids
+    for text in ("A Red Cube.", "a red cube!", "\"a red cube\"", "a red (cube)"):
+        assert tok(text).input_ids == plain, text
+    assert tok("a red cube, side view").input_ids.count(tok.get_vocab()[","]) == 1  # the comma is a word
+    prior = EmbeddedPrior(tok, None, None, None)
+    prior.check_prompt("A Red Cube.")
+    with pytest.raises(UnknownWordsError, match="'\\+'"):
+        prior.check_prompt("a red cube + a sphere")  # a symbol is not punctuation: refused, not dropped
+
+
 def test_shipped_weights_load_through_the_real_loading_path():
     assert (WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     g = load_guidance("embedded")
@@ -104,3 +121,42 @@ def test_a_default_generation_with_the_embedded_prior_gives_the_prompted_shape_a
     assert verdict.color == "red" and verdict.shape == "torus", verdict
     assert verdict.ious["torus"] > verdict.ious["sphere"] + 0.05, verdict
     assert result.metadata["model"] == "embedded" and result.metadata["steps"] == 1200
+
+
+def analytic_mesh(fn, yaw_degrees: float, n: int = 96):
+    """The surface of an SDF turned by `yaw_degrees` about Z, by marching cubes, as a Mesh."""
+    from skimage.measure import marching_cubes
+
+    from promptmesh.shared.result import Mesh
+
+    axis = np.linspace(-1, 1, n, dtype=np.float32)
+    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    c, s = np.cos(np.radians(yaw_degrees)), np.sin(np.radians(yaw_degrees))
+    unturned = points @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], np.float32)  # row-vector R^-1
+    values = fn(torch.from_numpy(unturned.reshape(-1, 3))).numpy().reshape(n, n, n)
+    verts, faces, normals, _ = marching_cubes(values, 0.0, spacing=(2 / (n - 1),) * 3)
+    verts = (verts - 1).astype(np.float32)
+    return Mesh(verts, faces.astype(np.int32), np.full_like(verts, 0.5), normals.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", OBJECTS)
+def test_the_janus_judge_tells_each_object_from_its_janus_variants_at_any_yaw(name):
+    yaw = 37.0 + 90 * OBJECTS.index(name)  # between the judge's 5-degree steps
+    for key, offsets in [("right", (0.0,)), *JANUS_VARIANTS.items()]:
+        verdict = judge_janus(analytic_mesh(lambda p, o=offsets: object_sdf(name, p, o), yaw), name)
+        # the true shape fits best (a body round or square seen from above makes +90 and -90 one shape)
+        assert verdict.ious[key] == max(verdict.ious.values()), (key, verdict.ious)
+        assert verdict.kind == ("right" if key == "right" else "janus"), (key, verdict.ious)
+    assert judge_janus(analytic_mesh(lambda p: sdf("sphere", p), yaw), name).kind == "other"
+
+
+def test_each_object_has_one_feature_where_its_front_says():
+    """What the feature adds to the body lies on the side FEATURE_AZIMUTH names."""
+    axis = torch.linspace(-1, 1, 64)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    for name in OBJECTS:
+        a = math.radians(FEATURE_AZIMUTH[name])
+        toward = points[:, 0] * math.sin(a) - points[:, 1] * math.cos(a)
+        added = (object_sdf(name, points) < 0) & (object_sdf(name, points, ()) >= 0)  # () : the body alone
+        assert added.sum() > 100, name
+        assert (toward[added] > 0).float().mean() > 0.95, name

@@ -188,7 +188,7 @@ def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon
     try:
         prefs.endpoint, prefs.timeout = srv.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.seed, settings.quality = "a red cube", 0, "DRAFT"
+        settings.prompt, settings.seed, settings.quality, settings.model = "a red cube", 0, "DRAFT", "embedded"
         settings.steps, settings.preview_every, settings.mesh_resolution = 60, 20, 32
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}

@@ -201,3 +201,76 @@ def test_the_full_size_sd21_configuration_runs_our_sds_code_on_the_meta_device()
     t = torch.full((1,), 500, device="meta", dtype=torch.long)
     grad = g.sds_grad(latents, emb, cams(30), 100.0, t, torch.empty_like(latents))
     assert grad.shape == latents.shape and grad.dtype == torch.float32  # the SDS arithmetic in fp32
+
+
+def test_perp_neg_noise_equals_a_hand_computation_and_adds_only_orthogonal_terms():
+    from promptmesh.backend.prompts import perp_neg_noise
+
+    g = torch.Generator().manual_seed(0)
+    e_u, e_p, e_f, e_s = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(4))
+    w = torch.tensor([[-1.5, -0.25], [0.0, -2.0]])
+    got = perp_neg_noise(e_u, e_p, [e_f, e_s], w, 7.5)
+    expected = []
+    for b in range(2):  # one sample at a time, with plain vector algebra
+        d_pos = (e_p[b] - e_u[b]).flatten()
+        total = d_pos.clone()
+        for i, e in enumerate((e_f, e_s)):
+            d = (e[b] - e_u[b]).flatten()
+            perp = d - torch.dot(d, d_pos) / torch.dot(d_pos, d_pos) * d_pos
+            assert abs(torch.dot(perp, d_pos)) < 1e-4 * d_pos.norm() * perp.norm()  # orthogonal to the prompt's direction
+            total += w[b, i] * perp
+        expected.append((e_u[b].flatten() + 7.5 * total).view(4, 3, 3))
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    added = (got - e_u) / 7.5 - (e_p - e_u)  # what the negatives add: nothing along d_pos
+    assert torch.allclose((added * (e_p - e_u)).flatten(1).sum(1), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(perp_neg_noise(e_u, e_p, [e_f, e_s], torch.zeros(2, 2), 7.5), e_u + 7.5 * (e_p - e_u))
+
+
+def test_perp_neg_weights_at_the_front_the_side_and_the_back():
+    from promptmesh.backend.prompts import perp_neg_weights
+
+    w = perp_neg_weights(torch.tensor([0.0, 90.0, -90.0, 180.0, -180.0, 45.0]), -2.0, 2.0, 10.0)
+    # (front, side): facing the front only "side" is pushed away; at the side only "front";
+    # from behind both; at 45 degrees "front" is pushed by -2 e^-1 and "side" by -2 e^-5.
+    expected = torch.tensor([[0.0, -2.0], [-2.0, 0.0], [-2.0, 0.0], [-2.0, -2.0], [-2.0, -2.0],
+                             [-2.0 * torch.e ** -1, -2.0 * torch.e ** -5]])
+    assert torch.allclose(w, expected, atol=1e-6)
+    assert (perp_neg_weights(torch.linspace(-360, 360, 97), -2.0, 2.0, 10.0) <= 0).all()
+
+
+def test_interpolated_view_prompts_blend_front_side_back_with_the_azimuth(tiny_sd):
+    g = load_guidance(str(tiny_sd))
+    emb = g.embed_prompt("a red cube")
+    front, side, back = (g.encode_text([f"a red cube, {v} view"]) for v in ("front", "side", "back"))
+    el = torch.full((4,), 15.0)
+    got = emb.blend(el, torch.tensor([0.0, 45.0, -135.0, 180.0]))
+    expected = torch.cat([front, (front + side) / 2, (side + back) / 2, back])
+    assert torch.allclose(got, expected, atol=1e-5)
+    overhead = emb.blend(torch.tensor([70.0]), torch.tensor([30.0]))
+    assert torch.allclose(overhead, g.encode_text(["a red cube, overhead view"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("views", [dict(interpolate=True), dict(perp_neg=True)])
+def test_sds_with_view_blends_and_perp_neg_runs_the_denoiser_on_the_right_prompts(tiny_sd, views):
+    from promptmesh.backend.prompts import perp_neg_noise, perp_neg_weights
+    from promptmesh.backend.recipe import ViewPrompts
+
+    g = load_guidance(str(tiny_sd))
+    emb = g.embed_prompt("a red cube", "blurry")
+    camera = cams(60)
+    torch.manual_seed(0)
+    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
+    grad = g.sds_grad(latents, emb, camera, 7.5, t, noise, ViewPrompts(**views))
+    a = g.alphas_cumprod[500]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    text = {v: g.encode_text([f"a red cube, {v} view"]) for v in ("front", "side")}
+    with torch.no_grad():
+        unet = lambda c: g.unet(noisy, t, encoder_hidden_states=c).sample  # noqa: E731
+        e_u = unet(g.encode_text(["blurry"]))
+        e_p = unet(text["front"] / 3 + 2 * text["side"] / 3)  # 60 degrees: two thirds of the way to the side
+        if views.get("perp_neg"):
+            w = perp_neg_weights(torch.tensor([60.0]), -2.0, 2.0, 10.0)
+            eps = perp_neg_noise(e_u, e_p, [unet(text["front"]), unet(text["side"])], w, 7.5)
+        else:
+            eps = e_u + 7.5 * (e_p - e_u)
+    assert torch.allclose(grad, (1 - a) * (eps - noise), atol=1e-5)

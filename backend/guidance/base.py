@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...shared.errors import MODEL, PromptMeshError
-from ..cameras import Cameras, view_word
-from ..prompts import Cond, PromptEmbeddings, cat_cond
-from ..recipe import Recipe
+from ..cameras import OVERHEAD_ABOVE, Cameras, view_word
+from ..prompts import Cond, PromptEmbeddings, cat_cond, perp_neg_noise, perp_neg_weights
+from ..recipe import Recipe, ViewPrompts
 
 
 class ModelLoadError(PromptMeshError):
@@ -21,6 +21,7 @@ class ModelLoadError(PromptMeshError):
     code = MODEL
 
 
+HARD_VIEWS = ViewPrompts()  # DreamFusion's view word per camera
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
 
@@ -78,18 +79,33 @@ class Guidance(nn.Module):
         guidance_scale: float,
         t: torch.Tensor,
         noise: torch.Tensor,
+        views: ViewPrompts = HARD_VIEWS,
     ) -> torch.Tensor:
-        """w(t) * (eps_cfg(z_t; y, t) - eps) with w(t) = 1 - alpha_bar_t and standard
-        classifier-free guidance uncond + s * (cond - uncond); NaNs and infs zeroed."""
+        """w(t) * (eps_guided(z_t; y, t) - eps) with w(t) = 1 - alpha_bar_t, where eps_guided is
+        classifier-free guidance uncond + s * (cond - uncond) with the view's prompt (the view
+        word's, or a blend along the azimuth), or Perp-Neg's (prompts.perp_neg_noise); NaNs and
+        infs zeroed."""
+        n = latents.shape[0]
         uncond, cond = embeddings.select(view_word(cameras.elevation, cameras.azimuth))
+        if views.interpolate or views.perp_neg:
+            cond = embeddings.blend(cameras.elevation, cameras.azimuth)
+        parts = [uncond, cond]
+        if views.perp_neg:
+            parts += [embeddings.view_rows("front", n), embeddings.view_rows("side", n)]
         with torch.no_grad():
             a = self.alphas_cumprod[t].view(-1, *[1] * (latents.dim() - 1))
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            both = self.predict_noise(
-                torch.cat([noisy, noisy]), torch.cat([t, t]), cat_cond(uncond, cond), cameras.cat(cameras)
-            )
-            eps_uncond, eps_cond = both.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            k = len(parts)
+            out = self.predict_noise(
+                torch.cat([noisy] * k), torch.cat([t] * k), cat_cond(*parts), cameras.cat(*[cameras] * (k - 1))
+            ).chunk(k)
+            if views.perp_neg:
+                overhead = cameras.elevation > OVERHEAD_ABOVE  # the overhead prompt has no opposite views
+                weights = perp_neg_weights(cameras.azimuth, views.perp_neg_scale, views.front_decay, views.side_decay)
+                weights = torch.where(overhead.view(-1, 1).to(weights.device), 0.0, weights)
+                eps = perp_neg_noise(out[0], out[1], list(out[2:]), weights, guidance_scale)
+            else:
+                eps = out[0] + guidance_scale * (out[1] - out[0])
             grad = (1 - a) * (eps - noise)
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -101,6 +117,7 @@ class Guidance(nn.Module):
         guidance_scale: float,
         t_range: tuple[float, float],
         generator: torch.Generator,
+        views: ViewPrompts = HARD_VIEWS,
     ) -> torch.Tensor:
         """A loss whose gradient w.r.t. the encoded images is the SDS gradient."""
         latents = self.encode_images(images)
@@ -108,6 +125,6 @@ class Guidance(nn.Module):
         lo, hi = int(t_range[0] * steps), int(t_range[1] * steps)
         t = torch.randint(lo, max(lo, hi) + 1, (latents.shape[0],), generator=generator).clamp_max(steps - 1)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        grad = self.sds_grad(latents, embeddings, cameras, guidance_scale, t.to(self.device), noise)
+        grad = self.sds_grad(latents, embeddings, cameras, guidance_scale, t.to(self.device), noise, views)
         target = (latents - grad).detach()
         return 0.5 * F.mse_loss(latents.float(), target.float(), reduction="sum") / latents.shape[0]

@@ -1,9 +1,13 @@
 """Judging a generated mesh without the prior: its shape by voxel IoU against the analytic
-primitives, its colour by the nearest palette entry in CIELAB."""
+primitives, its colour by the nearest palette entry in CIELAB, and, for an object with a
+front, whether it came out right, as a Janus variant (its feature repeated), or as something
+else."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -11,7 +15,7 @@ import trimesh
 from skimage.color import rgb2lab
 
 from ..export import Mesh
-from .shapes import PALETTE, SHAPES, sdf
+from .shapes import JANUS_VARIANTS, PALETTE, SHAPES, object_sdf, sdf
 
 GRID = 24
 YAWS = np.radians(np.arange(0, 90, 10))
@@ -69,3 +73,58 @@ def judge_mesh(mesh: Mesh) -> Verdict:
     palette = {name: rgb2lab(np.array(rgb)[None, None])[0, 0] for name, rgb in PALETTE.items()}
     color = min(palette, key=lambda name: float(np.linalg.norm(palette[name] - lab)))
     return Verdict(shape, color, ious[shape], ious)
+
+
+# ---- the Janus judge ------------------------------------------------------------------------
+JANUS_YAWS = np.radians(np.arange(0, 360, 5))
+JANUS_GRID = 32
+
+
+@dataclass
+class JanusVerdict:
+    kind: str  # "right", "janus" (a Janus variant fits best) or "other"
+    best: str  # "right", a JANUS_VARIANTS key, or a primitive's name
+    ious: dict[str, float]  # every candidate's IoU at its best yaw
+
+
+def _occupancies(fn: Callable[[torch.Tensor], torch.Tensor], grid: np.ndarray) -> list[np.ndarray]:
+    """The shape `fn` (an SDF) turned by each of JANUS_YAWS about Z, sampled on `grid` stretched
+    over its own box with one scale for all three axes (so two handles make a wider box than one)."""
+    fine = _unit_grid(64)
+    inside = fine[fn(torch.from_numpy(fine).float()).numpy() < 0]
+    out = []
+    for yaw in JANUS_YAWS:
+        c, s = np.cos(yaw), np.sin(yaw)
+        rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+        turned = inside @ rot.T
+        world = _cube_grid(grid, turned.min(0), turned.max(0))
+        out.append(fn(torch.from_numpy(world @ rot).float()).numpy() < 0)
+    return out
+
+
+def _cube_grid(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return grid * float((hi - lo).max() / 2) + (lo + hi) / 2
+
+
+def judge_janus(mesh: Mesh, name: str) -> JanusVerdict:
+    """Is the mesh the object `name` (right), one of its Janus variants, or something else (the
+    primitives)? Each candidate is searched over yaw; the mesh and the candidates are normalised
+    alike (centred on their box, scaled by its longest side); the best IoU decides."""
+    grid = _unit_grid(JANUS_GRID)
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    lo, hi = tm.bounds
+    occ = tm.voxelized(pitch=float((hi - lo).max()) / (2 * JANUS_GRID)).fill().is_filled(_cube_grid(grid, lo, hi))
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"right": lambda p: object_sdf(name, p)}
+    candidates |= {key: partial(object_sdf, name, offsets=offsets) for key, offsets in JANUS_VARIANTS.items()}
+    candidates |= {shape: partial(sdf, shape) for shape in SHAPES}
+    ious = {}
+    for key, fn in candidates.items():
+        if (name, key) not in _JANUS_REFERENCE:
+            _JANUS_REFERENCE[name, key] = _occupancies(fn, grid)
+        ious[key] = max(float((occ & ref).sum() / max(1, (occ | ref).sum())) for ref in _JANUS_REFERENCE[name, key])
+    best = max(ious, key=lambda key: ious[key])
+    kind = "right" if best == "right" else "janus" if best in JANUS_VARIANTS else "other"
+    return JanusVerdict(kind, best, ious)
+
+
+_JANUS_REFERENCE: dict[tuple[str, str], list[np.ndarray]] = {}

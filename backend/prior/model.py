@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from ...shared.errors import BAD_REQUEST, PromptMeshError
@@ -47,7 +47,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over WORDS that wraps every caption in [BOS] ... [EOS]."""
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.normalizer = normalizers.Lowercase()
+    # As a text encoder reads a caption: case and sentence punctuation ("A Red Cube.") carry no
+    # meaning here; the comma stays a word (the view suffix). shared.spec.prompt_words agrees.
+    core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[\p{P}&&[^,]]"), " ")])
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
