@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..shared.errors import BAD_REQUEST, PromptMeshError
-from ..shared.spec import QUALITY, JobSpec, quality_settings
+from ..shared.spec import QUALITY, VIEW_MODES, JobSpec, quality_settings
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -80,7 +80,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
         resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
         preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
-        max_faces=args.max_faces, device=args.device,
+        max_faces=args.max_faces, device=args.device, views=args.views,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -444,6 +444,9 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--quality", choices=QUALITY, default="standard",
                    help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
+    g.add_argument("--views", choices=VIEW_MODES, help="view-dependent prompts: the view word (hard), blended "
+                   "along the azimuth (interpolated), or blended with Perp-Neg (2 more denoiser passes per step); "
+                   "default: the model's")
 
 
 def threads(value: str) -> int | str:

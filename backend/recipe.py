@@ -120,6 +120,8 @@ def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
         guidance_scale=pick(spec.guidance_scale, recipe.guidance_scale),
         resolution=pick(spec.resolution, recipe.resolution),
         mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces)),
+        views=recipe.views if spec.views is None else replace(
+            recipe.views, interpolate=spec.views != "hard", perp_neg=spec.views == "perp-neg"),
     )
 
 

@@ -25,6 +25,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_faces": (100, 5_000_000),
 }
 DEVICES = ("auto", "cpu", "cuda")
+VIEW_MODES = ("hard", "interpolated", "perp-neg")  # view word; blended view prompts; blended + Perp-Neg
 # Quality presets: what each changes from the model's defaults (None = the model's default).
 QUALITY = ("draft", "standard", "high")
 _PRESETS = {
@@ -94,6 +95,8 @@ class JobSpec:
     mesh_resolution: int = 128
     max_faces: int | None = None
     device: str = "auto"
+    # How the view enters the prompt (backend/recipe.py ViewPrompts): None is the prior's default.
+    views: str | None = None
 
     def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
@@ -111,6 +114,8 @@ class JobSpec:
             raise SpecError("model", f"must be 'embedded', a Hub id or a folder (1 to {MAX_MODEL_CHARS} characters)")
         if self.device not in DEVICES:
             raise SpecError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.views is not None and self.views not in VIEW_MODES:
+            raise SpecError("views", f"must be one of {', '.join(VIEW_MODES)}, got {str(self.views)[:40]!r}")
         for name, (lo, hi) in LIMITS.items():
             value = getattr(self, name)
             if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces"):

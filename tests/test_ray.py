@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -43,6 +45,13 @@ def ray_server(cluster, tmp_path, *extra: str, slots: int = 2) -> ServerProcess:
     with Client(srv.endpoint) as c:
         until_slots(c, slots)
     return srv
+
+
+@contextmanager
+def ray_client(cluster, tmp_path, *extra: str) -> Iterator[Client]:
+    """A client of a server on the cluster (`ray_server`), stopped afterwards."""
+    with ray_client(cluster, tmp_path, *extra) as c:
+        yield c
 
 
 def until_slots(client: Client, slots: int, timeout: float = 60) -> dict:
@@ -90,96 +99,80 @@ def worker_pid(node: str) -> int:
 
 
 def test_two_nodes_run_two_jobs_at_once_and_a_third_waits_its_turn(cluster, tmp_path):
-    srv = ray_server(cluster, tmp_path)
-    try:
-        with Client(srv.endpoint) as c:
-            assert c.request("ping").fields["device"] == "ray: 2 slot(s) of 1 CPU"
-            jobs = [c.request("generate", spec=spec(steps=150, seed=i)).job for i in range(3)]
-            st = until_running(c, jobs[:2])
-            assert st[jobs[0]]["node"].split(" (")[1][:8] != st[jobs[1]]["node"].split(" (")[1][:8]  # two nodes
-            assert st[jobs[2]]["state"] == "queued" and st[jobs[2]]["position"] == 2
-            assert c.request("ping").fields["running"].keys() == set(jobs[:2])
-            end = ends(c, jobs)
-            assert all(m.type == "done" for m in end.values()), {j: m.fields for j, m in end.items()}
-            st = statuses(c)
-            assert st[jobs[1]]["started"] < st[jobs[0]]["finished"]  # the first two overlapped
-            assert st[jobs[2]]["started"] >= min(st[jobs[0]]["finished"], st[jobs[1]]["finished"])
-            loads = [end[j].fields["meta"]["timings"]["load_seconds"] for j in jobs]
-            assert loads[2] < 0.5 * max(loads[:2]), loads  # the third job found the prior loaded in its worker
-            for job in jobs:
-                files = JobFiles.of(tmp_path / "data", job)
-                assert end[job].fields["meta"]["attempt"] == 1 and files.glb.is_file() and files.ply.is_file()
-                fetched = c.request("result", job, timeout=30)
-                stored = read_npz(files.mesh).arrays
-                assert fetched.arrays.keys() == stored.keys()
-                for name, array in stored.items():
-                    assert fetched.arrays[name].dtype == array.dtype and fetched.arrays[name].tobytes() == array.tobytes()
-    finally:
-        srv.stop()
+    with ray_client(cluster, tmp_path) as c:
+        assert c.request("ping").fields["device"] == "ray: 2 slot(s) of 1 CPU"
+        jobs = [c.request("generate", spec=spec(steps=150, seed=i)).job for i in range(3)]
+        st = until_running(c, jobs[:2])
+        assert st[jobs[0]]["node"].split(" (")[1][:8] != st[jobs[1]]["node"].split(" (")[1][:8]  # two nodes
+        assert st[jobs[2]]["state"] == "queued" and st[jobs[2]]["position"] == 2
+        assert c.request("ping").fields["running"].keys() == set(jobs[:2])
+        end = ends(c, jobs)
+        assert all(m.type == "done" for m in end.values()), {j: m.fields for j, m in end.items()}
+        st = statuses(c)
+        assert st[jobs[1]]["started"] < st[jobs[0]]["finished"]  # the first two overlapped
+        assert st[jobs[2]]["started"] >= min(st[jobs[0]]["finished"], st[jobs[1]]["finished"])
+        loads = [end[j].fields["meta"]["timings"]["load_seconds"] for j in jobs]
+        assert loads[2] < 0.5 * max(loads[:2]), loads  # the third job found the prior loaded in its worker
+        for job in jobs:
+            files = JobFiles.of(tmp_path / "data", job)
+            assert end[job].fields["meta"]["attempt"] == 1 and files.glb.is_file() and files.ply.is_file()
+            fetched = c.request("result", job, timeout=30)
+            stored = read_npz(files.mesh).arrays
+            assert fetched.arrays.keys() == stored.keys()
+            for name, array in stored.items():
+                assert fetched.arrays[name].dtype == array.dtype and fetched.arrays[name].tobytes() == array.tobytes()
 
 
 def test_cancel_stops_a_running_job_within_a_step_and_a_queued_one_at_once(cluster, tmp_path):
-    srv = ray_server(cluster, tmp_path)
-    try:
-        with Client(srv.endpoint) as c:
-            jobs = [c.request("generate", spec=spec(steps=5000, seed=i)).job for i in range(3)]
-            until_running(c, jobs[:2])
-            c.send("cancel", jobs[2])
-            assert ends(c, [jobs[2]], timeout=10)[jobs[2]].fields["message"] == "cancelled while queued"
-            t0 = time.monotonic()
-            c.send("cancel", jobs[0])
-            end = ends(c, [jobs[0]], timeout=30)[jobs[0]]
-            assert end.fields["code"] == "CANCELLED" and time.monotonic() - t0 < 5  # cooperative, not the forced kill
-            later = c.request("generate", spec=spec(steps=20)).job  # the freed slot takes the next job
-            assert ends(c, [later])[later].type == "done"
-            c.send("cancel", jobs[1])
-            assert ends(c, [jobs[1]], timeout=30)[jobs[1]].fields["code"] == "CANCELLED"
-            st = statuses(c)
-            assert [st[j]["state"] for j in jobs] == ["cancelled"] * 3
-            assert not any(JobFiles.of(tmp_path / "data", j).folder.exists() for j in jobs)
-    finally:
-        srv.stop()
+    with ray_client(cluster, tmp_path) as c:
+        jobs = [c.request("generate", spec=spec(steps=5000, seed=i)).job for i in range(3)]
+        until_running(c, jobs[:2])
+        c.send("cancel", jobs[2])
+        assert ends(c, [jobs[2]], timeout=10)[jobs[2]].fields["message"] == "cancelled while queued"
+        t0 = time.monotonic()
+        c.send("cancel", jobs[0])
+        end = ends(c, [jobs[0]], timeout=30)[jobs[0]]
+        assert end.fields["code"] == "CANCELLED" and time.monotonic() - t0 < 5  # cooperative, not the forced kill
+        later = c.request("generate", spec=spec(steps=20)).job  # the freed slot takes the next job
+        assert ends(c, [later])[later].type == "done"
+        c.send("cancel", jobs[1])
+        assert ends(c, [jobs[1]], timeout=30)[jobs[1]].fields["code"] == "CANCELLED"
+        st = statuses(c)
+        assert [st[j]["state"] for j in jobs] == ["cancelled"] * 3
+        assert not any(JobFiles.of(tmp_path / "data", j).folder.exists() for j in jobs)
 
 
 def test_a_killed_worker_fails_its_job_with_the_reason_and_the_server_goes_on(cluster, tmp_path):
-    srv = ray_server(cluster, tmp_path)
-    try:
-        with Client(srv.endpoint) as c:
-            job = c.request("generate", spec=spec(steps=5000)).job
-            node = until_running(c, [job])[job]["node"]
-            os.kill(worker_pid(node), signal.SIGKILL)
-            end = ends(c, [job], timeout=60)[job]
-            assert end.type == "error" and end.fields["code"] == "WORKER_LOST", end.fields
-            assert "lost" in end.fields["message"]
-            assert statuses(c)[job]["state"] == "failed"
-            again = c.request("generate", spec=spec(steps=20)).job
-            assert ends(c, [again])[again].type == "done"
-    finally:
-        srv.stop()
+    with ray_client(cluster, tmp_path) as c:
+        job = c.request("generate", spec=spec(steps=5000)).job
+        node = until_running(c, [job])[job]["node"]
+        os.kill(worker_pid(node), signal.SIGKILL)
+        end = ends(c, [job], timeout=60)[job]
+        assert end.type == "error" and end.fields["code"] == "WORKER_LOST", end.fields
+        assert "lost" in end.fields["message"]
+        assert statuses(c)[job]["state"] == "failed"
+        again = c.request("generate", spec=spec(steps=20)).job
+        assert ends(c, [again])[again].type == "done"
 
 
 def test_with_retries_a_job_whose_worker_dies_runs_again_and_completes_once(cluster, tmp_path):
-    srv = ray_server(cluster, tmp_path, "--retries", "1")
-    try:
-        with Client(srv.endpoint) as c:
-            job = c.request("generate", spec=spec(steps=150)).job
-            node = until_running(c, [job])[job]["node"]
-            os.kill(worker_pid(node), signal.SIGKILL)
-            stages, end = [], None
-            deadline = time.monotonic() + 240
-            while end is None and time.monotonic() < deadline:
-                for msg in c.poll(0.5):
-                    if msg.job == job and msg.type == "progress":
-                        stages.append(msg.fields["stage"])
-                    elif msg.job == job and msg.type in ("done", "error"):
-                        end = msg
-            assert end is not None and end.type == "done", end and end.fields
-            assert "retrying" in stages and end.fields["meta"]["attempt"] == 2
-            files = JobFiles.of(tmp_path / "data", job)
-            assert sorted(p.name for p in files.folder.iterdir()) == sorted(
-                p.name for p in (files.meta, files.mesh, files.glb, files.ply))  # one result, no leftovers
-    finally:
-        srv.stop()
+    with ray_client(cluster, tmp_path, "--retries", "1") as c:
+        job = c.request("generate", spec=spec(steps=150)).job
+        node = until_running(c, [job])[job]["node"]
+        os.kill(worker_pid(node), signal.SIGKILL)
+        stages, end = [], None
+        deadline = time.monotonic() + 240
+        while end is None and time.monotonic() < deadline:
+            for msg in c.poll(0.5):
+                if msg.job == job and msg.type == "progress":
+                    stages.append(msg.fields["stage"])
+                elif msg.job == job and msg.type in ("done", "error"):
+                    end = msg
+        assert end is not None and end.type == "done", end and end.fields
+        assert "retrying" in stages and end.fields["meta"]["attempt"] == 2
+        files = JobFiles.of(tmp_path / "data", job)
+        assert sorted(p.name for p in files.folder.iterdir()) == sorted(
+            p.name for p in (files.meta, files.mesh, files.glb, files.ply))  # one result, no leftovers
 
 
 def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon, prefs):  # noqa: F811

@@ -50,3 +50,16 @@ def test_spec_settings_override_the_recipe():
     ]
     # zero is a setting, not a missing one
     assert resolve(base, JobSpec("a red cube", guidance_scale=0.0)).guidance_scale == 0.0
+
+
+def test_the_views_setting_switches_view_blending_and_perp_neg_and_bad_values_are_named():
+    from promptmesh.shared.spec import SpecError
+
+    base = EmbeddedGuidance.recipe
+    assert resolve(base, JobSpec("a red cube", views="perp-neg")).changes_from(base.to_dict()) == [
+        "views.interpolate: False -> True", "views.perp_neg: False -> True"]
+    assert resolve(base, JobSpec("a red cube", views="interpolated")).changes_from(base.to_dict()) == [
+        "views.interpolate: False -> True"]
+    assert resolve(base, JobSpec("a red cube", views="hard")) == base
+    with pytest.raises(SpecError, match="views: must be one of hard, interpolated, perp-neg"):
+        JobSpec.from_dict({"prompt": "a red cube", "views": "sideways"})
