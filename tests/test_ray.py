@@ -50,8 +50,12 @@ def ray_server(cluster, tmp_path, *extra: str, slots: int = 2) -> ServerProcess:
 @contextmanager
 def ray_client(cluster, tmp_path, *extra: str) -> Iterator[Client]:
     """A client of a server on the cluster (`ray_server`), stopped afterwards."""
-    with ray_client(cluster, tmp_path, *extra) as c:
-        yield c
+    srv = ray_server(cluster, tmp_path, *extra)
+    try:
+        with Client(srv.endpoint) as c:
+            yield c
+    finally:
+        srv.stop()
 
 
 def until_slots(client: Client, slots: int, timeout: float = 60) -> dict:
@@ -101,7 +105,7 @@ def worker_pid(node: str) -> int:
 def test_two_nodes_run_two_jobs_at_once_and_a_third_waits_its_turn(cluster, tmp_path):
     with ray_client(cluster, tmp_path) as c:
         assert c.request("ping").fields["device"] == "ray: 2 slot(s) of 1 CPU"
-        jobs = [c.request("generate", spec=spec(steps=150, seed=i)).job for i in range(3)]
+        jobs = [c.request("generate", spec=spec(steps=100, seed=i)).job for i in range(3)]
         st = until_running(c, jobs[:2])
         assert st[jobs[0]]["node"].split(" (")[1][:8] != st[jobs[1]]["node"].split(" (")[1][:8]  # two nodes
         assert st[jobs[2]]["state"] == "queued" and st[jobs[2]]["position"] == 2
@@ -157,7 +161,7 @@ def test_a_killed_worker_fails_its_job_with_the_reason_and_the_server_goes_on(cl
 
 def test_with_retries_a_job_whose_worker_dies_runs_again_and_completes_once(cluster, tmp_path):
     with ray_client(cluster, tmp_path, "--retries", "1") as c:
-        job = c.request("generate", spec=spec(steps=150)).job
+        job = c.request("generate", spec=spec(steps=100)).job
         node = until_running(c, [job])[job]["node"]
         os.kill(worker_pid(node), signal.SIGKILL)
         stages, end = [], None
@@ -225,7 +229,7 @@ def test_the_server_outlives_its_cluster_fails_the_running_job_keeps_the_queued_
             end = ends(c, [running], timeout=60)[running]
             assert end.fields["code"] == "WORKER_LOST", end.fields
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 20:  # while Ray ends the bridge and the relay starts another
+            while time.monotonic() - t0 < 8:  # while Ray ends the bridge (5 s here) and the relay starts another
                 pong = c.request("ping").fields  # the loop answers all along
                 assert pong["queue"] == 1 and statuses(c)[queued]["state"] == "queued", pong
                 time.sleep(1)
