@@ -67,7 +67,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
 
     def to_spec(self) -> JobSpec:
         """The validated JobSpec (SpecError names the bad field)."""
-        fields = quality_settings(self.model.strip(), self.quality.lower())
+        fields: dict[str, Any] = dict(quality_settings(self.model.strip(), self.quality.lower()))
         for name in ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces"):
             value = getattr(self, name)
             if value:
