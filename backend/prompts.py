@@ -90,14 +90,17 @@ class PromptEmbeddings:
     def rows(self, index: torch.Tensor) -> Cond:
         return index_cond(self.cond, index.to(self.device))
 
+    def negative_rows(self, n: int) -> Cond:
+        """The negative prompt (the unconditional embedding), n times."""
+        return self.rows(torch.zeros(n, dtype=torch.long))
+
     def view_rows(self, view: str, n: int) -> Cond:
         """The prompt with `view`'s suffix, n times."""
         return self.rows(torch.full((n,), 1 + VIEWS.index(view), dtype=torch.long))
 
     def select(self, views: list[str]) -> tuple[Cond, Cond]:
         """(unconditional, conditional) embeddings for a batch of view words."""
-        cond_idx = torch.tensor([1 + VIEWS.index(v) for v in views])
-        return self.rows(torch.zeros_like(cond_idx)), self.rows(cond_idx)
+        return self.negative_rows(len(views)), self.rows(torch.tensor([1 + VIEWS.index(v) for v in views]))
 
     def blend(self, elevation: torch.Tensor, azimuth: torch.Tensor, overhead_above: float = OVERHEAD_ABOVE) -> Cond:
         """Per camera: front -> side over |azimuth| 0..90 degrees and side -> back over 90..180,

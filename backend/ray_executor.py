@@ -2,8 +2,9 @@
 
 The request loop keeps the registry, the FIFO and the clients (as with the in-process
 executor); it hands this executor at most `slots` jobs, the cluster's capacity in jobs (its
-GPUs / --gpus-per-job, or its CPUs / --cpus-per-job where it has no GPU). Each job gets a
-driver thread in this process that submits `job_task` and reads its streaming generator: the
+GPUs / --gpus-per-job, or its CPUs / --cpus-per-job where it has no GPU). Ray's driver runs in
+a bridge process (see RayExecutor), where each job gets a driver thread that submits `job_task`
+and reads its streaming generator: the
 task yields the job's wire events as they happen and, last, its mesh arrays and metadata,
 which the driver writes into the job folder (so no worker needs the server's disk) and then
 reports `done`. Attempts are numbered, and only the driver's current attempt may write, so a
@@ -35,7 +36,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from ..shared.errors import CANCELLED, PromptMeshError
+from ..shared.errors import CANCELLED, WORKER_LOST, PromptMeshError
 from ..shared.result import JobFiles, Mesh
 from ..shared.spec import JobSpec
 from .executor import WAKE, commit_result, discard_partial_result, event, event_frames, failure
@@ -45,7 +46,6 @@ log = logging.getLogger("promptmesh.ray")
 CANCEL_GRACE_S = 10.0  # a cancelled task that has not stopped by then is killed
 POLL_S = 0.2  # how often a driver looks at its cancel flag while its task is quiet
 SLOTS_TTL_S = 1.0  # how long the cluster's capacity is trusted before asking again
-WORKER_LOST = "WORKER_LOST"  # the error code of a job whose worker or node died
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray takes 127.0.0.1 as this node's address
 CAPACITY = b"capacity"  # the bridge's frame: the cluster's slots and what one is
 # Ray ends a driver that has not reached its cluster's GCS for this long (Ray's default: 60 s);
@@ -54,7 +54,7 @@ GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 LATE_REPORT_S = 3.0  # a bridge silent this long has a cluster that does not answer: no slots
 
 
-def job_task(job: str, spec: dict[str, Any], threads: int) -> Iterator[Any]:
+def job_task(job: str, spec: dict[str, Any], threads: int | None) -> Iterator[Any]:
     """Run in a Ray worker: the pipeline in a thread, its events yielded as wire frames; then
     ("result", mesh arrays, metadata), or ("error", frames). Ray's cancel raises here; the
     pipeline is then told to stop and stops within one step."""
@@ -99,12 +99,15 @@ class ClusterDriver:
         self.retries, self.device = retries, device
         self._capacity: tuple[float, int, str] = (0.0, 0, "")  # (when, slots, what they are)
         self._drivers: dict[str, tuple[threading.Thread, threading.Event]] = {}  # the bridge's main thread's only
-        self._stopping = threading.Event()
 
     def start(self, context: zmq.Context, events: str) -> None:
         self._context, self._events = context, events
         connect(self.address)
-        self._task = ray_remote(job_task)
+        import ray
+
+        # A streaming generator task (its options and its stream are not typed by Ray's stubs);
+        # retries are ours, so that attempts are numbered.
+        self._task: Any = ray.remote(max_retries=0)(job_task)
 
     def submit(self, job: str, spec: JobSpec, files: JobFiles) -> None:
         for done in [j for j, (t, _) in self._drivers.items() if not t.is_alive()]:
@@ -120,7 +123,6 @@ class ClusterDriver:
             self._drivers[job][1].set()
 
     def close(self) -> None:
-        self._stopping.set()
         for _, cancel in self._drivers.values():
             cancel.set()
         for thread, _ in self._drivers.values():
@@ -169,10 +171,12 @@ class ClusterDriver:
         import ray
         from ray.exceptions import RayError, TaskCancelledError
 
-        threads = max(1, int(self.cpus_per_job)) if self._options()["num_gpus"] == 0 else None
+        options = self._options()
+        threads = max(1, int(self.cpus_per_job)) if options["num_gpus"] == 0 else None
         device = self.device if spec.device == "auto" else spec.device
-        stream = self._task.options(**self._options(), name=f"promptmesh-{job}-{attempt}").remote(
+        stream = self._task.options(**options, name=f"promptmesh-{job}-{attempt}").remote(
             job, {**spec.to_dict(), "device": device}, threads)
+        cancelled = event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
         cancelled_at: float | None = None
         node = ""
         try:
@@ -190,7 +194,7 @@ class ClusterDriver:
                     item = ray.get(next(stream))
                 except StopIteration:  # Ray closes a generator cancelled while it waits at a yield
                     if cancel.is_set():
-                        return event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
+                        return cancelled
                     raise RuntimeError("the job's task ended without a result") from None
                 if isinstance(item, list):  # a wire event
                     send(item)
@@ -205,10 +209,10 @@ class ClusterDriver:
         except TaskCancelledError:
             if not cancel.is_set():  # cancelled by someone else (ray CLI): say so
                 return event("error", job, {"code": CANCELLED, "message": "the Ray task was cancelled"})
-            return event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
+            return cancelled
         except RayError as exc:
             if cancel.is_set():
-                return event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
+                return cancelled
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if attempt <= self.retries:
                 return None
@@ -219,12 +223,6 @@ class ClusterDriver:
         except Exception as exc:
             discard_partial_result(files)
             return failure(job, exc)
-
-
-def ray_remote(fn: Any) -> Any:
-    import ray
-
-    return ray.remote(max_retries=0)(fn)
 
 
 def connect(address: str | None) -> None:

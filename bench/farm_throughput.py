@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,23 +23,9 @@ from figures import report
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the cluster on loopback only (read when ray is imported)
 
-from promptmesh.shared.client import Client, ClientError  # noqa: E402
+from local_server import start_server  # noqa: E402
 
-
-def serve(data: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", f"tcp://127.0.0.1:{port}",
-                             "--data-dir", str(data), "--device", "cpu", *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(data.parent / f"{data.name}.log", "wb"))
-    with Client(f"tcp://127.0.0.1:{port}") as c:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                c.hello(timeout=1.0)
-                return proc
-            except ClientError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start: see {data.parent / f'{data.name}.log'}") from None
+from promptmesh.shared.client import Client  # noqa: E402
 
 
 def run_jobs(endpoint: str, jobs: int, steps: int) -> float:
@@ -68,11 +52,11 @@ def measure(name: str, jobs: int, steps: int, extra: list[str], cpus: int | None
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
         extra = [*extra, "--ray-address", cluster.address]
-    port = 45000 + os.getpid() % 10000
     with tempfile.TemporaryDirectory() as tmp:
-        proc = serve(Path(tmp) / "data", port, extra)
+        proc, endpoint = start_server(Path(tmp) / "data", ["--device", "cpu", *extra], log=Path(tmp) / "server.log",
+                                      env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
         try:
-            seconds = run_jobs(f"tcp://127.0.0.1:{port}", jobs, steps)
+            seconds = run_jobs(endpoint, jobs, steps)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)

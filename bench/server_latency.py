@@ -8,17 +8,13 @@ own server on a loopback port. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from local_server import start_server
 
-from promptmesh.shared.client import Client, ClientError  # noqa: E402
+from promptmesh.shared.client import Client
 
 
 def main() -> None:
@@ -26,21 +22,9 @@ def main() -> None:
     p.add_argument("--model", default="embedded")
     p.add_argument("--steps", type=int, default=60)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
-    data = tempfile.mkdtemp()
-    server = subprocess.Popen([sys.executable, "-m", "promptmesh.backend.cli", "serve", "--bind", endpoint, "--data-dir", data],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, endpoint = start_server(Path(tempfile.mkdtemp()))
     try:
         with Client(endpoint) as c:
-            while True:
-                try:
-                    c.hello(timeout=1)
-                    break
-                except ClientError:
-                    pass
             spec = {"prompt": "a red cube", "model": args.model, "steps": args.steps, "preview_every": 1, "mesh_resolution": 64}
             for label in ("cold (model loads)", "warm"):
                 t0 = time.monotonic()

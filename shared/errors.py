@@ -21,6 +21,7 @@ CANCELLED = "CANCELLED"  # cancelled by a client
 FORBIDDEN = "FORBIDDEN"  # the job belongs to another client key
 BUSY = "BUSY"  # a result is still on its way to this client: read it first
 QUEUE_FULL = "QUEUE_FULL"  # the server's queue, or this client's share of it, is full
+WORKER_LOST = "WORKER_LOST"  # the machine or process running the job died (the Ray executor)
 UNREACHABLE = "UNREACHABLE"  # the server did not answer (client side only)
 INTERNAL = "INTERNAL"  # a bug: the server's log has the traceback
 

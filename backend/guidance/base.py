@@ -86,9 +86,10 @@ class Guidance(nn.Module):
         word's, or a blend along the azimuth), or Perp-Neg's (prompts.perp_neg_noise); NaNs and
         infs zeroed."""
         n = latents.shape[0]
-        uncond, cond = embeddings.select(view_word(cameras.elevation, cameras.azimuth))
         if views.interpolate or views.perp_neg:
-            cond = embeddings.blend(cameras.elevation, cameras.azimuth)
+            uncond, cond = embeddings.negative_rows(n), embeddings.blend(cameras.elevation, cameras.azimuth)
+        else:
+            uncond, cond = embeddings.select(view_word(cameras.elevation, cameras.azimuth))
         parts = [uncond, cond]
         if views.perp_neg:
             parts += [embeddings.view_rows("front", n), embeddings.view_rows("side", n)]
