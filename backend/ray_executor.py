@@ -19,6 +19,7 @@ loaded in that worker.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -295,6 +296,8 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, gpus_per_job: float = 1, cpus_per_job: float = 1,
                  retries: int = 0, device: str = "auto", log_dir: Path | None = None) -> None:
+        if importlib.util.find_spec("ray") is None:  # the bridge would only fail again and again
+            raise PromptMeshError("--executor ray needs Ray: pip install 'promptmesh[ray]'")
         self.config = {"address": address, "gpus_per_job": gpus_per_job, "cpus_per_job": cpus_per_job,
                        "retries": retries, "device": device}
         self.log_dir = log_dir
