@@ -96,15 +96,19 @@ def make_cameras(
     )
 
 
-def sample_cameras(batch: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()) -> Cameras:
+def sample_cameras(
+    batch: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges(), azimuth: torch.Tensor | None = None
+) -> Cameras:
     """Random training cameras: uniform elevation, azimuth, distance and field of view; the
-    light sits at the camera plus Gaussian jitter (DreamFusion places it near the camera)."""
+    light sits at the camera plus Gaussian jitter (DreamFusion places it near the camera).
+    A given `azimuth` [batch] replaces the uniform one (the same numbers are drawn either way)."""
 
     def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(batch, generator=generator)
 
-    elevation, azimuth = uniform(ranges.elevation), uniform(ranges.azimuth)
+    elevation, uniform_azimuth = uniform(ranges.elevation), uniform(ranges.azimuth)
+    azimuth = uniform_azimuth if azimuth is None else azimuth
     distance, fovy = uniform(ranges.distance), uniform(ranges.fovy)
     eye = spherical_position(elevation, azimuth, distance)
     jitter = torch.randn(batch, 3, generator=generator) * ranges.light_jitter * distance[:, None]

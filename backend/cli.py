@@ -139,9 +139,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
+    from .models import EMBEDDED
+    from .prior import WEIGHTS_DIR
     from .prior.train import TrainConfig, train
 
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
+                         lr=args.lr, warmup=args.warmup,
+                         init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
     train(Path(args.out), config, resume=args.resume)
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
     return 0
@@ -560,11 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     prior = sub.add_parser("prior", help="train or sample the embedded prior").add_subparsers(
         dest="prior_command", required=True, parser_class=Parser)
-    t = prior.add_parser("train", help="train the embedded prior from scratch (CPU is fine; hours)")
+    t = prior.add_parser("train", help="train the embedded prior (CPU is fine; hours)")
     t.add_argument("--steps", type=int, default=6000)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--dataset-size", type=int, default=40000)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=200, help="steps of linear warm-up")
+    t.add_argument("--init", default="", help="start from this prior folder ('embedded': the shipped one) "
+                   "instead of from scratch; new words are added to its vocabulary")
     t.add_argument("--out", default="runs/prior")
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_prior_train)

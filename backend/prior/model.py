@@ -19,10 +19,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from ...shared.errors import BAD_REQUEST, PromptMeshError
 from ...shared.spec import unknown_words
 from ..cameras import CameraRanges, Cameras
-from .shapes import PALETTE, SHAPES
+from .shapes import OBJECTS, PALETTE, SHAPES
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
-WORDS = ["a", "an", ",", "view", "front", "side", "back", "overhead", *PALETTE, *SHAPES]
+# New words go at the end, so a model trained on an older list keeps its token ids.
+WORDS = ["a", "an", ",", "view", "front", "side", "back", "overhead", *PALETTE, *SHAPES, *OBJECTS]
 MAX_TOKENS = 12
 IMAGE_SIZE = 32
 CAMERA_FEATURES = 6
@@ -34,11 +35,11 @@ class UnknownWordsError(PromptMeshError):
 
     code = BAD_REQUEST
 
-    def __init__(self, unknown: list[str]) -> None:
+    def __init__(self, unknown: list[str], subjects: list[str]) -> None:
         self.unknown = unknown
         super().__init__(
             f"the embedded prior does not know {', '.join(repr(w) for w in unknown)}: it makes a "
-            f"{'/'.join(SHAPES)} in {'/'.join(PALETTE)} (e.g. \"a red cube\"). For other prompts use "
+            f"{'/'.join(subjects)} in {'/'.join(PALETTE)} (e.g. \"a red cube\"). For other prompts use "
             "the sd21 model (Stable Diffusion 2.1; a CUDA GPU is recommended)"
         )
 
@@ -144,7 +145,7 @@ class EmbeddedPrior(torch.nn.Module):
         """Raise UnknownWordsError if the text has words outside the vocabulary."""
         unknown = unknown_words(text, self.known_words)
         if unknown:
-            raise UnknownWordsError(unknown)
+            raise UnknownWordsError(unknown, [w for w in SHAPES + OBJECTS if w in self.known_words])
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states [B, L, D] and the pooled ([EOS]) state [B, D]."""

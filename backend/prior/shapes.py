@@ -24,7 +24,9 @@ def _length2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sdf(shape: str, p: torch.Tensor) -> torch.Tensor:
-    """Signed distance from points p [..., 3] to a unit-scale primitive (negative inside)."""
+    """Signed distance from points p [..., 3] to a unit-scale primitive or object (negative inside)."""
+    if shape in OBJECTS:
+        return object_sdf(shape, p)
     x, y, z = p.unbind(-1)
     if shape == "sphere":
         return p.norm(dim=-1) - 0.55
@@ -45,7 +47,7 @@ def sdf(shape: str, p: torch.Tensor) -> torch.Tensor:
         return torch.where(inside, -dist, dist)
     if shape == "torus":
         return _length2(_length2(x, y) - 0.4, z) - 0.17
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + OBJECTS}")
 
 
 # ---- objects with a front (the Janus problem's test pieces) ----------------------------------
@@ -107,7 +109,7 @@ def _feature(name: str, q: torch.Tensor) -> torch.Tensor:
         ring = _length2(_length2(y + 0.33, z) - 0.17, x) - 0.07
         return torch.maximum(ring, -(-y - 0.30))  # only the half outside the body
     if name == "chair":  # a backrest
-        return _box(q, (0.0, -0.30, 0.32), (0.34, 0.05, 0.30))
+        return _box(q, (0.0, -0.30, 0.28), (0.34, 0.05, 0.26))
     if name == "arrow":  # a head: a cone along -Y at the end of the shaft
         x, y, z = q.unbind(-1)
         along = -y - 0.40  # 0 at the base of the head, 0.32 at its tip

@@ -1,4 +1,5 @@
-"""Training of the embedded prior from scratch on CPU (or CUDA): `promptmesh prior train`.
+"""Training of the embedded prior on CPU (or CUDA), from scratch or from earlier weights
+(`--init`): `promptmesh prior train`.
 
 The dataset is rendered once into `OUT/dataset.pt` (deterministic from the seed); training
 state goes to `OUT/checkpoint.pt` every `checkpoint_every` steps, the EMA weights to
@@ -11,7 +12,7 @@ import copy
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ from tqdm import tqdm
 from ...shared.result import atomic_folder, atomic_write
 from ..cameras import make_cameras
 from ..guidance.embedded import EmbeddedGuidance
-from .data import make_batch
-from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
+from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, make_batch
+from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
 RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
 
@@ -36,29 +37,34 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
+    init: str = ""  # a prior folder to start from (fine-tuning); "" trains from scratch
+    bias: ViewBias = field(default_factory=ViewBias)
 
 
-def render_dataset(size: int, seed: int, chunk: int = 512) -> dict:
+def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = 512) -> dict:
     """Render `size` captioned images; images stored as uint8 to keep the cache small."""
     generator = torch.Generator().manual_seed(seed)
-    images, captions, cams = [], [], []
-    for start in tqdm(range(0, size, chunk), desc="rendering primitives", unit="chunk"):
-        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE)
+    images, captions, cams, subjects = [], [], [], []
+    for start in tqdm(range(0, size, chunk), desc="rendering subjects", unit="chunk"):
+        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias)
         images.append((batch.images * 255).round().to(torch.uint8))
         captions += batch.captions
+        subjects.append(batch.shape_ids)
         c = batch.cameras
         cams.append(torch.stack([c.elevation, c.azimuth, c.distance, torch.rad2deg(c.fovy)], -1))
-    return {"images": torch.cat(images), "captions": captions, "cameras": torch.cat(cams), "seed": seed}
+    return {"images": torch.cat(images), "captions": captions, "cameras": torch.cat(cams),
+            "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias)}
 
 
 def load_or_render_dataset(out: Path, config: TrainConfig) -> dict:
     path = out / "dataset.pt"
     if path.exists():
         data = torch.load(path, weights_only=False)
-        if data["seed"] == config.seed and len(data["captions"]) == config.dataset_size:
+        same = data["seed"] == config.seed and data.get("bias") == asdict(config.bias)
+        if same and len(data["captions"]) == config.dataset_size:
             return data
     t0 = time.time()
-    data = render_dataset(config.dataset_size, config.seed)
+    data = render_dataset(config.dataset_size, config.seed, config.bias)
     data["render_seconds"] = time.time() - t0
     atomic_write(path, lambda f: torch.save(data, f))
     return data
@@ -72,12 +78,27 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def initial_model(config: TrainConfig) -> EmbeddedPrior:
+    """A fresh prior, or the one in `config.init` with its vocabulary grown to today's words
+    (new words are appended, so its token ids keep their meaning; their embeddings start at
+    the mean of the old ones)."""
+    if not config.init:
+        return EmbeddedPrior.create()
+    model = EmbeddedPrior.from_pretrained(config.init)
+    old, new = model.tokenizer.get_vocab(), build_tokenizer()
+    if any(new.get_vocab().get(w) != i for w, i in old.items()):
+        raise ValueError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch")
+    model.tokenizer = new
+    model.text_encoder.resize_token_embeddings(len(new))
+    return model
+
+
 def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "cpu") -> EmbeddedPrior:
     """Train (or resume) the prior; returns the EMA model, also saved under OUT/prior."""
     out.mkdir(parents=True, exist_ok=True)
     data = load_or_render_dataset(out, config)
     torch.manual_seed(config.seed)
-    model = EmbeddedPrior.create().to(device)
+    model = initial_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -85,6 +106,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{ckpt_path} was written under another configuration: {state['config']}")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -92,6 +115,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         step = state["step"]
     alphas = model.scheduler.alphas_cumprod.to(device)
     images_u8, captions, cams = data["images"], data["captions"], data["cameras"]
+    mirrorable = torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in data["subjects"].tolist()])
     log = open(out / "loss.csv", "a" if step else "w")
     if step == 0:
         log.write("step,loss,lr,seconds\n")
@@ -101,9 +125,9 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         idx = torch.randint(len(captions), (config.batch_size,), generator=generator)
         x = images_u8[idx].float().div(127.5).sub(1.0)
         cam = cams[idx].clone()
-        # Mirror images left-right with the azimuth negated: every primitive, its light and the
-        # camera ranges are symmetric about the x = 0 plane, so this is a valid new view.
-        flip = torch.rand(config.batch_size, generator=generator) < 0.5
+        # Mirror images left-right with the azimuth negated: a valid new view of a subject that is
+        # symmetric about the x = 0 plane (its light and the camera ranges are).
+        flip = (torch.rand(config.batch_size, generator=generator) < 0.5) & mirrorable[idx]
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         cam[:, 1] = torch.where(flip, -cam[:, 1], cam[:, 1])
         cameras = make_cameras(cam[:, 0], cam[:, 1], cam[:, 2], cam[:, 3])
