@@ -449,8 +449,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
                    help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
     g.add_argument("--views", choices=VIEW_MODES, help="view-dependent prompts: the view word (hard), blended "
-                   "along the azimuth (interpolated), or blended with Perp-Neg (2 more denoiser passes per step); "
-                   "default: the model's")
+                   "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
+                   "none, the prior's camera input alone (camera); default: the model's")
 
 
 def threads(value: str) -> int | str:

@@ -82,6 +82,7 @@ class PromptEmbeddings:
         self.texts = [negative] + [view_prompt(prompt, v) for v in VIEWS]
         with torch.no_grad():
             self.cond = encode(self.texts)
+            self.plain = encode([prompt])  # apart: the view rows stay bit-identical to a batch of five
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +98,10 @@ class PromptEmbeddings:
     def view_rows(self, view: str, n: int) -> Cond:
         """The prompt with `view`'s suffix, n times."""
         return self.rows(torch.full((n,), 1 + VIEWS.index(view), dtype=torch.long))
+
+    def plain_rows(self, n: int) -> Cond:
+        """The prompt as typed, without a view word, n times."""
+        return index_cond(self.plain, torch.zeros(n, dtype=torch.long, device=self.device))
 
     def select(self, views: list[str]) -> tuple[Cond, Cond]:
         """(unconditional, conditional) embeddings for a batch of view words."""

@@ -58,8 +58,10 @@ class ViewPrompts:
     `perp_neg` (Armandpour et al. 2023): the interpolated prompt guides, and the views the
     camera is not looking from are pushed away only along directions orthogonal to it, with
     weights `perp_neg_scale * exp(-decay * x)` (<= 0) that fade as the camera nears that view;
-    it costs two more denoiser passes per step."""
+    it costs two more denoiser passes per step. Without `words` the prompt is used as typed
+    and only the camera given to the prior (if it takes one) tells it the view."""
 
+    words: bool = True
     interpolate: bool = False
     perp_neg: bool = False
     perp_neg_scale: float = -2.0
@@ -108,6 +110,14 @@ class Recipe:
         ]
 
 
+VIEW_MODE_SETTINGS = {  # the job spec's `views` (shared.spec.VIEW_MODES) as ViewPrompts switches
+    "hard": {"words": True, "interpolate": False, "perp_neg": False},
+    "interpolated": {"words": True, "interpolate": True, "perp_neg": False},
+    "perp-neg": {"words": True, "interpolate": True, "perp_neg": True},
+    "camera": {"words": False, "interpolate": False, "perp_neg": False},
+}
+
+
 def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
     """The recipe a job runs with: the spec's settings replace the prior's where they are given."""
 
@@ -120,8 +130,7 @@ def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
         guidance_scale=pick(spec.guidance_scale, recipe.guidance_scale),
         resolution=pick(spec.resolution, recipe.resolution),
         mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces)),
-        views=recipe.views if spec.views is None else replace(
-            recipe.views, interpolate=spec.views != "hard", perp_neg=spec.views == "perp-neg"),
+        views=recipe.views if spec.views is None else replace(recipe.views, **VIEW_MODE_SETTINGS[spec.views]),
     )
 
 

@@ -7,8 +7,8 @@ CIELAB. Prints a table and the totals. Asserts nothing.
 
     python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--shapes cube,cone] [--colors red] [--workers 2]
 
-With --workers N the prompts run in N processes of one thread each (on a 2-core machine,
-2 workers finish about twice as fast as one process; seconds per object are per worker).
+With --workers N the prompts run in N processes of one thread each (bench/pool.py; seconds
+per object are per worker).
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pool import run_all  # noqa: E402
+
 from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str) -> tuple:
@@ -70,13 +65,7 @@ def main() -> None:
         shape, color, seed, judged_shape, judged_color, iou, dt = row
         print(f"{f'a {color} {shape}':<22} {seed:>4} {judged_shape:<9} {judged_color:<7} {iou:>5.2f} {dt:>6.1f}", flush=True)
 
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, initializer=_one_thread) as pool:
-            for row in pool.map(generate_and_judge, *zip(*jobs, strict=True)):
-                report(row)
-    else:
-        for job in jobs:
-            report(generate_and_judge(*job))
+    run_all(generate_and_judge, jobs, args.workers, report)
     n = len(rows)
     shape_ok = sum(r[0] == r[3] for r in rows)
     color_ok = sum(r[1] == r[4] for r in rows)

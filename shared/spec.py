@@ -25,7 +25,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_faces": (100, 5_000_000),
 }
 DEVICES = ("auto", "cpu", "cuda")
-VIEW_MODES = ("hard", "interpolated", "perp-neg")  # view word; blended view prompts; blended + Perp-Neg
+# view word; blended view prompts; blended + Perp-Neg; no view word (the camera alone, for a prior that takes it)
+VIEW_MODES = ("hard", "interpolated", "perp-neg", "camera")
 # Quality presets: what each changes from the model's defaults (None = the model's default).
 QUALITY = ("draft", "standard", "high")
 _PRESETS = {

@@ -60,6 +60,8 @@ def test_the_views_setting_switches_view_blending_and_perp_neg_and_bad_values_ar
         "views.interpolate: False -> True", "views.perp_neg: False -> True"]
     assert resolve(base, JobSpec("a red cube", views="interpolated")).changes_from(base.to_dict()) == [
         "views.interpolate: False -> True"]
+    assert resolve(base, JobSpec("a red cube", views="camera")).changes_from(base.to_dict()) == [
+        "views.words: True -> False"]
     assert resolve(base, JobSpec("a red cube", views="hard")) == base
-    with pytest.raises(SpecError, match="views: must be one of hard, interpolated, perp-neg"):
+    with pytest.raises(SpecError, match="views: must be one of hard, interpolated, perp-neg, camera"):
         JobSpec.from_dict({"prompt": "a red cube", "views": "sideways"})

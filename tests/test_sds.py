@@ -250,8 +250,8 @@ def test_interpolated_view_prompts_blend_front_side_back_with_the_azimuth(tiny_s
     assert torch.allclose(overhead, g.encode_text(["a red cube, overhead view"]), atol=1e-5)
 
 
-@pytest.mark.parametrize("views", [dict(interpolate=True), dict(perp_neg=True)])
-def test_sds_with_view_blends_and_perp_neg_runs_the_denoiser_on_the_right_prompts(tiny_sd, views):
+@pytest.mark.parametrize("views", [dict(interpolate=True), dict(perp_neg=True), dict(words=False)])
+def test_sds_with_view_blends_perp_neg_or_no_view_word_runs_the_denoiser_on_the_right_prompts(tiny_sd, views):
     from promptmesh.backend.prompts import perp_neg_noise, perp_neg_weights
     from promptmesh.backend.recipe import ViewPrompts
 
@@ -268,6 +268,8 @@ def test_sds_with_view_blends_and_perp_neg_runs_the_denoiser_on_the_right_prompt
         unet = lambda c: g.unet(noisy, t, encoder_hidden_states=c).sample  # noqa: E731
         e_u = unet(g.encode_text(["blurry"]))
         e_p = unet(text["front"] / 3 + 2 * text["side"] / 3)  # 60 degrees: two thirds of the way to the side
+        if views.get("words") is False:
+            e_p = unet(g.encode_text(["a red cube"]))
         if views.get("perp_neg"):
             w = perp_neg_weights(torch.tensor([60.0]), -2.0, 2.0, 10.0)
             eps = perp_neg_noise(e_u, e_p, [unet(text["front"]), unet(text["side"])], w, 7.5)

@@ -86,7 +86,9 @@ class Guidance(nn.Module):
         word's, or a blend along the azimuth), or Perp-Neg's (prompts.perp_neg_noise); NaNs and
         infs zeroed."""
         n = latents.shape[0]
-        if views.interpolate or views.perp_neg:
+        if not views.words:
+            uncond, cond = embeddings.negative_rows(n), embeddings.plain_rows(n)
+        elif views.interpolate or views.perp_neg:
             uncond, cond = embeddings.negative_rows(n), embeddings.blend(cameras.elevation, cameras.azimuth)
         else:
             uncond, cond = embeddings.select(view_word(cameras.elevation, cameras.azimuth))

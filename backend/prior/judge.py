@@ -69,10 +69,14 @@ def judge_mesh(mesh: Mesh) -> Verdict:
             _REFERENCE[shape] = [_primitive_occupancy(shape, yaw, grid) for yaw in (YAWS if shape == "cube" else [0.0])]
         ious[shape] = max(float((occ & ref).sum() / max(1, (occ | ref).sum())) for ref in _REFERENCE[shape])
     shape = max(ious, key=lambda name: ious[name])
+    return Verdict(shape, judge_color(mesh), ious[shape], ious)
+
+
+def judge_color(mesh: Mesh) -> str:
+    """The palette word nearest (in CIELAB) to the mesh's mean vertex colour."""
     lab = rgb2lab(np.clip(mesh.colors.mean(0), 0, 1)[None, None])[0, 0]
     palette = {name: rgb2lab(np.array(rgb)[None, None])[0, 0] for name, rgb in PALETTE.items()}
-    color = min(palette, key=lambda name: float(np.linalg.norm(palette[name] - lab)))
-    return Verdict(shape, color, ious[shape], ious)
+    return min(palette, key=lambda name: float(np.linalg.norm(palette[name] - lab)))
 
 
 # ---- the Janus judge ------------------------------------------------------------------------

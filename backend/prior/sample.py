@@ -14,12 +14,15 @@ from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
 
 @torch.no_grad()
 def sample(
-    prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0
+    prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0,
+    view_words: bool = True,
 ) -> torch.Tensor:
-    """One image per camera for `prompt` (+ each camera's view suffix); [N, 3, S, S] in [0, 1]."""
+    """One image per camera for `prompt` (+ each camera's view suffix unless not `view_words`: then
+    the camera alone tells the view); [N, 3, S, S] in [0, 1]."""
     prior.check_prompt(prompt)
     n = len(cameras)
-    captions = [view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)]
+    words = view_word(cameras.elevation, cameras.azimuth)
+    captions = [view_prompt(prompt, v) if view_words else prompt for v in words]
     states, pooled = prior.encode_text([""] * n + captions)
     cams = camera_features(cameras, EmbeddedGuidance.recipe.cameras).repeat(2, 1)
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
