@@ -1,13 +1,16 @@
 """The Janus benchmark: objects with a front, generated with each way of telling the prior the view.
 
 For every object (mug, chair, arrow, duck) x colour x seed and every configuration (a job
-spec `views` setting; "default" is the model's own), runs `pipeline.run` and judges the mesh
+spec `views` setting; "default" is the model's own; "blind" is DreamFusion's hard view words
+with the embedded prior always told it sees the front, as a prior without a camera input
+trained on front-leaning photos would assume: an ablation, patched in here, not a product
+setting), runs `pipeline.run` and judges the mesh
 without the prior: `judge_janus` (right / janus / other, searched over yaw) and the colour by
 the nearest palette entry. Prints a row per object, then per configuration the Janus rate,
 shape-right, colour-right and both-right rates and the median seconds per object, and the
 figures `janus_rate_CONFIG` and `both_right_CONFIG`. Asserts nothing.
 
-    python bench/janus.py [--configs hard,interpolated,perp-neg,camera,default] [--objects mug,duck]
+    python bench/janus.py [--configs blind,hard,interpolated,perp-neg,camera,default] [--objects mug,duck]
                           [--colors red,blue] [--seeds 3] [--steps N] [--workers 2]
 """
 
@@ -24,22 +27,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from figures import report  # noqa: E402
 from pool import run_all  # noqa: E402
 
+from promptmesh.backend.prior.model import camera_features  # noqa: E402
 from promptmesh.backend.prior.shapes import OBJECTS  # noqa: E402
 from promptmesh.shared.spec import VIEW_MODES  # noqa: E402
 
-DEFAULT = "default"
+DEFAULT, BLIND = "default", "blind"
+
+
+def _front_camera_features(cameras, ranges):  # type: ignore[no-untyped-def]
+    """The embedded prior's camera features with the azimuth turned to the front (sin 0, cos 1)."""
+    from promptmesh.backend.prior.model import camera_features
+
+    features = camera_features(cameras, ranges).clone()
+    features[:, 0], features[:, 1] = 0.0, 1.0
+    return features
 
 
 def generate_and_judge(config: str, name: str, color: str, seed: int, steps: int | None, model: str) -> tuple:
     """One row: (config, object, colour, seed, verdict kind, best candidate, judged colour, seconds)."""
+    from promptmesh.backend.guidance import embedded
     from promptmesh.backend.mesh import MeshError
     from promptmesh.backend.pipeline import run
     from promptmesh.backend.prior.judge import judge_color, judge_janus
     from promptmesh.shared.spec import JobSpec
 
+    embedded.camera_features = _front_camera_features if config == BLIND else camera_features  # type: ignore[assignment]
     t0 = time.perf_counter()
     spec = JobSpec(prompt=f"a {color} {name}", seed=seed, steps=steps, model=model,
-                   views=None if config == DEFAULT else config)
+                   views="hard" if config == BLIND else None if config == DEFAULT else config)
     try:
         mesh = run(spec).mesh
         verdict = judge_janus(mesh, name)
@@ -51,7 +66,7 @@ def generate_and_judge(config: str, name: str, color: str, seed: int, steps: int
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default=",".join([*VIEW_MODES, DEFAULT]))
+    p.add_argument("--configs", default=",".join([BLIND, *VIEW_MODES, DEFAULT]))
     p.add_argument("--objects", default=",".join(OBJECTS))
     p.add_argument("--colors", default="red,blue")
     p.add_argument("--seeds", type=int, default=3)
