@@ -74,7 +74,8 @@ _previews: Any = None
 _vocabularies: dict[str, set[str]] = {}  # model -> the words a closed-vocabulary prior knows (from welcome)
 
 # Where each stage sits on the progress bar, so that meshing and fetching move it too.
-STAGE_SPANS = {"loading": (0.0, 0.02), "downloading": (0.0, 0.02), "optimising": (0.02, 0.92),
+# A first download fills the bar by its bytes (minutes for Stable Diffusion); generation starts over.
+STAGE_SPANS = {"loading": (0.0, 0.02), "downloading": (0.0, 1.0), "optimising": (0.02, 0.92),
                "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
 # Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
 REFUSALS = {P.BAD_REQUEST, "MODEL", "QUEUE_FULL", "FORBIDDEN", P.NOT_FOUND, "MESH"}
@@ -365,7 +366,8 @@ def on_progress(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str)
             st.stage, st.stage_started = stage, time.monotonic()
         lo, hi = STAGE_SPANS.get(stage, (st.progress, st.progress))
         st.progress = lo + (hi - lo) * (step / total if total else 0.0)
-        st.eta = eta_text(time.monotonic() - st.stage_started, step, total) if stage == "optimising" else ""
+        st.eta = (eta_text(time.monotonic() - st.stage_started, step, total) if stage == "optimising"
+                  else f"{step / 1e9:.2f} of {total / 1e9:.2f} GB" if stage == "downloading" and total else "")
 
 
 def eta_text(elapsed: float, step: int, total: int) -> str:

@@ -105,11 +105,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import PreviewEvent, StageEvent, StepEvent, run
 
     bar: tqdm | None = None
+    fetched: tqdm | None = None
 
     def on_event(event: object) -> None:
-        nonlocal bar
-        if isinstance(event, StageEvent) and event.stage in ("loading", "meshing"):
+        nonlocal bar, fetched
+        if isinstance(event, StageEvent) and (event.stage in ("loading", "meshing", "downloading") and not event.total):
             print(f"{event.stage}...", file=sys.stderr)
+        elif isinstance(event, StageEvent) and event.stage == "downloading":
+            if fetched is None:
+                fetched = tqdm(total=event.total, desc="downloading", unit="B", unit_scale=True, dynamic_ncols=True)
+            fetched.total = event.total
+            fetched.update(event.done - fetched.n)
+            if event.done >= event.total:
+                fetched.close()
         elif isinstance(event, StepEvent):
             if bar is None:
                 bar = tqdm(total=event.total, initial=event.step - 1, desc="optimising", unit="it", dynamic_ncols=True)

@@ -133,7 +133,7 @@ def event_frames(job: str, e: Any) -> list[bytes] | None:
     from .pipeline import PreviewEvent, ProxyEvent, StageEvent, StepEvent
 
     if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
-        return event("progress", job, {"stage": e.stage, "step": 0, "total": 0})
+        return event("progress", job, {"stage": e.stage, "step": e.done, "total": e.total})
     if isinstance(e, StepEvent):
         return event("progress", job, {"stage": "optimising", "step": e.step, "total": e.total, "loss": e.loss})
     if isinstance(e, PreviewEvent):

@@ -9,8 +9,13 @@ probe the server's files or make it download an arbitrary repository.
 from __future__ import annotations
 
 import os
+import threading
+from fnmatch import fnmatch
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..shared.errors import BAD_REQUEST, PromptMeshError
 
@@ -64,18 +69,65 @@ def needs_download(model: str) -> bool:
     return not offline and model != EMBEDDED and hub_id and not Path(model).exists() and cached_repo(model) is None
 
 
-def download(model: str) -> str:
-    """Fetch what SDS needs of `model` into the Hugging Face cache (resumable, with progress
-    bars); returns the repository it came from. Tries an alias's mirrors in order."""
-    from huggingface_hub import snapshot_download
+def sds_files(names: list[str]) -> list[str]:
+    """Of a repository's file names, what SDS loads: the configs, and for each weighted component
+    its fp16 safetensors where the repository has them, else its full-precision ones."""
+    chosen = [n for n in names if any(fnmatch(n, p) for p in SDS_CONFIGS)]
+    for component in SDS_WEIGHTS:
+        weights = [n for n in names if n.startswith(f"{component}/") and n.endswith(".safetensors")]
+        chosen += [n for n in weights if n.endswith(".fp16.safetensors")] or weights
+    return chosen
 
+
+ByteReport = Callable[[int, int], None]  # (bytes done, bytes in all), as a download goes
+
+
+def byte_progress(report: ByteReport, every: float = 0.5) -> type:
+    """A tqdm class for huggingface_hub's `tqdm_class` that draws nothing and passes the byte
+    counts of its byte bars (unit "B": recent huggingface_hub sums every file of a snapshot into
+    one) to `report`, at most every `every` seconds and once at the end; other bars (files
+    counted) are ignored. A bar forced on: a server has no terminal, where tqdm would turn off."""
+    from tqdm import tqdm
+
+    lock, last, sent = threading.Lock(), [0.0], [(-1, -1)]
+
+    class Reporting(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.update(disable=False, file=open(os.devnull, "w"))  # noqa: SIM115 - closed in close()
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            if self.unit == "B" and self.total:
+                now = time.monotonic()
+                counts = (int(self.n), int(self.total))
+                with lock:  # once per change: two byte bars (network, disk) count the same bytes
+                    due = counts != sent[0] and (now - last[0] >= every or counts[0] >= counts[1])
+                    if due:
+                        last[0], sent[0] = now, counts
+                if due:
+                    report(*counts)
+            return out
+
+        def close(self) -> None:
+            super().close()
+            if self.fp is not None and not self.fp.closed:
+                self.fp.close()
+
+    return Reporting
+
+
+def download(model: str, on_bytes: ByteReport | None = None) -> str:
+    """Fetch what SDS needs of `model` into the Hugging Face cache (resumable; with progress bars
+    on the terminal, or byte counts to `on_bytes`); returns the repository it came from. Tries
+    an alias's mirrors in order."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    bars: dict[str, Any] = {} if on_bytes is None else {"tqdm_class": byte_progress(on_bytes)}
     errors = []
     for repo in candidates(model):
-        try:
-            folder = snapshot_download(repo, allow_patterns=[*SDS_CONFIGS, *(f"{c}/*.fp16.safetensors" for c in SDS_WEIGHTS)])
-            missing = [c for c in SDS_WEIGHTS if not any((Path(folder) / c).glob("*.safetensors"))]
-            if missing:  # no fp16 variant there: the full-precision files of those components
-                snapshot_download(repo, allow_patterns=[f"{c}/*.safetensors" for c in missing])
+        try:  # the exact files first, so that one snapshot (and one byte total) fetches them all
+            snapshot_download(repo, allow_patterns=sds_files(HfApi().list_repo_files(repo)), **bars)
             return repo
         except Exception as exc:  # the next mirror; the first error is the one to report
             errors.append(exc)

@@ -45,7 +45,9 @@ class DeviceError(PromptMeshError):
 
 @dataclass
 class StageEvent:
-    stage: str  # loading | optimising | meshing | done
+    stage: str  # loading | downloading | optimising | meshing | done
+    done: int = 0  # downloading: bytes fetched so far, of `total` (0: not known yet)
+    total: int = 0
 
 
 @dataclass
@@ -175,7 +177,7 @@ def run(
     on_event(StageEvent("loading"))
     if needs_download(spec.model):  # the first use of a model: say so, rather than a long silence
         on_event(StageEvent("downloading"))
-        download(spec.model)
+        download(spec.model, on_bytes=lambda done, total: on_event(StageEvent("downloading", done, total)))
     guidance = cached_guidance(spec.model, str(device))
     embeddings = guidance.embed_prompt(spec.prompt, spec.negative)
     recipe = resolve(guidance.recipe, spec)

@@ -46,13 +46,13 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, bind: str | None = None, extra: tuple[str, ...] = (), models: Path | None = None,
                  server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         if models is not None:
             extra = ("--models-dir", str(models), *extra)
         self.endpoint = bind or f"tcp://127.0.0.1:{free_port()}"
         self.data_dir = data_dir
         # faulthandler: a server that does not stop is made to print every thread's stack (SIGABRT)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
         self.log_path = (log_dir or data_dir.parent) / f"server-{data_dir.name}.log"
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

@@ -67,9 +67,15 @@ def provenance(model: str, local: bool) -> dict:
     if local:
         folder, source, revision = Path(model), str(Path(model).resolve()), None
     else:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache
 
-        folder = Path(snapshot_download(model, local_files_only=True))  # what from_pretrained just loaded
+        # The cached snapshot from_pretrained just loaded. Not snapshot_download(local_files_only):
+        # recent huggingface_hub (2.4 here) refuses a snapshot missing any file of the repository, and
+        # `promptmesh models download` fetches only what SDS needs.
+        index = try_to_load_from_cache(model, "model_index.json")
+        if not isinstance(index, str):
+            raise FileNotFoundError(f"{model} is not in the Hugging Face cache")
+        folder = Path(index).parent
         source, revision = model, folder.name
     return {"source": source, "revision": revision, "sha256": weight_hashes(folder, ("unet", "vae", "text_encoder"))}
 
