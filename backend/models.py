@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from fnmatch import fnmatch
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
