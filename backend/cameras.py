@@ -96,6 +96,16 @@ def make_cameras(
     )
 
 
+def mvdream_cameras(cameras: Cameras) -> torch.Tensor:
+    """[B, 16]: MVDream's camera input. Its published convention (camera_utils.py of
+    bytedance/MVDream) is an OpenGL camera-to-world matrix (columns right, up, backward) in a
+    Z-up world whose front view (azimuth 0) looks from -Y, which is ours, with the translation
+    scaled to unit length, flattened row by row."""
+    c2w = cameras.c2w.clone()
+    c2w[:, :3, 3] = torch.nn.functional.normalize(c2w[:, :3, 3], dim=-1)
+    return c2w.reshape(-1, 16)
+
+
 def sample_cameras(
     batch: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges(), azimuth: torch.Tensor | None = None
 ) -> Cameras:

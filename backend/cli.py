@@ -426,6 +426,18 @@ def cmd_models_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_convert_mvdream(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from .models import sd21_tokenizer
+    from .mvdream import convert
+
+    tokenizer = sd21_tokenizer() if args.tokenizer == "sd21" else Path(args.tokenizer)
+    out = convert(Path(args.checkpoint), Path(args.out), tokenizer)
+    print(f"wrote {out}: a 4-view MVDream model (multi-view SDS is not in this release yet: --model cannot run it)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.send("cancel", args.job)
@@ -562,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     md = mo_sub.add_parser("download", help="fetch what SDS needs of a model (resumable)")
     md.add_argument("model", help="an alias (sd21, sd15) or a Hub id")
     md.set_defaults(func=cmd_models_download)
+    mc = mo_sub.add_parser("convert-mvdream", help="MVDream's released checkpoint (sd-v2.1-base-4view.pt of the Hub "
+                           "repository MVDream/MVDream) -> a diffusers folder")
+    mc.add_argument("checkpoint", help="the .pt file")
+    mc.add_argument("out", help="the folder to write")
+    mc.add_argument("--tokenizer", default="sd21", help="a folder with Stable Diffusion 2.1's tokenizer files, or "
+                    "'sd21': the one in the Hugging Face cache (promptmesh models download sd21)")
+    mc.set_defaults(func=cmd_models_convert_mvdream)
 
     ex = sub.add_parser("export", help="write FBX for Cinema 4D (Blender's exporter, needs bpy), or GLB/PLY/OBJ")
     ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")

@@ -62,6 +62,18 @@ def cached_repo(model: str) -> str | None:
     return None
 
 
+def sd21_tokenizer() -> Path:
+    """The tokenizer folder of the cached Stable Diffusion 2.1 (what MVDream's checkpoint lacks)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in candidates("sd21"):
+        found = try_to_load_from_cache(repo, "tokenizer/tokenizer_config.json")
+        if isinstance(found, str):
+            return Path(found).parent
+    raise PromptMeshError("Stable Diffusion 2.1's tokenizer is not in the Hugging Face cache: run `promptmesh models "
+                          "download sd21`, or pass --tokenizer FOLDER", BAD_REQUEST)
+
+
 def needs_download(model: str) -> bool:
     """A catalogue model or Hub id that is not in the cache, while the Hub may be asked."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

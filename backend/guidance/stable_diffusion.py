@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras
 from ..models import CATALOGUE
+from ..multiview import VIEWS_FIELD
 from ..recipe import Recipe, Schedule
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
@@ -133,6 +134,10 @@ class StableDiffusionGuidance(Guidance):
             self.unet = UNet2DConditionModel.from_pretrained(
                 model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only, variant=_variant(folder, "unet")
             )
+            if self.unet.config.get(VIEWS_FIELD):
+                raise ModelLoadError(
+                    f"{model} is a {self.unet.config[VIEWS_FIELD]}-view model (MVDream): multi-view SDS is not in this "
+                    "release yet, so it cannot guide a generation; use sd21 or the embedded prior")
             self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only,
                                                      variant=_variant(folder, "vae"))
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
