@@ -125,6 +125,22 @@ def sample_cameras(
     return make_cameras(elevation, azimuth, distance, fovy, light_pos=eye + jitter)
 
 
+def sample_camera_groups(
+    groups: int, views: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()
+) -> Cameras:
+    """`groups` x `views` cameras for a multi-view prior (MVDream's sampling): in each group the
+    views stand at a random azimuth + k * 360 / views and share elevation, distance and field
+    of view; each has its own light jitter. Entries [g * views, (g + 1) * views) are group g."""
+    first = sample_cameras(groups, generator, ranges)
+    turn = torch.arange(views, dtype=torch.float32) * (360.0 / views)
+    each = lambda x: x.repeat_interleave(views)  # noqa: E731
+    azimuth = each(first.azimuth) + turn.repeat(groups)
+    elevation, distance, fovy = each(first.elevation), each(first.distance), each(torch.rad2deg(first.fovy))
+    eye = spherical_position(elevation, azimuth, distance)
+    jitter = torch.randn(groups * views, 3, generator=generator) * ranges.light_jitter * distance[:, None]
+    return make_cameras(elevation, azimuth, distance, fovy, light_pos=eye + jitter)
+
+
 def orbit_cameras(
     count: int, start_azimuth: float = 0.0, elevation: float = 20.0, distance: float = 2.2, fovy: float = 45.0
 ) -> Cameras:

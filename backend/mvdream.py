@@ -31,7 +31,8 @@ ORIGINAL_CONFIG: dict[str, Any] = {"model": {"params": {
     "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
     "parameterization": "eps",
     "unet_config": {"params": {
-        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "image_size": 32,  # the latent size of its 256 px training images
+        "in_channels": 4, "out_channels": 4, "model_channels": 320,
         "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
         "num_head_channels": 64, "use_spatial_transformer": True, "use_linear_in_transformer": True,
         "transformer_depth": 1, "context_dim": 1024, "legacy": False, "camera_dim": CAMERA_DIM}},
@@ -59,16 +60,26 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def unet_config(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The diffusers UNet configuration of an original configuration, with the camera input."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    out = create_unet_diffusers_config_from_ldm(config, state)
+    # The latent size it was trained at (32: MVDream's 256 px images); diffusers would take SD 2's 64.
+    out.update(class_embed_type="projection", projection_class_embeddings_input_dim=CAMERA_DIM,
+               sample_size=config["model"]["params"]["unet_config"]["params"]["image_size"])
+    return out
+
+
 def convert_unet(state: dict[str, torch.Tensor], config: dict[str, Any]) -> Any:
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet_config = create_unet_diffusers_config_from_ldm(config, state)
-    unet_config.update(class_embed_type="projection", projection_class_embeddings_input_dim=CAMERA_DIM)
+    unet_config_ = unet_config(config, state)
     # MVDream's camera embedding has the layout of latent diffusion's label embedding: rename it so.
     renamed = {k.replace(f"{UNET_PREFIX}camera_embed.", f"{UNET_PREFIX}label_emb.0."): v for k, v in state.items()}
-    weights = convert_ldm_unet_checkpoint(renamed, unet_config)
-    unet = UNet2DConditionModel(**unet_config)
+    weights = convert_ldm_unet_checkpoint(renamed, unet_config_)
+    unet = UNet2DConditionModel(**unet_config_)
     unet.load_state_dict(weights, strict=True)
     return make_multiview(unet, VIEWS)
 

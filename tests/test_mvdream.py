@@ -12,11 +12,12 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
 from helpers import promptmesh
-from promptmesh.backend.cameras import make_cameras, mvdream_cameras
+from promptmesh.backend.cameras import make_cameras, mvdream_cameras, sample_camera_groups
 from promptmesh.backend.guidance import load_guidance
-from promptmesh.backend.guidance.base import ModelLoadError
 from promptmesh.backend.multiview import MultiViewAttnProcessor, load_unet
-from promptmesh.backend.mvdream import ConversionError, convert
+from promptmesh.backend.mvdream import ORIGINAL_CONFIG, ConversionError, convert, unet_config
+from promptmesh.backend.pipeline import run
+from promptmesh.shared.spec import JobSpec
 from tiny_ldm import CONFIG, TEXT_LAYERS, tiny_checkpoint
 
 
@@ -72,8 +73,31 @@ def test_the_converted_folder_is_a_four_view_denoiser_with_the_camera(converted)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, turned)  # the camera is read
     assert (folder / "tokenizer").is_dir() and (folder / "scheduler" / "scheduler_config.json").is_file()
-    with pytest.raises(ModelLoadError, match="4-view model .MVDream.: multi-view SDS is not in this release"):
-        load_guidance(str(folder))  # until multi-view SDS lands: refused in one line, not run wrong
+
+
+
+def test_a_generation_with_the_converted_model_scores_groups_of_four_views_with_one_timestep_each(converted):
+    _, folder = converted
+    guidance = load_guidance(str(folder))
+    assert guidance.views_per_group == 4 and guidance.recipe.views.words is False  # the camera tells the view
+    seen = []
+    predict = guidance.predict_noise
+    guidance.predict_noise = lambda noisy, t, cond, cams: seen.append((t.clone(), cams.azimuth.clone())) or predict(
+        noisy, t, cond, cams)
+    embeddings = guidance.embed_prompt("a red cube")
+    cams = sample_camera_groups(2, 4, torch.Generator().manual_seed(0))
+    images = torch.rand(8, 3, 16, 16, requires_grad=True)
+    guidance.sds_loss(images, embeddings, cams, 50.0, (0.02, 0.98), torch.Generator().manual_seed(1)).backward()
+    (t, azimuth), = seen
+    assert len(t) == 16 and len(set(t[:4].tolist())) == 1 and len(set(t[4:8].tolist())) == 1  # CFG doubles the batch
+    assert t[0] != t[4] and torch.equal(t[:8], t[8:])
+    turns = (azimuth[:4] - azimuth[0]) % 360
+    assert torch.allclose(turns, torch.tensor([0.0, 90.0, 180.0, 270.0]), atol=1e-3)
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="not whole groups of 4"):
+        guidance.sds_loss(images[:6], embeddings, cams[:6], 50.0, (0.02, 0.98), torch.Generator())
+    result = run(JobSpec(prompt="a red cube", model=str(folder), steps=3, resolution=16, mesh_resolution=32, device="cpu"))
+    assert result.metadata["recipe"]["guidance_scale"] == 50.0 and len(result.mesh.faces) > 0
 
 
 def test_mvdream_cameras_follow_the_published_convention():
@@ -91,6 +115,22 @@ def test_mvdream_cameras_follow_the_published_convention():
     gl[:3, :3], gl[:3, 3] = np.stack([right, up, -forward], 1), pos
     flip_yz = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
     assert np.allclose(got.numpy().reshape(4, 4), flip_yz @ gl, atol=1e-5)
+
+
+def test_the_published_configuration_gives_mvdreams_unet():
+    """MVDream's SD 2.1-base UNet at its published sizes (built on the meta device: no memory):
+    SD 2.1's 865 M parameters plus the camera embedding, 32x32 latents, 1024-wide text."""
+    from diffusers import UNet2DConditionModel
+
+    state = {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 1024)}
+    config = unet_config(ORIGINAL_CONFIG, state)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    assert tuple(config["block_out_channels"]) == (320, 640, 1280, 1280) and config["cross_attention_dim"] == 1024
+    assert config["sample_size"] == 32 and config["use_linear_projection"] and config["in_channels"] == 4
+    camera = sum(p.numel() for p in unet.class_embedding.parameters())
+    assert camera == 16 * 1280 + 1280 + 1280 * 1280 + 1280
+    assert 864e6 < sum(p.numel() for p in unet.parameters()) - camera < 867e6
 
 
 class NotATensor:

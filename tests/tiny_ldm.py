@@ -16,7 +16,7 @@ TEXT_WIDTH, TEXT_LAYERS, VOCAB, TOKENS = 64, 3, 100, 16
 CONFIG: dict[str, Any] = {"model": {"params": {
     "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
     "unet_config": {"params": {
-        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": CH, "attention_resolutions": [1],
+        "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": CH, "attention_resolutions": [1],
         "num_res_blocks": 1, "channel_mult": list(MULT), "num_head_channels": 8, "use_spatial_transformer": True,
         "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": CONTEXT, "legacy": False,
         "camera_dim": CAMERA}},

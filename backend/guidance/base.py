@@ -46,6 +46,7 @@ class Guidance(nn.Module):
     generation settings that suit the prior."""
 
     recipe: Recipe
+    views_per_group: int = 1  # > 1: a multi-view prior, denoising that many views of one object together
     alphas_cumprod: torch.Tensor
     weights: dict  # where the weights came from: {"source", "revision", "sha256": {file: digest}}
 
@@ -122,11 +123,15 @@ class Guidance(nn.Module):
         generator: torch.Generator,
         views: ViewPrompts = HARD_VIEWS,
     ) -> torch.Tensor:
-        """A loss whose gradient w.r.t. the encoded images is the SDS gradient."""
+        """A loss whose gradient w.r.t. the encoded images is the SDS gradient. A multi-view prior
+        gets whole groups of views (views_per_group each) and one timestep per group."""
         latents = self.encode_images(images)
-        steps = len(self.alphas_cumprod)
+        steps, group = len(self.alphas_cumprod), self.views_per_group
+        if latents.shape[0] % group:
+            raise ValueError(f"{latents.shape[0]} views are not whole groups of {group}")
         lo, hi = int(t_range[0] * steps), int(t_range[1] * steps)
-        t = torch.randint(lo, max(lo, hi) + 1, (latents.shape[0],), generator=generator).clamp_max(steps - 1)
+        t = torch.randint(lo, max(lo, hi) + 1, (latents.shape[0] // group,), generator=generator).clamp_max(steps - 1)
+        t = t.repeat_interleave(group)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         grad = self.sds_grad(latents, embeddings, cameras, guidance_scale, t.to(self.device), noise, views)
         target = (latents - grad).detach()

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..cameras import Cameras
+from ..cameras import Cameras, mvdream_cameras
 from ..models import CATALOGUE
-from ..multiview import VIEWS_FIELD
-from ..recipe import Recipe, Schedule
+from ..multiview import VIEWS_FIELD, load_unet
+from ..recipe import Recipe, Schedule, ViewPrompts
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
 
@@ -105,6 +106,11 @@ class StableDiffusionGuidance(Guidance):
         shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp",
     )
 
+    # A multi-view prior (MVDream: `promptmesh models convert-mvdream`) is told the camera, so
+    # its prompt has no view word; MVDream's guidance scale (50) and t annealed to [0.02, 0.5].
+    multiview_recipe = replace(recipe, guidance_scale=50.0, views=ViewPrompts(words=False),
+                               schedule=replace(recipe.schedule, t_max_end=0.5))
+
     def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -131,13 +137,12 @@ class StableDiffusionGuidance(Guidance):
                 model, subfolder="text_encoder", torch_dtype=self.dtype, local_files_only=local_only,
                 variant=_variant(folder, "text_encoder"),
             )
-            self.unet = UNet2DConditionModel.from_pretrained(
+            self.unet = load_unet(  # with a multi-view processor where its config asks for one
                 model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only, variant=_variant(folder, "unet")
             )
-            if self.unet.config.get(VIEWS_FIELD):
-                raise ModelLoadError(
-                    f"{model} is a {self.unet.config[VIEWS_FIELD]}-view model (MVDream): multi-view SDS is not in this "
-                    "release yet, so it cannot guide a generation; use sd21 or the embedded prior")
+            self.views_per_group = int(self.unet.config.get(VIEWS_FIELD) or 1)
+            if self.views_per_group > 1:
+                self.recipe = self.multiview_recipe
             self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only,
                                                      variant=_variant(folder, "vae"))
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
@@ -172,5 +177,7 @@ class StableDiffusionGuidance(Guidance):
         return self.text_encoder(ids.to(self.device)).last_hidden_state
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        labels = mvdream_cameras(cameras).to(noisy.device, self.dtype) if self.views_per_group > 1 else None
         with torch.no_grad():
-            return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
+            return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype),
+                             class_labels=labels).sample.float()
