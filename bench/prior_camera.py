@@ -1,7 +1,7 @@
 """Does the embedded prior use its camera, and does it lean to the front as a web-trained prior does?
 
 1. Denoising error on views from behind (azimuth 150-210 degrees) of every object with a
-   front, noised at t = 200, 400, 600: the caption without a view word and the camera told
+   front, noised at each of TIMESTEPS (little noise to nearly pure noise): the caption without a view word and the camera told
    right (back) or turned half round (front); and with the true camera, the caption saying
    "back view" or "front view". A prior that uses its camera errs more when told the wrong one.
 2. The lean: 2D samples of each object from behind, prompt without a view word, true camera:
@@ -37,6 +37,8 @@ from promptmesh.backend.prior.shapes import FEATURE_AZIMUTH, OBJECTS, PALETTE  #
 from promptmesh.backend.prompts import view_prompt  # noqa: E402
 
 RANGES = EmbeddedGuidance.recipe.cameras
+TIMESTEPS = (200, 500, 800, 950)
+CASES = ("camera right", "camera told front", "words right", "words told front")
 
 
 def back_cameras(n: int, generator: torch.Generator, turn: float = 0.0):
@@ -47,9 +49,10 @@ def back_cameras(n: int, generator: torch.Generator, turn: float = 0.0):
 
 
 @torch.no_grad()
-def denoising_errors(prior: EmbeddedPrior, views: int, seed: int) -> dict[str, float]:
+def denoising_errors(prior: EmbeddedPrior, views: int, seed: int) -> dict[tuple[str, int], float]:
+    """Mean squared error of the predicted noise per (case, timestep)."""
     generator = torch.Generator().manual_seed(seed)
-    sums = {"camera right": 0.0, "camera told front": 0.0, "words right": 0.0, "words told front": 0.0}
+    sums = {(case, t): 0.0 for case in CASES for t in TIMESTEPS}
     count = 0
     for name in OBJECTS:
         for color in ("red", "blue"):
@@ -57,7 +60,7 @@ def denoising_errors(prior: EmbeddedPrior, views: int, seed: int) -> dict[str, f
             turned = make_cameras(cams.elevation, cams.azimuth + 180.0, cams.distance, torch.rad2deg(cams.fovy))
             x = render_primitives([name] * views, torch.tensor([PALETTE[color]] * views), cams, IMAGE_SIZE) * 2 - 1
             prompt = f"a {color} {name}"
-            for t in (200, 400, 600):
+            for t in TIMESTEPS:
                 noise = torch.randn(x.shape, generator=generator)
                 a = prior.scheduler.alphas_cumprod[t]
                 noisy = a.sqrt() * x + (1 - a).sqrt() * noise
@@ -68,8 +71,8 @@ def denoising_errors(prior: EmbeddedPrior, views: int, seed: int) -> dict[str, f
                     states, pooled = prior.encode_text([caption] * views)
                     pred = prior.predict_noise(noisy, torch.full((views,), t), states, pooled,
                                                camera_features(cameras, RANGES))
-                    sums[key] += float(((pred - noise) ** 2).mean())
-                count += 1
+                    sums[key, t] += float(((pred - noise) ** 2).mean())
+            count += 1
     return {k: v / count for k, v in sums.items()}
 
 
@@ -101,11 +104,13 @@ def main() -> None:
     prior = EmbeddedPrior.from_pretrained(args.weights)
     t0 = time.time()
     errors = denoising_errors(prior, args.views, args.seed)
-    print("denoising error on views from behind (mean squared error of the predicted noise):")
-    for key, value in errors.items():
-        print(f"  {key:<18} {value:.4f}")
-    report("camera_error_ratio", errors["camera told front"] / errors["camera right"], "x")
-    report("words_error_ratio", errors["words told front"] / errors["words right"], "x")
+    print("denoising error on views from behind (mean squared error of the predicted noise) at t =")
+    print(f"  {'':<18}" + "".join(f"{t:>8}" for t in TIMESTEPS))
+    for case in CASES:
+        print(f"  {case:<18}" + "".join(f"{errors[case, t]:>8.4f}" for t in TIMESTEPS))
+    for t in TIMESTEPS:
+        report(f"camera_error_ratio_t{t}", errors["camera told front", t] / errors["camera right", t], "x")
+        report(f"words_error_ratio_t{t}", errors["words told front", t] / errors["words right", t], "x")
     lean = front_lean(prior, args.views, args.ddim_steps, args.seed)
     print("samples from behind that look like the front (no view word, true camera):")
     for name, share in lean.items():
