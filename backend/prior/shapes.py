@@ -91,11 +91,11 @@ def _body(name: str, p: torch.Tensor) -> torch.Tensor:
         return torch.maximum(outer, -inner)
     if name == "chair":
         seat = _box(p, (0.0, 0.0, -0.02), (0.34, 0.34, 0.05))
-        legs = [_box(p, (sx * 0.28, sy * 0.28, -0.30), (0.05, 0.05, 0.24)) for sx in (-1, 1) for sy in (-1, 1)]
+        legs = [_box(p, (sx * 0.26, sy * 0.26, -0.30), (0.08, 0.08, 0.24)) for sx in (-1, 1) for sy in (-1, 1)]
         return torch.stack([seat, *legs]).min(0).values
     if name == "arrow":  # a shaft along the X axis
         x, y, z = p.unbind(-1)
-        dr, dx = _length2(y, z) - 0.07, x.abs() - 0.55
+        dr, dx = _length2(y, z) - 0.11, x.abs() - 0.45
         return torch.maximum(dr, dx).clamp_max(0) + _length2(dr.clamp_min(0), dx.clamp_min(0))
     if name == "duck":
         return _ellipsoid(p, (0.0, 0.08, -0.12), (0.30, 0.42, 0.24))
@@ -106,20 +106,20 @@ def _feature(name: str, q: torch.Tensor) -> torch.Tensor:
     """The feature in its own frame, where it lies toward -Y (the direction of azimuth 0)."""
     if name == "mug":  # a handle: a torus in the vertical plane through the axis
         x, y, z = q.unbind(-1)
-        ring = _length2(_length2(y + 0.33, z) - 0.17, x) - 0.07
+        ring = _length2(_length2(y + 0.36, z) - 0.18, x) - 0.09
         return torch.maximum(ring, -(-y - 0.30))  # only the half outside the body
     if name == "chair":  # a backrest
-        return _box(q, (0.0, -0.30, 0.28), (0.34, 0.05, 0.26))
+        return _box(q, (0.0, -0.28, 0.28), (0.34, 0.08, 0.26))
     if name == "arrow":  # a head: a cone along -Y at the end of the shaft
         x, y, z = q.unbind(-1)
-        along = -y - 0.40  # 0 at the base of the head, 0.32 at its tip
-        radius = 0.20 * (1 - along / 0.32)
-        side = (_length2(x, z) - radius) * 0.85
-        return torch.maximum(side, torch.maximum(-along, along - 0.32))
+        along = -y - 0.30  # 0 at the base of the head, 0.38 at its tip
+        radius = 0.28 * (1 - along / 0.38)
+        side = (_length2(x, z) - radius) * 0.8
+        return torch.maximum(side, torch.maximum(-along, along - 0.38))
     if name == "duck":  # a head with a beak, above the front of the body
-        neck = _capped_cylinder(q - q.new_tensor((0.0, -0.28, 0.0)), 0.09, 0.14, z0=0.12)
-        head = _ellipsoid(q, (0.0, -0.30, 0.32), (0.17, 0.17, 0.17))
-        beak = _ellipsoid(q, (0.0, -0.50, 0.29), (0.08, 0.13, 0.05))
+        neck = _capped_cylinder(q - q.new_tensor((0.0, -0.28, 0.0)), 0.12, 0.14, z0=0.12)
+        head = _ellipsoid(q, (0.0, -0.30, 0.30), (0.21, 0.21, 0.21))
+        beak = _ellipsoid(q, (0.0, -0.50, 0.27), (0.10, 0.16, 0.07))
         return torch.stack([neck, head, beak]).min(0).values
     raise ValueError(f"unknown object {name!r}; expected one of {OBJECTS}")
 
