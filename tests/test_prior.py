@@ -181,6 +181,15 @@ def test_the_janus_judge_tells_each_object_from_its_janus_variants_at_any_yaw(na
     assert judge_janus(analytic_mesh(lambda p: sdf("sphere", p), yaw), name).kind == "other"
 
 
+def test_a_lump_that_fits_nothing_is_no_object_and_no_janus():
+    """A flat lens overlaps an arrow or a chair a little more than the rest (IoU 0.2-0.4): that is
+    no verdict of right or Janus."""
+    lens = analytic_mesh(lambda p: ((p / torch.tensor([0.5, 0.25, 0.08])).norm(dim=-1) - 1) * 0.08, 0.0)
+    for name in OBJECTS:
+        verdict = judge_janus(lens, name)
+        assert verdict.kind == "other" and max(verdict.ious.values()) < 0.5, (name, verdict.ious)
+
+
 def test_each_object_has_one_feature_where_its_front_says():
     """What the feature adds to the body lies on the side FEATURE_AZIMUTH names."""
     axis = torch.linspace(-1, 1, 64)

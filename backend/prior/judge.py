@@ -82,6 +82,9 @@ def judge_color(mesh: Mesh) -> str:
 # ---- the Janus judge ------------------------------------------------------------------------
 JANUS_YAWS = np.radians(np.arange(0, 360, 5))
 JANUS_GRID = 32
+# Below this IoU nothing fits: a lump is not called right or Janus because the object or its
+# variant happens to overlap it a little more than the rest (they differ by a feature).
+JANUS_MIN_IOU = 0.5
 
 
 @dataclass
@@ -112,8 +115,9 @@ def _cube_grid(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def judge_janus(mesh: Mesh, name: str) -> JanusVerdict:
     """Is the mesh the object `name` (right), one of its Janus variants, or something else (the
-    primitives)? Each candidate is searched over yaw; the mesh and the candidates are normalised
-    alike (centred on their box, scaled by its longest side); the best IoU decides."""
+    primitives, or nothing fitting with an IoU of JANUS_MIN_IOU)? Each candidate is searched
+    over yaw; the mesh and the candidates are normalised alike (centred on their box, scaled by
+    its longest side); the best IoU decides."""
     grid = _unit_grid(JANUS_GRID)
     tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     lo, hi = tm.bounds
@@ -128,7 +132,7 @@ def judge_janus(mesh: Mesh, name: str) -> JanusVerdict:
         ious[key] = max(float((occ & ref).sum() / max(1, (occ | ref).sum())) for ref in _JANUS_REFERENCE[name, key])
     best = max(ious, key=lambda key: ious[key])
     kind = "right" if best == "right" else "janus" if best in JANUS_VARIANTS else "other"
-    return JanusVerdict(kind, best, ious)
+    return JanusVerdict(kind if ious[best] >= JANUS_MIN_IOU else "other", best, ious)
 
 
 _JANUS_REFERENCE: dict[tuple[str, str], list[np.ndarray]] = {}
