@@ -49,27 +49,32 @@ SDS_CONFIGS = ("model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/c
 SDS_WEIGHTS = ("text_encoder", "unet", "vae")
 
 
-def cached_repo(model: str) -> str | None:
-    """Which of `model`'s repositories (an alias's mirrors, or a Hub id) is in the local Hugging
-    Face cache, without asking the network; "package" for the embedded prior."""
-    if model == EMBEDDED:
-        return "package"
+def cached_file(model: str, filename: str) -> tuple[str, Path] | None:
+    """The first of `model`'s repositories (an alias's mirrors, or a Hub id) whose `filename` is
+    in the local Hugging Face cache, and that file's path; asks no network."""
     from huggingface_hub import try_to_load_from_cache
 
     for repo in candidates(model):
-        if isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
-            return repo
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return repo, Path(found)
     return None
+
+
+def cached_repo(model: str) -> str | None:
+    """Which of `model`'s repositories is in the local Hugging Face cache, without asking the
+    network; "package" for the embedded prior."""
+    if model == EMBEDDED:
+        return "package"
+    hit = cached_file(model, "model_index.json")
+    return hit[0] if hit else None
 
 
 def sd21_tokenizer() -> Path:
     """The tokenizer folder of the cached Stable Diffusion 2.1 (what MVDream's checkpoint lacks)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for repo in candidates("sd21"):
-        found = try_to_load_from_cache(repo, "tokenizer/tokenizer_config.json")
-        if isinstance(found, str):
-            return Path(found).parent
+    hit = cached_file("sd21", "tokenizer/tokenizer_config.json")
+    if hit:
+        return hit[1].parent
     raise PromptMeshError("Stable Diffusion 2.1's tokenizer is not in the Hugging Face cache: run `promptmesh models "
                           "download sd21`, or pass --tokenizer FOLDER", BAD_REQUEST)
 
@@ -101,7 +106,7 @@ def byte_progress(report: ByteReport, every: float = 0.5) -> type:
     counted) are ignored. A bar forced on: a server has no terminal, where tqdm would turn off."""
     from tqdm import tqdm
 
-    lock, last, sent = threading.Lock(), [0.0], [(-1, -1)]
+    lock, last, sent = threading.Lock(), 0.0, (-1, -1)
 
     class Reporting(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -109,14 +114,15 @@ def byte_progress(report: ByteReport, every: float = 0.5) -> type:
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
+            nonlocal last, sent
             out = super().update(n)
             if self.unit == "B" and self.total:
                 now = time.monotonic()
                 counts = (int(self.n), int(self.total))
                 with lock:  # once per change: two byte bars (network, disk) count the same bytes
-                    due = counts != sent[0] and (now - last[0] >= every or counts[0] >= counts[1])
+                    due = counts != sent and (now - last >= every or counts[0] >= counts[1])
                     if due:
-                        last[0], sent[0] = now, counts
+                        last, sent = now, counts
                 if due:
                     report(*counts)
             return out

@@ -31,7 +31,11 @@ def test_a_first_job_on_sd21_downloads_it_from_a_mirror_reporting_bytes_then_run
     `downloading` with bytes done of the total, only what SDS needs is fetched, then it runs;
     a second job finds it cached and downloads nothing."""
     first, second = CATALOGUE["sd21"].repos[:2]
-    files = {**repo_files(tiny_sd), "safety_checker/model.safetensors": b"\0" * 4096}
+    # the UNet only as an fp16 variant, as the real mirrors hold it: loading must find the variant
+    files = {k.replace("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"): v
+             for k, v in repo_files(tiny_sd).items()}
+    files["safety_checker/model.safetensors"] = b"\0" * 4096
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
     wanted = sds_files(list(files))
     assert "safety_checker/model.safetensors" not in wanted
     with FakeHub({second: files}) as hub:

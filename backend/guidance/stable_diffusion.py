@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras, mvdream_cameras
-from ..models import CATALOGUE
+from ..models import CATALOGUE, cached_file
 from ..multiview import VIEWS_FIELD, load_unet
 from ..recipe import Recipe, Schedule, ViewPrompts
 from ..shading import ShadingConfig
@@ -46,12 +46,12 @@ def _is_cached(model: str) -> bool:
 
 
 def _snapshot(model: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # not in the cache after all: from_pretrained says what is missing
-        return None
+    """The cached snapshot folder of a Hub id (None: not cached; from_pretrained then says what
+    is missing). Not snapshot_download(local_files_only): recent huggingface_hub (2.4 here)
+    refuses a snapshot missing any file of the repository, and `promptmesh models download`
+    fetches only what SDS needs."""
+    hit = cached_file(model, "model_index.json")
+    return hit[1].parent if hit else None
 
 
 def _variant(folder: Path | None, component: str) -> str | None:
@@ -69,15 +69,10 @@ def provenance(model: str, local: bool) -> dict:
     if local:
         folder, source, revision = Path(model), str(Path(model).resolve()), None
     else:
-        from huggingface_hub import try_to_load_from_cache
-
-        # The cached snapshot from_pretrained just loaded. Not snapshot_download(local_files_only):
-        # recent huggingface_hub (2.4 here) refuses a snapshot missing any file of the repository, and
-        # `promptmesh models download` fetches only what SDS needs.
-        index = try_to_load_from_cache(model, "model_index.json")
-        if not isinstance(index, str):
+        snapshot = _snapshot(model)  # what from_pretrained just loaded
+        if snapshot is None:
             raise FileNotFoundError(f"{model} is not in the Hugging Face cache")
-        folder = Path(index).parent
+        folder = snapshot
         source, revision = model, folder.name
     return {"source": source, "revision": revision, "sha256": weight_hashes(folder, ("unet", "vae", "text_encoder"))}
 
