@@ -120,8 +120,14 @@ def sample_cameras(
     elevation, uniform_azimuth = uniform(ranges.elevation), uniform(ranges.azimuth)
     azimuth = uniform_azimuth if azimuth is None else azimuth
     distance, fovy = uniform(ranges.distance), uniform(ranges.fovy)
+    return _lit_cameras(elevation, azimuth, distance, fovy, generator, ranges)
+
+
+def _lit_cameras(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor, fovy: torch.Tensor,
+                 generator: torch.Generator, ranges: CameraRanges) -> Cameras:
+    """Cameras with the light at each camera plus Gaussian jitter (drawn from `generator`)."""
     eye = spherical_position(elevation, azimuth, distance)
-    jitter = torch.randn(batch, 3, generator=generator) * ranges.light_jitter * distance[:, None]
+    jitter = torch.randn(len(eye), 3, generator=generator) * ranges.light_jitter * distance[:, None]
     return make_cameras(elevation, azimuth, distance, fovy, light_pos=eye + jitter)
 
 
@@ -136,9 +142,7 @@ def sample_camera_groups(
     each = lambda x: x.repeat_interleave(views)  # noqa: E731
     azimuth = each(first.azimuth) + turn.repeat(groups)
     elevation, distance, fovy = each(first.elevation), each(first.distance), each(torch.rad2deg(first.fovy))
-    eye = spherical_position(elevation, azimuth, distance)
-    jitter = torch.randn(groups * views, 3, generator=generator) * ranges.light_jitter * distance[:, None]
-    return make_cameras(elevation, azimuth, distance, fovy, light_pos=eye + jitter)
+    return _lit_cameras(elevation, azimuth, distance, fovy, generator, ranges)
 
 
 def orbit_cameras(

@@ -21,8 +21,8 @@ def sample(
     the camera alone tells the view); [N, 3, S, S] in [0, 1]."""
     prior.check_prompt(prompt)
     n = len(cameras)
-    words = view_word(cameras.elevation, cameras.azimuth)
-    captions = [view_prompt(prompt, v) if view_words else prompt for v in words]
+    captions = ([view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)] if view_words
+                else [prompt] * n)
     states, pooled = prior.encode_text([""] * n + captions)
     cams = camera_features(cameras, EmbeddedGuidance.recipe.cameras).repeat(2, 1)
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)

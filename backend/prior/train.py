@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ...shared.errors import BAD_REQUEST, PromptMeshError
 from ...shared.result import atomic_folder, atomic_write
 from ..cameras import make_cameras
 from ..guidance.embedded import EmbeddedGuidance
@@ -87,7 +88,7 @@ def initial_model(config: TrainConfig) -> EmbeddedPrior:
     model = EmbeddedPrior.from_pretrained(config.init)
     old, new = model.tokenizer.get_vocab(), build_tokenizer()
     if any(new.get_vocab().get(w) != i for w, i in old.items()):
-        raise ValueError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch")
+        raise PromptMeshError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch", BAD_REQUEST)
     model.tokenizer = new
     model.text_encoder.resize_token_embeddings(len(new))
     return model
@@ -107,7 +108,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         if state["config"] != asdict(config):
-            raise ValueError(f"{ckpt_path} was written under another configuration: {state['config']}")
+            raise PromptMeshError(f"{ckpt_path} was written under other settings ({state['config']}): pass the same "
+                                  "options, or another --out to start over", BAD_REQUEST)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
