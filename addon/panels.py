@@ -58,7 +58,8 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         row.operator("promptmesh.cancel", text="", icon="CANCEL")
         active = st.job(st.active_job)
         if active is not None and active.state not in ("DONE", "FAILED", "CANCELLED"):
-            text = f"{st.stage} {active.step}/{active.total}" if active.total and st.stage == "optimising" else st.stage
+            counted = active.total and st.stage in ("optimising", "refining")
+            text = f"{st.stage} {active.step}/{active.total}" if counted else st.stage
             layout.progress(factor=st.progress, type="BAR", text=text)
             if st.eta:
                 layout.label(text=st.eta, icon="TIME")
@@ -80,7 +81,7 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
         layout, settings = self.layout, context.scene.promptmesh
         layout.use_property_split = True
         for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "proxy_every", "mesh_resolution",
-                     "max_faces", "device", "import_when_done"):
+                     "max_faces", "refine_steps", "device", "import_when_done"):
             layout.prop(settings, name)
 
 

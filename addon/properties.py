@@ -56,6 +56,8 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                                  description="Marching-cubes grid size; 0: from the preset")
     max_faces: IntProperty(name="Max Faces", min=0, max=int(LIMITS["max_faces"][1]), default=0,
                            description="Decimate to at most this many faces; 0: no limit")
+    refine_steps: IntProperty(name="Refine Steps", min=-1, max=int(LIMITS["refine_steps"][1]), default=-1,
+                              description="Steps of the mesh refinement after the NeRF; 0: none; -1: the model's default")
     device: EnumProperty(name="Device", items=[("auto", "Auto", "The backend's choice"), ("cpu", "CPU", ""),
                                                  ("cuda", "CUDA", "")], default="auto")
     show_proxy: BoolProperty(name="Live 3D Proxy", default=True,
@@ -72,6 +74,8 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
             value = getattr(self, name)
             if value:
                 fields[name] = value
+        if self.refine_steps >= 0:
+            fields["refine_steps"] = self.refine_steps
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
                        preview_every=self.preview_every, device=self.device,
                        proxy_every=self.proxy_every if self.show_proxy else 0.0, **fields).validate()

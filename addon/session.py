@@ -75,7 +75,9 @@ _vocabularies: dict[str, set[str]] = {}  # model -> the words a closed-vocabular
 
 # Where each stage sits on the progress bar, so that meshing and fetching move it too.
 # A first download fills the bar by its bytes (minutes for Stable Diffusion); generation starts over.
+# Refining counts on from the NeRF's steps (its step/total continue), so it shares the span.
 STAGE_SPANS = {"loading": (0.0, 0.02), "downloading": (0.0, 1.0), "optimising": (0.02, 0.92),
+               "refining": (0.02, 0.92),
                "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
 # Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
 REFUSALS = {P.BAD_REQUEST, "MODEL", "QUEUE_FULL", "FORBIDDEN", P.NOT_FOUND, "MESH"}

@@ -80,7 +80,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
         resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
         preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
-        max_faces=args.max_faces, device=args.device, views=args.views,
+        max_faces=args.max_faces, device=args.device, views=args.views, refine_steps=args.refine_steps,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -120,7 +120,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 fetched.close()
         elif isinstance(event, StepEvent):
             if bar is None:
-                bar = tqdm(total=event.total, initial=event.step - 1, desc="optimising", unit="it", dynamic_ncols=True)
+                bar = tqdm(total=event.total, initial=event.step - 1, desc=event.stage, unit="it", dynamic_ncols=True)
+            bar.set_description(event.stage, refresh=False)
             bar.update(event.step - bar.n)
             bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
             if event.step == event.total:
@@ -467,6 +468,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--quality", choices=QUALITY, default="standard",
                    help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
+    g.add_argument("--refine-steps", type=int, help="steps of the mesh refinement stage after the NeRF (sharper "
+                   "surfaces; 0: none; default: the model's)")
     g.add_argument("--views", choices=VIEW_MODES, help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")

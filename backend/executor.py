@@ -135,7 +135,7 @@ def event_frames(job: str, e: Any) -> list[bytes] | None:
     if isinstance(e, StageEvent) and e.stage != "done":  # the job is done when its files are: `done` says so
         return event("progress", job, {"stage": e.stage, "step": e.done, "total": e.total})
     if isinstance(e, StepEvent):
-        return event("progress", job, {"stage": "optimising", "step": e.step, "total": e.total, "loss": e.loss})
+        return event("progress", job, {"stage": e.stage, "step": e.step, "total": e.total, "loss": e.loss})
     if isinstance(e, PreviewEvent):
         h, w = e.rgba.shape[:2]
         return event("preview", job, {"step": e.step, "w": w, "h": h}, {"rgba": e.rgba})

@@ -80,8 +80,21 @@ def extract_mesh(
         )
     spacing = (2 * BOUND_RADIUS / (resolution - 1),) * 3
     verts, faces, _, _ = marching_cubes(np.nan_to_num(grid, nan=0.0), level=level, spacing=spacing, gradient_direction="ascent")
-    verts = verts - BOUND_RADIUS
-    mesh = trimesh.Trimesh(verts, faces, process=True)
+    return finish_mesh(verts - BOUND_RADIUS, faces, albedo, max_faces, min_component_fraction, device)
+
+
+def finish_mesh(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    albedo: Fn,
+    max_faces: int | None = None,
+    min_component_fraction: float = 0.1,
+    device: torch.device | str = "cpu",
+) -> Mesh:
+    """A raw surface (marching cubes' or the refinement's) -> a Mesh: duplicate vertices merged,
+    floaters smaller than `min_component_fraction` of the largest piece's area dropped,
+    decimated to `max_faces`, coloured by `albedo` at the vertices."""
+    mesh = trimesh.Trimesh(vertices, faces, process=True)
     mesh = _keep_main_components(mesh, min_component_fraction)
     if max_faces is not None and len(mesh.faces) > max_faces:
         mesh = mesh.simplify_quadric_decimation(face_count=max_faces)

@@ -2,7 +2,9 @@
 
 Stages: loading (the prior, and its recipe resolved once against the spec) -> optimising
 (events every step, previews every `preview_every` steps, checkpoints every `checkpoint_every`)
--> meshing -> done. Cancellation is a threading.Event checked every step.
+-> refining (the mesh stage, backend/refine.py, when the recipe has refinement steps; the
+NeRF's last checkpoint is kept until the job ends, so a resume skips straight to it) ->
+meshing -> done. Cancellation is a threading.Event checked every step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .guidance import Guidance, load_guidance
 from .mesh import MeshError, extract_mesh
 from .models import download, needs_download
 from .recipe import Recipe, resolve
+from .refine import Refiner
 from .threads import FixedThreads, ThreadTuner
 from .trainer import Trainer
 
@@ -45,17 +48,18 @@ class DeviceError(PromptMeshError):
 
 @dataclass
 class StageEvent:
-    stage: str  # loading | downloading | optimising | meshing | done
-    done: int = 0  # downloading: bytes fetched so far, of `total` (0: not known yet)
+    stage: str  # loading | downloading | optimising | refining | meshing | done
+    done: int = 0  # downloading: bytes fetched so far, of `total` (0: not known yet); refining: steps done
     total: int = 0
 
 
 @dataclass
 class StepEvent:
-    step: int
-    total: int
+    step: int  # counted over both stages: the refinement's steps follow the NeRF's
+    total: int  # NeRF steps + refinement steps
     loss: float
     seconds: float
+    stage: str = "optimising"  # or "refining"
 
 
 @dataclass
@@ -193,14 +197,15 @@ def run(
     proxies = ProxyClock(spec.proxy_every)
     on_event(StageEvent("optimising"))
     t1 = time.perf_counter()
-    steps = recipe.schedule.steps
+    steps, refine_steps = recipe.schedule.steps, recipe.refine.steps
+    total = steps + refine_steps
     while trainer.step < steps:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the job was cancelled")
         started = time.perf_counter()
         loss = trainer.train_step()
         tuner.step(time.perf_counter() - started)
-        on_event(StepEvent(trainer.step, steps, loss, time.perf_counter() - t1))
+        on_event(StepEvent(trainer.step, total, loss, time.perf_counter() - t1))
         if spec.preview_every and trainer.step % spec.preview_every == 0:
             on_event(PreviewEvent(trainer.step, trainer.preview()))
         if proxies.due():
@@ -210,18 +215,36 @@ def run(
                     on_event(ProxyEvent(trainer.step, proxy))
                 except MeshError:  # no surface yet: the next one
                     pass
-        if checkpoint is not None and trainer.step % checkpoint_every == 0 and trainer.step < steps:
+        if checkpoint is not None and ((trainer.step % checkpoint_every == 0 and trainer.step < steps)
+                                       or trainer.step == steps < total):
             trainer.save_checkpoint(checkpoint, spec.to_dict())
     timings["optimise_seconds"] = time.perf_counter() - t1
 
+    refiner = None
+    if refine_steps:
+        on_event(StageEvent("refining", steps, total))  # the progress carries on from the NeRF's steps
+        t3 = time.perf_counter()
+        refiner = Refiner(trainer, trainer.surface_density())
+        while refiner.step < refine_steps:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the job was cancelled")
+            loss = refiner.train_step()
+            on_event(StepEvent(steps + refiner.step, total, loss, time.perf_counter() - t1, "refining"))
+            if spec.preview_every and refiner.step % spec.preview_every == 0:
+                on_event(PreviewEvent(steps + refiner.step, refiner.preview()))
+        timings["refine_seconds"] = time.perf_counter() - t3
+
     on_event(StageEvent("meshing"))
     t2 = time.perf_counter()
-    mesh = mesh_of(trainer, device, recipe.mesh.resolution, recipe.mesh.max_faces)
+    if refiner is not None:
+        mesh = refiner.mesh(recipe.mesh.max_faces)
+    else:
+        mesh = mesh_of(trainer, device, recipe.mesh.resolution, recipe.mesh.max_faces)
     timings["mesh_seconds"] = time.perf_counter() - t2
     timings["total_seconds"] = time.perf_counter() - t0
     metadata = {
         "prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed, "model": spec.model,
-        "steps": steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
+        "steps": steps, "refine_steps": refine_steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from, "threads": torch.get_num_threads(), "weights": guidance.weights,

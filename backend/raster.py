@@ -12,7 +12,8 @@ get gradients from an antialiased outline: within `3 sigma` pixels of the mesh's
 (the edges between a face turned towards the camera and one turned away, and open edges),
 alpha = sigmoid(+-d / sigma), d the pixel centre's distance to the nearest outline edge, +
 inside the hard coverage and - outside, so an edge lying on a pixel centre gives it 0.5 and
-the fit is unbiased both ways. (SoftRas's per-face probabilities leave the interior
+the fit is unbiased both ways; covered pixels ramp only beside uncovered ones (a fold's
+outline edges lie inside the coverage). (SoftRas's per-face probabilities leave the interior
 translucent along every inner edge, 0.90 at a cube's corners; DIB-R's halo outside only
 shrinks a fitted cube by 6 %.) Pixel (i, j) has
 its centre at (i + 0.5, j + 0.5) and row 0 at the top, as `cameras.ray_bundle` has it, so a
@@ -21,6 +22,7 @@ mesh render lines up with a NeRF render of the same camera.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,10 +86,13 @@ def _segment_distance(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torc
     return (ap - t[..., None] * ab).norm(dim=-1)
 
 
-def rasterize(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, sigma: float = 0.5) -> Fragments:
+def rasterize(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, sigma: float = 0.5,
+              edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> Fragments:
     """Rasterise `project`ed vertices [B, V, 3] of triangles `faces` [F, 3] (either winding; no
-    culling: the z-buffer decides). `sigma` (pixels) softens the outline; 0 makes it hard."""
-    edges = mesh_edges(faces) if sigma > 0 else None
+    culling: the z-buffer decides). `sigma` (pixels) softens the outline; 0 makes it hard.
+    `edges`: mesh_edges(faces), where the caller has them already."""
+    if sigma > 0 and edges is None:
+        edges = mesh_edges(faces)
     out_face, out_bary, out_depth, out_alpha = [], [], [], []
     for view in screen:
         tri = view[faces]  # [F, 3, 3]
@@ -117,7 +122,7 @@ def rasterize(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int
         bary = torch.zeros(height * width, 3, device=view.device, dtype=view.dtype).index_put((pixel[sel],), persp / norm)
         depth = torch.zeros(height * width, device=view.device, dtype=view.dtype).index_put((pixel[sel],), 1.0 / norm[:, 0])
         alpha = (best >= 0).to(view.dtype)
-        if sigma > 0:
+        if sigma > 0 and edges is not None:
             alpha = _antialias(alpha, view[:, :2], faces, edges, area_sign(tri), height, width, sigma)
         out_face.append(best.view(height, width))
         out_bary.append(bary.view(height, width, 3))
@@ -130,8 +135,10 @@ def mesh_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The unique edges [E, 2] of a triangle mesh and the two faces beside each [E, 2] (the
     second -1 on an open edge; a third face on a non-manifold edge is not listed)."""
     corners = torch.stack([faces, faces.roll(-1, 1)], -1).reshape(-1, 2)  # [3F, 2]
-    key = corners.sort(-1).values
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    lo_hi = corners.sort(-1).values
+    count = int(faces.max()) + 1 if len(faces) else 1
+    key, inverse = torch.unique(lo_hi[:, 0] * count + lo_hi[:, 1], return_inverse=True)  # 1-D: ~10x faster than dim=0
+    unique = torch.stack([torch.div(key, count, rounding_mode="floor"), key % count], -1)
     owner = torch.arange(len(faces), device=faces.device).repeat_interleave(3)
     first = torch.full((len(unique),), len(faces), device=faces.device).scatter_reduce(0, inverse, owner, "amin")
     last = torch.full((len(unique),), -1, device=faces.device).scatter_reduce(0, inverse, owner, "amax")
@@ -162,6 +169,12 @@ def _antialias(coverage: torch.Tensor, xy: torch.Tensor, faces: torch.Tensor, ed
     nearest = nearest.scatter_reduce(0, pixel, dist, "amin", include_self=False)
     near = torch.zeros(height * width, dtype=torch.bool, device=xy.device)
     near[pixel] = True
+    # a covered pixel ramps only beside uncovered ones: outline edges inside the coverage (folds,
+    # edges behind the surface) must not let the background through
+    reach = int(math.ceil(3.0 * sigma))
+    image = coverage.view(1, 1, height, width)
+    border = F.max_pool2d(1 - image, 2 * reach + 1, 1, reach).view(-1) > 0
+    near &= (coverage == 0) | border
     ramp = torch.sigmoid(torch.where(coverage > 0, 1.0, -1.0) * nearest.where(near, 0.0) / sigma)
     return torch.where(near, ramp, coverage)
 

@@ -23,6 +23,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "proxy_every": (0.0, 3600.0),
     "mesh_resolution": (32, 256),
     "max_faces": (100, 5_000_000),
+    "refine_steps": (0, 20000),
 }
 DEVICES = ("auto", "cpu", "cuda")
 # view word; blended view prompts; blended + Perp-Neg; no view word (the camera alone, for a prior that takes it)
@@ -98,6 +99,8 @@ class JobSpec:
     device: str = "auto"
     # How the view enters the prompt (backend/recipe.py ViewPrompts): None is the prior's default.
     views: str | None = None
+    # Steps of the mesh refinement stage after the NeRF (0: none); None is the prior's default.
+    refine_steps: int | None = None
 
     def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
@@ -119,7 +122,7 @@ class JobSpec:
             raise SpecError("views", f"must be one of {', '.join(VIEW_MODES)}, got {str(self.views)[:40]!r}")
         for name, (lo, hi) in LIMITS.items():
             value = getattr(self, name)
-            if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces"):
+            if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces", "refine_steps"):
                 continue
             want_int = name not in ("guidance_scale", "proxy_every")
             ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 import trimesh
 
 from promptmesh.backend.dmtet import TetGrid, marching_tets

@@ -132,3 +132,33 @@ def test_the_result_records_which_weights_made_it(tiny_sd):
     unet = next(p for p in (tiny_sd / "unet").iterdir() if p.suffix == ".safetensors")
     assert weights["sha256"][f"unet/{unet.name}"] == hashlib.sha256(unet.read_bytes()).hexdigest()
     assert {k.split("/")[0] for k in weights["sha256"]} == {"unet", "vae", "text_encoder"}
+
+
+def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_path):
+    """Refining counts on from the NeRF's steps; the NeRF's last state is checkpointed, so a job
+    cancelled while refining resumes at the refinement, not at step 1."""
+    events = []
+    job = spec(tiny_sd, refine_steps=4, preview_every=2)
+    result = run(job, events.append)
+    assert [e.stage for e in events if isinstance(e, StageEvent)] == ["loading", "optimising", "refining", "meshing", "done"]
+    steps = [(e.step, e.total, e.stage) for e in events if isinstance(e, StepEvent)]
+    assert steps == [(i, 10, "optimising") for i in range(1, 7)] + [(i, 10, "refining") for i in range(7, 11)]
+    assert [e.step for e in events if isinstance(e, PreviewEvent)] == [2, 4, 6, 8, 10]
+    assert result.metadata["refine_steps"] == 4 and result.metadata["timings"]["refine_seconds"] > 0
+    assert result.metadata["recipe"]["refine"]["steps"] == 4 and len(result.mesh.faces) > 0
+
+    ckpt, cancel, seen = tmp_path / "job.ckpt.pt", threading.Event(), []
+
+    def cancel_when_refining(e):
+        if isinstance(e, StepEvent):
+            seen.append(e.step)
+            if e.stage == "refining":
+                cancel.set()
+
+    with pytest.raises(Cancelled):
+        run(job, cancel_when_refining, cancel=cancel, checkpoint=ckpt, checkpoint_every=100)
+    assert ckpt.exists() and seen[-1] == 7
+    resumed = []
+    run(job, resumed.append, checkpoint=ckpt, resume=True)
+    assert [e.step for e in resumed if isinstance(e, StepEvent)] == [7, 8, 9, 10]
+    assert not ckpt.exists()

@@ -1,0 +1,168 @@
+"""The refinement stage after the NeRF (Magic3D's and NeMo's DMTet stage): an explicit surface
+on a deformable tetrahedral grid, initialised from the NeRF's density and optimised with the
+same SDS guidance through the rasteriser, at a higher render resolution; then the colour alone
+on the fixed geometry. Marching cubes of a NeRF rounds every edge (its density is smooth over
+a few field cells); a mesh optimised as a mesh keeps the flat faces and corners the prior
+draws.
+
+Colour comes from the NeRF field's own albedo at the surface points (the field stays the
+colour model; in the geometry phase it is frozen and looked up at detached points, so that
+shape moves only for the silhouette and the shading the prior sees).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage  # type: ignore[import-untyped]
+
+from ..shared.result import Mesh
+from .cameras import Cameras, orbit_cameras, ray_bundle, sample_camera_groups, sample_cameras
+from .dmtet import TetGrid, marching_tets
+from .mesh import MeshError, finish_mesh
+from .raster import face_normals, mesh_edges, project, rasterize
+from .shading import shade
+from .trainer import Trainer
+
+
+def initial_sdf(inside: np.ndarray, cell: float) -> np.ndarray:
+    """A signed distance (negative inside) from an occupancy grid, the zero level half-way
+    between an inside and an outside node, smoothed over a cell so that the first surface is
+    not a staircase of grid steps."""
+    outside_distance = ndimage.distance_transform_edt(~inside)
+    inside_distance = ndimage.distance_transform_edt(inside)
+    sdf = np.where(inside, 0.5 - inside_distance, outside_distance - 0.5)
+    return (ndimage.gaussian_filter(sdf, 1.0) * cell).astype(np.float32)
+
+
+def _spread(x: torch.Tensor, covered: torch.Tensor, reach: int = 2) -> torch.Tensor:
+    """[B, H, W, C] values of covered pixels carried to the uncovered pixels within `reach`
+    (their neighbours' mean), where the antialiased outline mixes them with the background."""
+    weight = covered[:, None].to(x.dtype)
+    k = 2 * reach + 1
+    total = F.avg_pool2d(x.permute(0, 3, 1, 2) * weight, k, 1, reach)
+    count = F.avg_pool2d(weight, k, 1, reach)
+    filled = (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1)
+    return torch.where(covered[..., None], x, filled)
+
+
+class Refiner:
+    """Owns the tetrahedral grid's SDF and offsets, and the optimisers of both phases."""
+
+    def __init__(self, trainer: Trainer, threshold: float | None) -> None:
+        """`threshold`: the density of the NeRF's surface (Trainer.surface_density)."""
+        self.trainer, self.settings = trainer, trainer.recipe.refine
+        device, field = trainer.device, trainer.field
+        # a margin of two cells, so that a surface at the field's bound still closes
+        res = self.settings.grid
+        self.grid = TetGrid.cube(res, field.radius * res / (res - 4), device)
+        with torch.no_grad():
+            density = torch.cat([field.density(c) for c in self.grid.vertices.split(65536)])
+        level = float(threshold) if threshold is not None else float(density.max()) * 0.5
+        inside = (density > level).view(res + 1, res + 1, res + 1).cpu().numpy()
+        if not inside.any():
+            raise MeshError("the NeRF stage left no surface to refine: run more --steps or change the --seed")
+        sdf = initial_sdf(inside, self.grid.cell)
+        self.sdf = torch.nn.Parameter(torch.from_numpy(sdf).reshape(-1).to(device))
+        self.offset = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
+        s = self.settings
+        self.shape_optimizer = torch.optim.Adam([{"params": [self.sdf], "lr": s.lr_sdf},
+                                                 {"params": [self.offset], "lr": s.lr_offset}])
+        self.color_optimizer: torch.optim.Optimizer | None = None  # made when the colour phase starts
+        self.geometry_steps = round(s.steps * (1 - s.color_share))
+        self.step = 0
+        self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def positions(self) -> torch.Tensor:
+        """Grid vertices moved by their offsets, at most half a cell (tetrahedra cannot flip)."""
+        return self.grid.vertices + torch.tanh(self.offset) * (0.5 * self.grid.cell)
+
+    def surface(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fixed is not None:
+            return self._fixed
+        vertices, faces = marching_tets(self.grid, self.positions(), self.sdf)
+        if len(faces) == 0:
+            raise MeshError("the refined surface vanished: lower --refine-steps or change the --seed")
+        return vertices, faces
+
+    def render(self, vertices: torch.Tensor, faces: torch.Tensor, cameras: Cameras, size: int, shading: str,
+               shaping: bool, edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] display colour over the background, and [B, 1, H, W] alpha. While `shaping`,
+        the colour is looked up without gradients one cell inside the surface: the field's colour is
+        trained only where its density is, and the surface may lie up to half a cell outside."""
+        t = self.trainer
+        frags = rasterize(project(vertices, cameras, size, size), faces, size, size, self.settings.sigma, edges)
+        covered = frags.face >= 0
+        points = frags.interpolate(vertices, faces)
+        normals = face_normals(vertices, faces)[frags.face.clamp_min(0)]
+        albedo = torch.zeros_like(points)
+        if covered.any():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not shaping):
+                inset = self.grid.cell if shaping else 0.0
+                albedo = albedo.index_put((covered,), t.field(points[covered] - inset * normals[covered])[1])
+        albedo, normals = _spread(albedo, covered), _spread(normals, covered)
+        alpha = frags.alpha[..., None]
+        light = cameras.light_dir[:, None, None, :].expand_as(normals)
+        color = shade(shading, albedo * alpha, alpha, normals, light, t.recipe.shading.ambient)
+        _, dirs = ray_bundle(cameras, size, size)
+        color = color + (1 - alpha) * t.background(dirs.reshape(-1, 3)).view_as(color)
+        return color.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
+
+    def regularisers(self, vertices: torch.Tensor, faces: torch.Tensor,
+                     edges_beside: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Normal consistency across edges and a uniform Laplacian, in units of the grid cell."""
+        edges, beside = edges_beside
+        shared = beside[:, 1] >= 0
+        n = face_normals(vertices, faces)
+        consistency = (1 - (n[beside[shared, 0]] * n[beside[shared, 1]]).sum(-1)).mean()
+        ends = torch.cat([edges, edges.flip(1)])
+        total = torch.zeros_like(vertices).index_add(0, ends[:, 0], vertices[ends[:, 1]])
+        count = torch.zeros(len(vertices), device=vertices.device).index_add(
+            0, ends[:, 0], torch.ones(len(ends), device=vertices.device))
+        laplacian = vertices - total / count.clamp_min(1)[:, None]
+        s = self.settings
+        return s.normal_weight * consistency + s.laplacian_weight * (laplacian**2).sum(-1).mean() / self.grid.cell**2
+
+    def train_step(self) -> float:
+        """One SDS step on the shape (first phase) or on the colour (second phase); the loss."""
+        t, s = self.trainer, self.settings
+        r = t.recipe
+        shaping = self.step < self.geometry_steps
+        if not shaping and self._fixed is None:
+            with torch.no_grad():
+                self._fixed = self.surface()
+            self.color_optimizer = torch.optim.Adam(t.field.parameters(), lr=s.lr_color)
+        views = t.guidance.views_per_group
+        cameras = (sample_cameras(1, t.generator, r.cameras) if views == 1
+                   else sample_camera_groups(1, views, t.generator, r.cameras)).to(t.device)
+        t.field.requires_grad_(not shaping)
+        vertices, faces = self.surface()
+        edges = mesh_edges(faces)
+        rgb, _ = self.render(vertices, faces, cameras, s.resolution, r.shading.sample(t.generator), shaping, edges)
+        loss = t.guidance.sds_loss(rgb, t.embeddings, cameras, r.guidance_scale, s.t_range, t.generator, r.views)
+        if shaping:
+            loss = loss + self.regularisers(vertices, faces, edges)
+        optimizer = self.shape_optimizer if shaping or self.color_optimizer is None else self.color_optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def preview(self, size: int = 64) -> np.ndarray:
+        """An RGBA uint8 render of the current mesh from an orbiting camera."""
+        vertices, faces = self.surface()
+        cameras = orbit_cameras(1, start_azimuth=(self.step * 7.0) % 360.0).to(self.trainer.device)
+        rgb, alpha = self.render(vertices, faces, cameras, size, "lambertian", True)
+        rgba = torch.cat([rgb, alpha], 1).clamp(0, 1)[0].permute(1, 2, 0)
+        return (rgba * 255).round().to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
+    def mesh(self, max_faces: int | None) -> Mesh:
+        """The refined surface as a coloured Mesh (floaters dropped, decimated to `max_faces`)."""
+        vertices, faces = self.surface()
+        field = self.trainer.field
+        return finish_mesh(vertices.cpu().numpy(), faces.cpu().numpy(), lambda x: field(x)[1], max_faces,
+                           device=self.trainer.device)
