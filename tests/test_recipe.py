@@ -8,7 +8,7 @@ import pytest
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
 from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
 from promptmesh.backend.recipe import Recipe, resolve
-from promptmesh.shared.spec import JobSpec
+from promptmesh.shared.spec import JobSpec, SpecError
 
 RECIPES = {"embedded": EmbeddedGuidance.recipe, "stable-diffusion": StableDiffusionGuidance.recipe}
 
@@ -43,13 +43,18 @@ def test_a_spec_without_settings_keeps_the_recipe(recipe):
 
 def test_spec_settings_override_the_recipe():
     base = EmbeddedGuidance.recipe
-    spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500)
+    spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500,
+                   refine_steps=30)
     assert resolve(base, spec).changes_from(base.to_dict()) == [
         "schedule.steps: 1200 -> 7", "guidance_scale: 20.0 -> 3.5", "resolution: 32 -> 48",
-        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500",
+        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500", "refine.steps: 0 -> 30",
     ]
     # zero is a setting, not a missing one
     assert resolve(base, JobSpec("a red cube", guidance_scale=0.0)).guidance_scale == 0.0
+    assert resolve(replace(base, refine=replace(base.refine, steps=50)), JobSpec("a red cube", refine_steps=0)).refine.steps == 0
+    for bad in (-1, 20001, 2.5, True):
+        with pytest.raises(SpecError, match="refine_steps"):
+            JobSpec("a red cube", refine_steps=bad).validate()
 
 
 def test_the_views_setting_switches_view_blending_and_perp_neg_and_bad_values_are_named():
