@@ -5,7 +5,7 @@ without the prior: shape by voxel IoU against the analytic primitives (scale-nor
 searched over rotations about the vertical axis), colour by the nearest palette entry in
 CIELAB. Prints a table and the totals. Asserts nothing.
 
-    python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--shapes cube,cone] [--colors red] [--workers 2]
+    python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--refine-steps N] [--shapes cube,cone] [--colors red] [--workers 2]
 
 With --workers N the prompts run in N processes of one thread each (bench/pool.py; seconds
 per object are per worker).
@@ -26,8 +26,9 @@ from pool import run_all  # noqa: E402
 from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
 
 
-def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str) -> tuple:
-    """One row: (shape, colour, seed, judged shape, judged colour, IoU, seconds)."""
+def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str, refine_steps: int | None) -> tuple:
+    """One row: (shape, colour, seed, judged shape, judged colour, IoU with the judged shape,
+    seconds, IoU with the prompted shape)."""
     from promptmesh.backend.mesh import MeshError
     from promptmesh.backend.pipeline import run
     from promptmesh.backend.prior.judge import judge_mesh
@@ -35,11 +36,12 @@ def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, mod
 
     t0 = time.perf_counter()
     try:
-        verdict = judge_mesh(run(JobSpec(prompt=f"a {color} {shape}", seed=seed, steps=steps, model=model)).mesh)
-        judged = (verdict.shape, verdict.color, verdict.iou)
+        spec = JobSpec(prompt=f"a {color} {shape}", seed=seed, steps=steps, model=model, refine_steps=refine_steps)
+        verdict = judge_mesh(run(spec).mesh)
+        judged, prompted = (verdict.shape, verdict.color, verdict.iou), verdict.ious[shape]
     except MeshError:
-        judged = ("(none)", "(none)", 0.0)
-    return (shape, color, seed, *judged, time.perf_counter() - t0)
+        judged, prompted = ("(none)", "(none)", 0.0), 0.0
+    return (shape, color, seed, *judged, time.perf_counter() - t0, prompted)
 
 
 def main() -> None:
@@ -50,10 +52,11 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--colors", default=",".join(PALETTE))
     p.add_argument("--model", default="embedded")
+    p.add_argument("--refine-steps", type=int, default=None, help="the refinement stage's steps (default: the model's)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
     jobs = [
-        (shape, color, seed, args.steps, args.model)
+        (shape, color, seed, args.steps, args.model, args.refine_steps)
         for shape in args.shapes.split(",") for color in args.colors.split(",")
         for seed in range(args.first_seed, args.first_seed + args.seeds)
     ]
@@ -62,7 +65,7 @@ def main() -> None:
 
     def report(row: tuple) -> None:
         rows.append(row)
-        shape, color, seed, judged_shape, judged_color, iou, dt = row
+        shape, color, seed, judged_shape, judged_color, iou, dt, _ = row
         print(f"{f'a {color} {shape}':<22} {seed:>4} {judged_shape:<9} {judged_color:<7} {iou:>5.2f} {dt:>6.1f}", flush=True)
 
     run_all(generate_and_judge, jobs, args.workers, report)
@@ -72,6 +75,8 @@ def main() -> None:
     both = sum(r[0] == r[3] and r[1] == r[4] for r in rows)
     print(f"\nobjects: {n}; shape accuracy {shape_ok / n:.0%}; colour accuracy {color_ok / n:.0%}; "
           f"both right {both / n:.0%}; median {statistics.median(r[6] for r in rows):.0f} s per object")
+    print("mean IoU with the prompted primitive: " + ", ".join(
+        f"{shape} {statistics.mean(r[7] for r in rows if r[0] == shape):.3f}" for shape in dict.fromkeys(r[0] for r in rows)))
     confusions: dict[tuple[str, str], int] = {}
     for r in rows:
         if r[0] != r[3]:
