@@ -10,27 +10,59 @@ their box size. No torch here: `promptmesh export` loads this module beside Blen
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 
+from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh
 
 PADDING = 2  # texels between charts, so that bilinear filtering does not mix neighbours
 
 
-def atlas(mesh: Mesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """xatlas's charts packed for a `size` texture: (vertex map [V'] into the old vertices,
-    new faces [F, 3], UVs [V', 2] in [0, 1]). Vertices on a seam are split."""
+class TextureError(PromptMeshError):
+    """The UV atlas could not be made; the mesh is still whole, with its vertex colours."""
+
+    code = "MESH"
+
+
+def _charts(vertices: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import xatlas
 
     chart = xatlas.ChartOptions()
     pack = xatlas.PackOptions()
     pack.resolution, pack.padding, pack.bilinear = size, PADDING, True
     atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(mesh.vertices, np.float32), np.ascontiguousarray(mesh.faces, np.uint32))
+    atlas.add_mesh(vertices, faces)
     atlas.generate(chart, pack)
-    vmap, faces, uvs = atlas[0]
-    return vmap.astype(np.int64), faces.astype(np.int32), uvs.astype(np.float32)
+    vmap, new_faces, uvs = atlas[0]
+    return vmap.astype(np.int64), new_faces.astype(np.int32), uvs.astype(np.float32)
+
+
+def atlas(mesh: Mesh, size: int, timeout: float = 300.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas's charts packed for a `size` texture: (vertex map [V'] into the old vertices,
+    new faces [F, 3], UVs [V', 2] in [0, 1]). Vertices on a seam are split. xatlas runs in a
+    child process (`python -m promptmesh.backend.texture`, arrays through .npz files): it
+    crashes on some meshes (a segmentation fault, jpcy/xatlas#151), which here becomes a
+    TextureError instead of a dead server."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="promptmesh-atlas-") as tmp:
+        src, dst = Path(tmp) / "mesh.npz", Path(tmp) / "atlas.npz"
+        np.savez(src, vertices=np.asarray(mesh.vertices, np.float32), faces=np.asarray(mesh.faces, np.uint32))
+        try:
+            proc = subprocess.run([sys.executable, "-m", __name__, str(src), str(dst), str(size)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise TextureError(f"the UV unwrapper (xatlas) took over {timeout:.0f} s on {len(mesh.faces)} faces") from exc
+        if proc.returncode != 0 or not dst.is_file():
+            how = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"failed: {proc.stderr.strip()[-300:]}"
+            raise TextureError(f"the UV unwrapper (xatlas) {how} on this mesh ({len(mesh.faces)} faces)")
+        with np.load(dst) as out:
+            return out["vmap"].astype(np.int64), out["faces"].astype(np.int32), out["uvs"].astype(np.float32)
 
 
 def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,3 +121,10 @@ def bake(mesh: Mesh, size: int) -> Mesh:
     image[covered] = (weights[covered, :, None] * corner).sum(1)
     texture = np.round(np.clip(dilate(image, covered), 0, 1) * 255).astype(np.uint8)
     return Mesh(mesh.vertices[vmap], faces, colors, mesh.normals[vmap], uvs=uvs, texture=texture)
+
+
+if __name__ == "__main__":  # the child process of `atlas`: MESH.npz ATLAS.npz SIZE
+    with np.load(sys.argv[1]) as given:
+        vmap, faces, uvs = _charts(np.ascontiguousarray(given["vertices"]), np.ascontiguousarray(given["faces"]),
+                                   int(sys.argv[3]))
+    np.savez(sys.argv[2], vmap=vmap, faces=faces, uvs=uvs)
