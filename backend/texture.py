@@ -88,7 +88,7 @@ def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndar
         px = lo[pick, 0, None] + ox.ravel()[None]  # [n, s*s]
         py = lo[pick, 1, None] + oy.ravel()[None]
 
-        def edge(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        def edge(p: np.ndarray, q: np.ndarray, px: np.ndarray = px, py: np.ndarray = py) -> np.ndarray:
             return (q[:, 0, None] - p[:, 0, None]) * (py - p[:, 1, None]) - (q[:, 1, None] - p[:, 1, None]) * (px - p[:, 0, None])
 
         inv = 1.0 / area[pick, None]
