@@ -80,7 +80,7 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
         layout, settings = self.layout, context.scene.promptmesh
         layout.use_property_split = True
         for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "proxy_every", "mesh_resolution",
-                     "max_faces", "device", "import_when_done"):
+                     "max_faces", "texture_size", "device", "import_when_done"):
             layout.prop(settings, name)
 
 

@@ -14,9 +14,7 @@ No torch here: `promptmesh export` loads this module beside Blender's bpy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import trimesh
@@ -55,12 +53,11 @@ def _rgba8(c: np.ndarray) -> np.ndarray:
 
 
 def to_trimesh(mesh: Mesh, fmt: str) -> trimesh.Trimesh:
-    """The mesh in `fmt`'s axes and colour space; for GLB, with its texture if it has one."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    y_up = fmt in ("glb", "obj")
-    verts = z_up_to_y_up(mesh.vertices) if y_up else mesh.vertices
-    normals = z_up_to_y_up(mesh.normals) if y_up else mesh.normals
+    """The mesh in GLB's or PLY's axes and colour space; for GLB, with its texture if it has one."""
+    if fmt not in ("glb", "ply"):
+        raise ValueError(f"trimesh writes glb and ply here, not {fmt!r}")
+    verts = z_up_to_y_up(mesh.vertices) if fmt == "glb" else mesh.vertices
+    normals = z_up_to_y_up(mesh.normals) if fmt == "glb" else mesh.normals
     colors = _rgba8(srgb_to_linear(mesh.colors) if fmt == "glb" else mesh.colors)
     tm = trimesh.Trimesh(vertices=verts, faces=mesh.faces, vertex_normals=normals, vertex_colors=colors, process=False)
     if fmt == "glb" and mesh.texture is not None:
@@ -83,8 +80,8 @@ def read_mesh(path: str | Path) -> Mesh:
     if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
         raise PromptMeshError(f"{path} holds no triangle mesh", BAD_REQUEST)
     y_up = fmt in ("glb", "obj")
-    uvs, texture = _texture_of(tm.visual)
-    colors = _vertex_colors(tm.visual)
+    uvs, texture = _texture_of(tm)
+    colors = _vertex_colors(tm)
     if colors is None:
         raise PromptMeshError(f"{path} holds no vertex colours", BAD_REQUEST)
     verts, normals = np.asarray(tm.vertices), np.asarray(tm.vertex_normals)
@@ -110,10 +107,11 @@ def _load(path: Path) -> trimesh.Trimesh | None:
     return loaded if isinstance(loaded, trimesh.Trimesh) else None
 
 
-def _vertex_colors(visual: trimesh.visual.ColorVisuals | trimesh.visual.TextureVisuals) -> np.ndarray | None:
+def _vertex_colors(tm: trimesh.Trimesh) -> np.ndarray | None:
     """[V, 3] in [0, 1] as stored; a textured file's own vertex colours (glTF COLOR_0 beside a
     texture), else the texture sampled at the vertices (trimesh drops an OBJ's `v` colours
     beside a texture)."""
+    visual = tm.visual
     if isinstance(visual, trimesh.visual.TextureVisuals):
         stored = visual.vertex_attributes.get("color")
         visual = visual.to_color() if stored is None else trimesh.visual.ColorVisuals(vertex_colors=stored)
@@ -122,8 +120,9 @@ def _vertex_colors(visual: trimesh.visual.ColorVisuals | trimesh.visual.TextureV
     return np.asarray(visual.vertex_colors)[:, :3] / 255.0
 
 
-def _texture_of(visual: trimesh.visual.ColorVisuals | trimesh.visual.TextureVisuals) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _texture_of(tm: trimesh.Trimesh) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(uvs [V, 2], texture [H, W, 3] uint8) of a textured file, else (None, None)."""
+    visual = tm.visual
     if not isinstance(visual, trimesh.visual.TextureVisuals) or visual.uv is None:
         return None, None
     material = visual.material
@@ -134,42 +133,39 @@ def _texture_of(visual: trimesh.visual.ColorVisuals | trimesh.visual.TextureVisu
 
 
 def write_mesh(mesh: Mesh, path: str | Path, fmt: str | None = None) -> Path:
-    """Write `mesh` to `path`; the format comes from `fmt` or the file extension. A textured
-    OBJ's PNG and MTL are written first, the OBJ last, each atomically: an OBJ on disk always
-    finds its material."""
+    """Write `mesh` to `path`; the format comes from `fmt` or the file extension."""
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "obj":
+        return write_obj(mesh, path)
     tm = to_trimesh(mesh, fmt)
-    if fmt != "obj":
-        return atomic_write(path, tm.export(file_type=fmt))
-    material = None
-    if mesh.texture is not None:
-        texture = atomic_write(path.with_suffix(".png"), _png(mesh.texture))
+    return atomic_write(path, lambda f: tm.export(f, file_type=fmt))
+
+
+def write_obj(mesh: Mesh, path: Path) -> Path:
+    """OBJ, Y up: `v x y z r g b` (sRGB), `vn`; with a texture also `vt`, `mtllib` and `usemtl`
+    before the faces, and PATH.mtl (`map_Kd`) and PATH.png beside it. The PNG and the MTL are
+    written first, the OBJ last, each atomically: an OBJ on disk always finds its material."""
+    text = _rows("v", np.column_stack([z_up_to_y_up(mesh.vertices), np.clip(mesh.colors, 0, 1)]))
+    text += _rows("vn", z_up_to_y_up(mesh.normals))
+    corner = "{}//{}"  # every corner's v, vt and vn share one index
+    if mesh.texture is not None and mesh.uvs is not None:
+        png = Image.fromarray(mesh.texture)
+        texture = atomic_write(path.with_suffix(".png"), lambda f: png.save(f, format="PNG"))
         material = atomic_write(path.with_suffix(".mtl"), _mtl(path.stem, texture.name))
-    return atomic_write(path, _obj(tm, mesh.uvs, material, path.stem))
+        text = f"mtllib {material.name}\n{text}{_rows('vt', mesh.uvs)}usemtl {path.stem}\n"
+        corner = "{}/{}/{}"
+    return atomic_write(path, (text + _rows("f", mesh.faces + 1, corner)).encode())
 
 
-def _png(image: np.ndarray) -> Callable[[IO[bytes]], None]:
-    return lambda f: Image.fromarray(image).save(f, format="PNG")
+def _rows(tag: str, array: np.ndarray, value_format: str = "{}") -> str:
+    """One OBJ line per row of `array`, starting with `tag`."""
+    return f"{tag} " + trimesh.util.array_to_string(array, row_delim=f"\n{tag} ", value_format=value_format) + "\n"
 
 
 def _mtl(name: str, texture: str) -> bytes:
     """One material: white diffuse times the texture, no specular highlight, our roughness
     (`Pr`, the PBR extension Blender's importer reads), not metal."""
-    return (f"newmtl {name}\nKd 1 1 1\nKs 0 0 0\nPr {ROUGHNESS}\nPm 0\nmap_Kd {texture}\n").encode()
-
-
-def _obj(tm: trimesh.Trimesh, uvs: np.ndarray | None, material: Path | None, name: str) -> bytes:
-    """OBJ text: `v x y z r g b` (sRGB), `vn`, with a material `mtllib`, `vt`, and `usemtl`
-    before the faces; every corner's v, vt and vn share one index."""
-
-    def rows(tag: str, array: np.ndarray, value_format: str = "{}") -> str:
-        return f"{tag} " + trimesh.util.array_to_string(array, row_delim=f"\n{tag} ", value_format=value_format) + "\n"
-
-    colors = np.asarray(tm.visual.vertex_colors)[:, :3] / 255.0
-    text = rows("v", np.column_stack([tm.vertices, colors])) + rows("vn", tm.vertex_normals)
-    corner = "{}//{}"
-    if material is not None and uvs is not None:
-        text = f"mtllib {material.name}\n{text}{rows('vt', uvs)}usemtl {name}\n"
-        corner = "{}/{}/{}"
-    return (text + rows("f", tm.faces + 1, corner)).encode()
+    return f"newmtl {name}\nKd 1 1 1\nKs 0 0 0\nPr {ROUGHNESS}\nPm 0\nmap_Kd {texture}\n".encode()

@@ -130,7 +130,7 @@ def packed_image(name: str, texture: np.ndarray) -> Any:
     image = bpy.data.images.new(name, width, height, alpha=False)
     rgba = np.ones((height, width, 4), np.float32)
     rgba[..., :3] = texture[::-1] / 255.0  # Blender's rows go bottom up; byte images store sRGB as given
-    image.pixels.foreach_set(rgba.ravel())
+    image.pixels.foreach_set(rgba.ravel())  # type: ignore[attr-defined]  # stubbed as a float, is an array
     image.file_format = "PNG"
     image.filepath_raw = f"//{bpy.path.clean_name(name)}.png"  # the name exporters give the embedded file
     image.pack()
