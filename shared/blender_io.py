@@ -132,7 +132,7 @@ def packed_image(name: str, texture: np.ndarray) -> Any:
     rgba[..., :3] = texture[::-1] / 255.0  # Blender's rows go bottom up; byte images store sRGB as given
     image.pixels.foreach_set(rgba.ravel())  # type: ignore[attr-defined]  # stubbed as a float, is an array
     image.file_format = "PNG"
-    image.filepath_raw = f"//{bpy.path.clean_name(name)}.png"  # the name exporters give the embedded file
+    image.filepath_raw = f"//{bpy.path.clean_name(image.name)}.png"  # the file name exporters give it
     image.pack()
     return image
 
@@ -198,11 +198,20 @@ def export_objects(context: Any, objects: list[Any], path: str | Path, fmt: str 
         result = bpy.ops.export_scene.gltf(filepath=str(path), export_format="GLB", use_selection=True,
                                            **gltf_color_options())
     else:
+        for image in packed_images(objects):  # Blender's OBJ exporter copies only images that are files; its
+            image.save(filepath=str(path.parent / Path(image.filepath_raw).name))  # MTL names them so
         result = bpy.ops.wm.obj_export(filepath=str(path), export_selected_objects=True, export_colors=True,
                                        export_materials=True, path_mode="COPY")
     if not result or "FINISHED" not in result or not path.is_file():
         raise RuntimeError(f"Blender's {fmt.upper()} exporter did not write {path}")
     return path
+
+
+def packed_images(objects: list[Any]) -> set[Any]:
+    """The packed images that the objects' materials use in Image Texture nodes."""
+    return {node.image for obj in objects for slot in obj.material_slots if slot.material and slot.material.node_tree
+            for node in slot.material.node_tree.nodes
+            if node.type == "TEX_IMAGE" and node.image is not None and node.image.packed_file is not None}
 
 
 def gltf_color_options() -> dict[str, Any]:
