@@ -21,6 +21,7 @@ from helpers import promptmesh
         (["generate", "a red cube", "--resolution", "4096"], "resolution: must be between"),
         (["generate", "a red cube", "--seed", "x"], "--seed"),
         (["generate", "a red cube", "--resolution", "60"], "multiple of 8"),
+        (["generate", "a red cube", "--texture-size", "1000"], "texture_size: must be 0 (off) or a power of two"),
         (["generate", "a red cube", "-o", "/no/such/folder/x.glb"], "does not exist"),
         (["generate", "a red cube", "--model", "./missing-folder", "--steps", "1"], "unknown model"),
         (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
@@ -123,5 +124,6 @@ def test_quality_presets_set_the_spec_and_explicit_options_win():
     high = spec("--quality", "high")
     assert (high.steps, high.mesh_resolution) == (2400, 192)
     assert spec("--quality", "high", "--mesh-resolution", "64").mesh_resolution == 64
+    assert (spec().texture_size, spec("--texture-size", "0").texture_size) == (1024, 0)
     sd = spec("--quality", "draft", "--model", "sd21")
     assert (sd.steps, sd.resolution) == (1500, 64)
