@@ -290,8 +290,8 @@ def assert_assimp_reads(path: Path, faces: int, colour: np.ndarray) -> None:
     assert int(re.search(r"^Faces:\s+(\d+)", info, re.M)[1]) == faces
     ply = path.with_suffix(".assimp.ply")
     subprocess.run(["assimp", "export", str(path), str(ply)], capture_output=True, check=True)
-    mesh = trimesh.load(ply, process=False)
-    rgb = mesh.visual.vertex_colors[:, :3] / 255.0
+    vertex = trimesh.load(ply, process=False, skip_materials=True).metadata["_ply_raw"]["vertex"]["data"]
+    rgb = np.column_stack([vertex[c].ravel() for c in ("red", "green", "blue")]) / 255.0  # beside UVs too (a textured mesh)
     assert len(rgb) and np.abs(rgb.mean(0) - colour).max() <= 2 / 255
 
 
@@ -570,7 +570,9 @@ def test_a_textured_result_imports_textured_and_every_export_keeps_the_texture(b
         assert_textured_like(back, mesh)
         assert base_color_image(back) != base_color_image(obj)  # read from the file, not the scene's own
         bpy.data.objects.remove(back)
-    assert (tmp_path / "a_textured_sphere.png").is_file()  # beside the OBJ: its exporter copied the packed image
+    assert (tmp_path / "a_textured_sphere.png").is_file()  # beside the OBJ, where its MTL points
+    image = base_color_image(obj)
+    assert image.packed_file is not None and image.filepath_raw == "//a_textured_sphere.png"  # exports left it be
 
 
 def test_cli_fbx_and_our_obj_of_a_textured_mesh_read_back_with_the_texture(bpy, tmp_path):
