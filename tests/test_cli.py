@@ -69,8 +69,9 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     scene = trimesh.load(out)
     geom = next(iter(scene.geometry.values()))
     assert len(geom.faces) == meta["faces"] > 0 and len(geom.vertices) == meta["vertices"]
-    colours = geom.visual.vertex_colors
+    colours = geom.visual.vertex_attributes["color"]  # COLOR_0 beside the default texture
     assert colours.shape == (meta["vertices"], 4) and (colours[:, 3] == 255).all()
+    assert geom.visual.material.baseColorTexture.size == (1024, 1024) == (meta["texture_size"],) * 2
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"step_{s:05d}.png" for s in (4, 8, 12)]
     assert not out.with_name("cube.ckpt.pt").exists()  # the checkpoint is removed once the mesh is written
     import imageio.v3 as iio
@@ -84,7 +85,7 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-5]])
     assert proc.returncode == 0, proc.stderr
     other = next(iter(trimesh.load(again).geometry.values()))
-    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_colors, colours)
+    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_attributes["color"], colours)
 
 
 def test_export_without_bpy_says_how_to_install_it(tmp_path):
