@@ -95,9 +95,10 @@ class ServerProcess:
 
 
 def small_spec(model: Path, prompt: str = "a red cube", **kw) -> dict:
-    """A job of a few steps at 16 px with the tiny Stable Diffusion (offered by its folder name
-    from a server's models folder): seconds on a CPU."""
-    spec = {"prompt": prompt, "model": model.name, "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
+    """A job of a few steps at 16 px, a 64 px texture, with the tiny Stable Diffusion (offered by
+    its folder name from a server's models folder): seconds on a CPU."""
+    spec = {"prompt": prompt, "model": model.name, "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu",
+            "texture_size": 64}
     spec.update(kw)
     return spec
 
