@@ -1,4 +1,5 @@
-"""A fetched job result -> a coloured object at the 3D cursor (the import side of the add-on)."""
+"""A fetched job result -> a coloured (and textured, when it has a texture) object at the 3D
+cursor (the import side of the add-on)."""
 
 from __future__ import annotations
 
@@ -26,4 +27,4 @@ def import_job(context: Any, job: str) -> Any:
     properties = {"promptmesh_prompt": prompt, "promptmesh_seed": int(meta.get("seed", 0)),
                   "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job}
     return create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
-                         context.scene.cursor.location, properties)
+                         context.scene.cursor.location, properties, mesh.uvs, mesh.texture)

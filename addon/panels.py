@@ -81,7 +81,7 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
         layout, settings = self.layout, context.scene.promptmesh
         layout.use_property_split = True
         for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "proxy_every", "mesh_resolution",
-                     "max_faces", "refine_steps", "device", "import_when_done"):
+                     "max_faces", "refine_steps", "texture_size", "device", "import_when_done"):
             layout.prop(settings, name)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from .shared.spec import LIMITS, QUALITY, JobSpec, quality_settings
+from .shared.spec import LIMITS, QUALITY, TEXTURE_SIZES, JobSpec, quality_settings
 
 JOB_STATES = [
     ("SUBMITTING", "Submitting", "Sent to the backend, not yet accepted", "SORTTIME", 0),
@@ -28,6 +28,8 @@ CONNECTION = [
 ]
 
 
+TEXTURE_ITEMS = [(str(px), f"{px} px" if px else "Off", f"A {px} x {px} texture" if px else "Vertex colours only")
+                 for px in TEXTURE_SIZES]
 OFFERED_MODELS: list[str] = []  # what the connected backend offers (its welcome); free text stays allowed
 
 
@@ -58,6 +60,8 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                            description="Decimate to at most this many faces; 0: no limit")
     refine_steps: IntProperty(name="Refine Steps", min=-1, max=int(LIMITS["refine_steps"][1]), default=-1,
                               description="Steps of the mesh refinement after the NeRF; 0: none; -1: the model's default")
+    texture_size: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default=str(JobSpec.texture_size),
+                               description="Size of the base-colour texture baked from the colours (which stay too)")
     device: EnumProperty(name="Device", items=[("auto", "Auto", "The backend's choice"), ("cpu", "CPU", ""),
                                                  ("cuda", "CUDA", "")], default="auto")
     show_proxy: BoolProperty(name="Live 3D Proxy", default=True,
@@ -77,7 +81,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
         if self.refine_steps >= 0:
             fields["refine_steps"] = self.refine_steps
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
-                       preview_every=self.preview_every, device=self.device,
+                       preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
                        proxy_every=self.proxy_every if self.show_proxy else 0.0, **fields).validate()
 
 

@@ -427,9 +427,10 @@ def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -
         save_record(item)
         return
     files = job_files(item.job)
+    meta = msg.fields.get("meta") or {}
     write_npz(mesh, files.mesh)
-    write_json(msg.fields.get("meta", {}), files.meta)
-    item.state, item.message = "DONE", ""
+    write_json(meta, files.meta)
+    item.state, item.message = "DONE", "; ".join(map(str, meta.get("warnings") or []))  # e.g. why it has no texture
     save_record(item)
     if item.job == st.active_job:
         end_proxy(sess)  # the result replaces it

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ..shared.errors import BAD_REQUEST, PromptMeshError
-from ..shared.spec import QUALITY, VIEW_MODES, JobSpec, quality_settings
+from ..shared.spec import QUALITY, TEXTURE_SIZES, VIEW_MODES, JobSpec, quality_settings
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -81,6 +81,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
         preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
         max_faces=args.max_faces, device=args.device, views=args.views, refine_steps=args.refine_steps,
+        texture_size=args.texture_size,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -392,7 +393,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_fbx(mesh, name: str, out: Path) -> None:
-    """FBX for Cinema 4D, written by Blender's own exporter in a fresh, empty scene."""
+    """FBX for Cinema 4D, written by Blender's own exporter in a fresh, empty scene (a texture
+    embedded in the file)."""
     try:
         import bpy
     except ImportError:
@@ -400,7 +402,8 @@ def export_fbx(mesh, name: str, out: Path) -> None:
     from ..shared.blender_io import create_object, export_objects
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    obj = create_object(bpy.context, name[:63], mesh.vertices, mesh.faces, mesh.colors)
+    obj = create_object(bpy.context, name[:63], mesh.vertices, mesh.faces, mesh.colors, uvs=mesh.uvs,
+                        texture=mesh.texture)
     export_objects(bpy.context, [obj], out, "fbx")
 
 
@@ -470,6 +473,9 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
     g.add_argument("--refine-steps", type=int, help="steps of the mesh refinement stage after the NeRF (sharper "
                    "surfaces; 0: none; default: the model's)")
+    g.add_argument("--texture-size", type=int, default=JobSpec.texture_size, metavar="PX",
+                   help=f"side of the baked base-colour texture: {', '.join(map(str, TEXTURE_SIZES[1:]))}, or 0 for "
+                   f"vertex colours only (default {JobSpec.texture_size})")
     g.add_argument("--views", choices=VIEW_MODES, help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")

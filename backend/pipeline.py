@@ -4,11 +4,13 @@ Stages: loading (the prior, and its recipe resolved once against the spec) -> op
 (events every step, previews every `preview_every` steps, checkpoints every `checkpoint_every`)
 -> refining (the mesh stage, backend/refine.py, when the recipe has refinement steps; the
 NeRF's last checkpoint is kept until the job ends, so a resume skips straight to it) ->
-meshing -> done. Cancellation is a threading.Event checked every step.
+meshing (the surface, then its base-colour texture) -> done. Cancellation is a
+threading.Event checked every step.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from .mesh import MeshError, extract_mesh
 from .models import download, needs_download
 from .recipe import Recipe, resolve
 from .refine import Refiner
+from .texture import TextureError, bake
 from .threads import FixedThreads, ThreadTuner
 from .trainer import Trainer
 
@@ -83,6 +86,7 @@ Event = StageEvent | StepEvent | PreviewEvent | ProxyEvent | ResultEvent
 PROXY_RESOLUTION = 40
 PROXY_MAX_FACES = 20_000
 PROXY_COST_SHARE = 0.05  # a proxy may take at most this share of the optimisation's time
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,6 +155,20 @@ def mesh_of(trainer: Trainer, device: torch.device, resolution: int, max_faces: 
     field_ = trainer.field
     return extract_mesh(field_.density, lambda x: field_(x)[1], resolution=resolution,
                         threshold=trainer.surface_density(views=views, size=size), max_faces=max_faces, device=device)
+
+
+def textured(mesh: Mesh, size: int) -> tuple[Mesh, list[str]]:
+    """The mesh with its baked base-colour texture (`size` 0: none), and warnings. A failed
+    bake (xatlas crashes on some meshes) keeps the vertex-coloured mesh: the job still ends
+    with its result, and says why it has no texture."""
+    if not size:
+        return mesh, []
+    try:
+        return bake(mesh, size), []
+    except TextureError as exc:
+        warning = f"no texture, the mesh keeps its vertex colours: {exc}"
+        log.warning("%s", warning)
+        return mesh, [warning]
 
 
 def thread_setting(threads: int | str | None, device: torch.device) -> ThreadTuner | FixedThreads:
@@ -223,7 +241,7 @@ def run(
     refiner = None
     if refine_steps:
         on_event(StageEvent("refining", steps, total))  # the progress carries on from the NeRF's steps
-        t3 = time.perf_counter()
+        t_refine = time.perf_counter()
         refiner = Refiner(trainer, trainer.surface_density())
         while refiner.step < refine_steps:
             if cancel is not None and cancel.is_set():
@@ -232,7 +250,7 @@ def run(
             on_event(StepEvent(steps + refiner.step, total, loss, time.perf_counter() - t1, "refining"))
             if spec.preview_every and refiner.step % spec.preview_every == 0:
                 on_event(PreviewEvent(steps + refiner.step, refiner.preview()))
-        timings["refine_seconds"] = time.perf_counter() - t3
+        timings["refine_seconds"] = time.perf_counter() - t_refine
 
     on_event(StageEvent("meshing"))
     t2 = time.perf_counter()
@@ -241,11 +259,16 @@ def run(
     else:
         mesh = mesh_of(trainer, device, recipe.mesh.resolution, recipe.mesh.max_faces)
     timings["mesh_seconds"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    mesh, warnings = textured(mesh, recipe.mesh.texture_size)
+    timings["texture_seconds"] = time.perf_counter() - t3
     timings["total_seconds"] = time.perf_counter() - t0
     metadata = {
         "prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed, "model": spec.model,
-        "steps": steps, "refine_steps": refine_steps, "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
+        "steps": steps, "refine_steps": refine_steps, "resolution": recipe.resolution,
+        "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
+        "texture_size": 0 if mesh.texture is None else len(mesh.texture), "warnings": warnings,
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from, "threads": torch.get_num_threads(), "weights": guidance.weights,
     }

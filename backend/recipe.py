@@ -75,6 +75,7 @@ class MeshSettings:
 
     resolution: int = JobSpec.mesh_resolution
     max_faces: int | None = JobSpec.max_faces  # None: no decimation
+    texture_size: int = JobSpec.texture_size  # the baked base-colour texture's side; 0: none
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
         schedule=replace(recipe.schedule, steps=pick(spec.steps, recipe.schedule.steps)),
         guidance_scale=pick(spec.guidance_scale, recipe.guidance_scale),
         resolution=pick(spec.resolution, recipe.resolution),
-        mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces)),
+        mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces),
+                          spec.texture_size),
         views=recipe.views if spec.views is None else replace(recipe.views, **VIEW_MODE_SETTINGS[spec.views]),
         refine=replace(recipe.refine, steps=pick(spec.refine_steps, recipe.refine.steps)),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage  # type: ignore[import-untyped]
+from scipy import ndimage
 
 from ..shared.result import Mesh
 from .cameras import Cameras, orbit_cameras, ray_bundle, sample_camera_groups, sample_cameras

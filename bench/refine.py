@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pool import run_all  # noqa: E402
 
-from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
+from promptmesh.backend.prior.shapes import SHAPES  # noqa: E402
 from promptmesh.shared.result import Mesh  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from .errors import BAD_REQUEST, NOT_FOUND, PromptMeshError
 
 MESH_ARRAYS = ("vertices", "faces", "colors", "normals")
+TEXTURE_ARRAYS = ("uvs", "texture")  # optional, together: a baked base-colour texture
 JOB_ID = re.compile(r"[0-9a-f]{16}")  # what new_job_id() makes
 FILE_MODE = 0o644  # every file we write: readable like any file the user makes; the folder guards privacy
 TMP_SUFFIX = ".tmp"
@@ -41,6 +42,8 @@ class Mesh:
     faces: np.ndarray  # [F, 3] int32, counter-clockwise seen from outside
     colors: np.ndarray  # [V, 3] float32 in [0, 1], sRGB
     normals: np.ndarray  # [V, 3] float32, unit, outward
+    uvs: np.ndarray | None = None  # [V, 2] float32 in [0, 1], origin at the texture's bottom left
+    texture: np.ndarray | None = None  # [H, W, 3] uint8 sRGB base colour, row 0 at the top (v = 1)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -49,7 +52,11 @@ class Mesh:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays by name, as they travel in a `result` message and in mesh.npz."""
-        return {name: getattr(self, name) for name in MESH_ARRAYS}
+        names = MESH_ARRAYS + (TEXTURE_ARRAYS if self.texture is not None else ())
+        return {name: getattr(self, name) for name in names}
+
+    def without_texture(self) -> Mesh:
+        return replace(self, uvs=None, texture=None)
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> Mesh:
@@ -65,7 +72,16 @@ class Mesh:
         if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3 or c.shape != v.shape or n.shape != v.shape:
             raise PromptMeshError(f"inconsistent mesh arrays: vertices {v.shape}, faces {f.shape}, colors {c.shape}, "
                                   f"normals {n.shape}", BAD_REQUEST)
-        return cls(v, f, c, n)
+        if not any(name in arrays for name in TEXTURE_ARRAYS):
+            return cls(v, f, c, n)
+        if not all(name in arrays for name in TEXTURE_ARRAYS):
+            raise PromptMeshError("the result has one of uvs and texture without the other", BAD_REQUEST)
+        uv = np.asarray(arrays["uvs"], np.float32)
+        tex = np.asarray(arrays["texture"])
+        if uv.shape != (len(v), 2) or tex.dtype != np.uint8 or tex.ndim != 3 or tex.shape[2] != 3 or 0 in tex.shape:
+            raise PromptMeshError(f"inconsistent texture arrays: uvs {uv.shape} for {len(v)} vertices, texture "
+                                  f"{tex.shape} {tex.dtype} (expected [H, W, 3] uint8)", BAD_REQUEST)
+        return cls(v, f, c, n, uv, tex)
 
 
 def proxy_arrays(mesh: Mesh) -> dict[str, np.ndarray]:

@@ -24,7 +24,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "mesh_resolution": (32, 256),
     "max_faces": (100, 5_000_000),
     "refine_steps": (0, 20000),
+    "texture_size": (0, 4096),
 }
+TEXTURE_SIZES = (0, 64, 128, 256, 512, 1024, 2048, 4096)  # 0: no texture, vertex colours only
 DEVICES = ("auto", "cpu", "cuda")
 # view word; blended view prompts; blended + Perp-Neg; no view word (the camera alone, for a prior that takes it)
 VIEW_MODES = ("hard", "interpolated", "perp-neg", "camera")
@@ -101,6 +103,8 @@ class JobSpec:
     views: str | None = None
     # Steps of the mesh refinement stage after the NeRF (0: none); None is the prior's default.
     refine_steps: int | None = None
+    # Side in pixels of the baked base-colour texture (a power of two, 64..4096); 0: vertex colours only.
+    texture_size: int = 1024
 
     def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
@@ -132,6 +136,8 @@ class JobSpec:
                 raise SpecError(name, f"must be between {lo} and {hi}, got {value}")
         if self.resolution is not None and self.resolution % 8:
             raise SpecError("resolution", f"must be a multiple of 8, got {self.resolution}")
+        if self.texture_size not in TEXTURE_SIZES:
+            raise SpecError("texture_size", f"must be 0 (off) or a power of two from 64 to 4096, got {self.texture_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,16 +1,20 @@
 """What several test files share: the repository root, external tool checks, the `promptmesh`
-command as a subprocess, and a job server process on a free loopback port."""
+command as a subprocess, a job server process on a free loopback port, a textured mesh and a
+GLB's own JSON and arrays."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from promptmesh.shared.client import Client, ClientError
@@ -91,9 +95,10 @@ class ServerProcess:
 
 
 def small_spec(model: Path, prompt: str = "a red cube", **kw) -> dict:
-    """A job of a few steps at 16 px with the tiny Stable Diffusion (offered by its folder name
-    from a server's models folder): seconds on a CPU."""
-    spec = {"prompt": prompt, "model": model.name, "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu"}
+    """A job of a few steps at 16 px, a 64 px texture, with the tiny Stable Diffusion (offered by
+    its folder name from a server's models folder): seconds on a CPU."""
+    spec = {"prompt": prompt, "model": model.name, "steps": 4, "resolution": 16, "mesh_resolution": 32, "device": "cpu",
+            "texture_size": 64}
     spec.update(kw)
     return spec
 
@@ -115,3 +120,41 @@ def wait_for(client: Client, job: str, until: tuple[str, ...] = ("done", "error"
             if msg.job == job and msg.type in until:
                 return seen
     raise AssertionError(f"job {job} did not reach {until}: saw {[m.type for m in seen]}")
+
+
+def textured_sphere(size: int = 128):
+    """An icosphere coloured by position (red along +X, green +Y, blue +Z: no two places alike,
+    so a flipped or shifted texture shows), baked by the real xatlas into a `size` texture."""
+    import trimesh
+
+    from promptmesh.backend.texture import bake
+    from promptmesh.shared.result import Mesh
+
+    sphere = trimesh.creation.icosphere(3)
+    v = sphere.vertices.astype(np.float32)
+    return bake(Mesh(v, sphere.faces.astype(np.int32), 0.5 + 0.5 * v, v.copy()), size)
+
+
+def glb_parts(path: Path) -> tuple[dict, bytes]:
+    """A GLB's JSON chunk and binary chunk, read by the spec, not by the library that wrote it."""
+    data = path.read_bytes()
+    json_length = struct.unpack_from("<I", data, 12)[0]
+    gltf = json.loads(data[20:20 + json_length])
+    bin_start = 20 + json_length
+    bin_length = struct.unpack_from("<I", data, bin_start)[0]
+    return gltf, data[bin_start + 8:bin_start + 8 + bin_length]
+
+
+def glb_view(gltf: dict, binary: bytes, view: int) -> bytes:
+    v = gltf["bufferViews"][view]
+    return binary[v.get("byteOffset", 0):v.get("byteOffset", 0) + v["byteLength"]]
+
+
+def glb_accessor(gltf: dict, binary: bytes, index: int) -> np.ndarray:
+    """A tightly packed accessor's values; normalised integers scaled to [0, 1]."""
+    a = gltf["accessors"][index]
+    dtype = {5121: np.uint8, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}[a["componentType"]]
+    width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}[a["type"]]
+    view = glb_view(gltf, binary, a["bufferView"])
+    values = np.frombuffer(view, dtype, a["count"] * width, a.get("byteOffset", 0)).reshape(a["count"], width)
+    return values / np.iinfo(dtype).max if a.get("normalized") else values

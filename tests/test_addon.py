@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import trimesh
 import zmq
+from PIL import Image
 
-from helpers import ROOT, ServerProcess, free_port, require_tool
+from helpers import ROOT, ServerProcess, free_port, require_tool, textured_sphere
 
 sys.path.insert(0, str(ROOT))
 import build_addon  # noqa: E402
@@ -200,9 +201,7 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert (attribute.domain, obj.data.color_attributes.default_color_name) == ("POINT", attribute.name)
         colour = mean_colour(obj)
         assert colour[0] > 0.4 and colour[0] > 2 * colour[1] and colour[0] > 2 * colour[2], colour  # red
-        links = obj.active_material.node_tree.links
-        assert any(link.from_node.type == "VERTEX_COLOR" and link.from_node.layer_name == attribute.name
-                   and link.to_socket.name == "Base Color" for link in links)
+        assert base_color_image(obj) is not None and obj.data.uv_layers  # a texture by default, colours kept
         assert (obj["promptmesh_prompt"], obj["promptmesh_seed"], obj["promptmesh_job"]) == (PROMPT, 0, job.job)
         assert obj.dimensions.z > 0.3  # upright and solid, not a sliver
 
@@ -235,6 +234,53 @@ def reimport(bpy, path: Path):
     return obj
 
 
+def base_color_image(obj):
+    """The image of the Image Texture node that feeds the Base Color of the object's material,
+    directly or through other nodes (glTF's importer multiplies it by COLOR_0), or None."""
+    tree = obj.active_material.node_tree
+    bsdf = next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED")
+    todo = [link.from_node for link in tree.links if link.to_socket == bsdf.inputs["Base Color"]]
+    while todo:
+        node = todo.pop()
+        if node.type == "TEX_IMAGE":
+            return node.image
+        todo += [link.from_node for link in tree.links if link.to_node == node]
+    return None
+
+
+def image_array(image) -> np.ndarray:
+    """A Blender image's RGB bytes [H, W, 3], row 0 at the top (Blender's pixels go bottom up)."""
+    width, height = image.size
+    pixels = np.empty(width * height * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    return np.round(pixels.reshape(height, width, 4)[::-1, :, :3] * 255).astype(np.uint8)
+
+
+def corner_uvs(obj) -> np.ndarray:
+    """The active UV layer's UVs, one per face corner."""
+    uvs = np.empty(len(obj.data.loops) * 2, np.float32)
+    obj.data.uv_layers.active.data.foreach_get("uv", uvs)
+    return uvs.reshape(-1, 2)
+
+
+def same_points(a: np.ndarray, b: np.ndarray, tolerance: float = 1e-5) -> bool:
+    """Every point of each set lies within `tolerance` of one of the other (importers may
+    reorder the corners and round the UVs)."""
+    from scipy.spatial import cKDTree
+
+    return bool(cKDTree(b).query(a)[0].max() < tolerance and cKDTree(a).query(b)[0].max() < tolerance)
+
+
+def assert_textured_like(obj, mesh) -> None:
+    """`obj` shows `mesh`'s texture, byte for byte, on `mesh`'s UVs, and keeps its vertex colours."""
+    image = base_color_image(obj)
+    assert image is not None, "Base Color is not fed by an Image Texture"
+    assert image.colorspace_settings.name == "sRGB"
+    assert np.array_equal(image_array(image), mesh.texture)
+    assert len(obj.data.polygons) == len(mesh.faces) and same_points(corner_uvs(obj), mesh.uvs[mesh.faces].reshape(-1, 2))
+    assert np.abs(mean_colour(obj) - mesh.colors.mean(0)).max() <= 2 / 255
+
+
 def assert_assimp_reads(path: Path, faces: int, colour: np.ndarray) -> None:
     """An independent FBX reader (Open Asset Import Library) finds the mesh and its colours."""
     import shutil
@@ -244,8 +290,8 @@ def assert_assimp_reads(path: Path, faces: int, colour: np.ndarray) -> None:
     assert int(re.search(r"^Faces:\s+(\d+)", info, re.M)[1]) == faces
     ply = path.with_suffix(".assimp.ply")
     subprocess.run(["assimp", "export", str(path), str(ply)], capture_output=True, check=True)
-    mesh = trimesh.load(ply, process=False)
-    rgb = mesh.visual.vertex_colors[:, :3] / 255.0
+    vertex = trimesh.load(ply, process=False, skip_materials=True).metadata["_ply_raw"]["vertex"]["data"]
+    rgb = np.column_stack([vertex[c].ravel() for c in ("red", "green", "blue")]) / 255.0  # beside UVs too (a textured mesh)
     assert len(rgb) and np.abs(rgb.mean(0) - colour).max() <= 2 / 255
 
 
@@ -496,3 +542,72 @@ def test_a_proxy_is_never_saved_and_disabling_the_add_on_removes_it(bpy, addon, 
         assert not proxy_blocks(bpy)
     finally:
         addon_utils.enable(MODULE, default_set=True)
+
+
+def test_a_textured_result_imports_textured_and_every_export_keeps_the_texture(bpy, addon, prefs, tmp_path):
+    """The add-on's import: UV layer, packed image, Image Texture -> Base Color, colours kept; its
+    FBX, OBJ and GLB exports, read back by Blender's own importers, show the same texture."""
+    from promptmesh.shared.result import write_json, write_npz
+
+    _, session = addon
+    mesh = textured_sphere(128)
+    job = "0" * 15 + "2"
+    write_npz(mesh, session.job_files(job).mesh)
+    write_json({"prompt": "a textured sphere"}, session.job_files(job).meta)
+    item = bpy.context.window_manager.promptmesh.jobs.add()
+    item.job, item.prompt, item.state = job, "a textured sphere", "DONE"
+    assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
+    obj = bpy.context.view_layer.objects.active
+    assert_textured_like(obj, mesh)
+    assert base_color_image(obj).packed_file is not None  # saved inside the .blend, embeddable in FBX
+    assert obj.data.color_attributes.active_color.domain == "POINT"
+    for fmt in ("fbx", "obj", "glb"):
+        path = tmp_path / f"out.{fmt}"
+        for other in bpy.context.scene.objects:
+            other.select_set(other == obj)
+        assert bpy.ops.promptmesh.export(format=fmt, filepath=str(path)) == {"FINISHED"}
+        back = reimport(bpy, path)
+        assert_textured_like(back, mesh)
+        assert base_color_image(back) != base_color_image(obj)  # read from the file, not the scene's own
+        bpy.data.objects.remove(back)
+    assert (tmp_path / "a_textured_sphere.png").is_file()  # beside the OBJ, where its MTL points
+    image = base_color_image(obj)
+    assert image.packed_file is not None and image.filepath_raw == "//a_textured_sphere.png"  # exports left it be
+
+
+def test_cli_fbx_and_our_obj_of_a_textured_mesh_read_back_with_the_texture(bpy, tmp_path):
+    """`promptmesh export` FBX (texture embedded: Blender and assimp find it), and write_mesh's OBJ
+    (MTL and PNG beside it) through Blender's OBJ importer."""
+    import shutil
+
+    from promptmesh.backend.export import write_mesh
+    from promptmesh.shared.result import write_npz
+
+    mesh = textured_sphere(128)
+    write_npz(mesh, tmp_path / "sphere.npz")
+    proc = subprocess.run([sys.executable, "-m", "promptmesh.backend.cli", "export", str(tmp_path / "sphere.npz"),
+                           "-o", str(tmp_path / "sphere.fbx")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sphere.fbx", "sphere.npz"]  # nothing beside it
+    back = reimport(bpy, tmp_path / "sphere.fbx")
+    assert_textured_like(back, mesh)
+    bpy.data.objects.remove(back)
+
+    require_tool(shutil.which("assimp") is not None, "assimp (apt-get install assimp-utils)")
+    fbx = tmp_path / "sphere.fbx"
+    info = subprocess.run(["assimp", "info", str(fbx)], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^Textures \(embed\.\):\s+1$", info, re.M) and re.search(r"\(\$tex\.file\).*\| Diffuse\]", info)
+    subprocess.run(["assimp", "extract", str(fbx), str(tmp_path / "assimp")], capture_output=True, check=True)
+    (png,) = tmp_path.glob("assimp*.png")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), mesh.texture)
+    ply = tmp_path / "sphere.assimp.ply"
+    subprocess.run(["assimp", "export", str(fbx), str(ply)], capture_output=True, check=True)
+    corners = trimesh.load(ply, process=False, skip_materials=True).visual.uv  # one vertex per face corner
+    assert np.abs(corners - mesh.uvs[mesh.faces].reshape(-1, 2)).max() < 1e-5
+
+    obj_dir = tmp_path / "obj"
+    obj_dir.mkdir()
+    write_mesh(mesh, obj_dir / "sphere.obj")
+    back = reimport(bpy, obj_dir / "sphere.obj")
+    assert_textured_like(back, mesh)
+    bpy.data.objects.remove(back)

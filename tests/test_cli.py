@@ -21,6 +21,7 @@ from helpers import promptmesh
         (["generate", "a red cube", "--resolution", "4096"], "resolution: must be between"),
         (["generate", "a red cube", "--seed", "x"], "--seed"),
         (["generate", "a red cube", "--resolution", "60"], "multiple of 8"),
+        (["generate", "a red cube", "--texture-size", "1000"], "texture_size: must be 0 (off) or a power of two"),
         (["generate", "a red cube", "-o", "/no/such/folder/x.glb"], "does not exist"),
         (["generate", "a red cube", "--model", "./missing-folder", "--steps", "1"], "unknown model"),
         (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
@@ -68,8 +69,9 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     scene = trimesh.load(out)
     geom = next(iter(scene.geometry.values()))
     assert len(geom.faces) == meta["faces"] > 0 and len(geom.vertices) == meta["vertices"]
-    colours = geom.visual.vertex_colors
+    colours = geom.visual.vertex_attributes["color"]  # COLOR_0 beside the default texture
     assert colours.shape == (meta["vertices"], 4) and (colours[:, 3] == 255).all()
+    assert geom.visual.material.baseColorTexture.size == (1024, 1024) == (meta["texture_size"],) * 2
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"step_{s:05d}.png" for s in (4, 8, 12)]
     assert not out.with_name("cube.ckpt.pt").exists()  # the checkpoint is removed once the mesh is written
     import imageio.v3 as iio
@@ -83,7 +85,7 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-5]])
     assert proc.returncode == 0, proc.stderr
     other = next(iter(trimesh.load(again).geometry.values()))
-    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_colors, colours)
+    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_attributes["color"], colours)
 
 
 def test_export_without_bpy_says_how_to_install_it(tmp_path):
@@ -123,5 +125,6 @@ def test_quality_presets_set_the_spec_and_explicit_options_win():
     high = spec("--quality", "high")
     assert (high.steps, high.mesh_resolution) == (2400, 192)
     assert spec("--quality", "high", "--mesh-resolution", "64").mesh_resolution == 64
+    assert (spec().texture_size, spec("--texture-size", "0").texture_size) == (1024, 0)
     sd = spec("--quality", "draft", "--model", "sd21")
     assert (sd.steps, sd.resolution) == (1500, 64)

@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 
@@ -5,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
-from promptmesh.backend.export import read_mesh, srgb_to_linear, write_mesh
+from helpers import glb_accessor, glb_parts, glb_view, textured_sphere
+from promptmesh.backend.export import linear_to_srgb, read_mesh, srgb_to_linear, write_mesh
 from promptmesh.backend.mesh import MeshError, auto_threshold, extract_mesh
 
 RED = (0.86, 0.10, 0.10)
@@ -104,3 +107,89 @@ def test_read_mesh_undoes_each_formats_axes_and_colour_space(cone_mesh, tmp_path
     assert np.abs(back.vertices - cone_mesh.vertices).max() < 1e-5  # Z up, front -Y again
     # sRGB again; GLB holds 8-bit linear colour, whose steps near black are ~2.5/255 in sRGB
     assert np.abs(back.colors.mean(0) - cone_mesh.colors.mean(0)).max() <= (3 if fmt == "glb" else 1) / 255
+
+
+@pytest.fixture(scope="module")
+def textured():
+    return textured_sphere(128)
+
+
+def texels_at(texture: np.ndarray, uv_top_left: np.ndarray) -> np.ndarray:
+    """The texture's nearest texels at UVs whose origin is the top left (glTF's), in [0, 1]."""
+    h, w = texture.shape[:2]
+    col = np.clip(np.floor(uv_top_left[:, 0] * w), 0, w - 1).astype(int)
+    row = np.clip(np.floor(uv_top_left[:, 1] * h), 0, h - 1).astype(int)
+    return texture[row, col] / 255.0
+
+
+def test_the_texture_holds_the_vertex_colours_where_the_uvs_point(textured):
+    error = np.abs(texels_at(textured.texture, textured.uvs * [1, -1] + [0, 1]) - textured.colors).max(1)
+    assert np.median(error) < 0.02 and np.percentile(error, 99) < 0.06  # a flipped V would be ~0.3 off
+
+
+def test_textured_glb_passes_the_validator_with_texture_uvs_and_colours(textured, tmp_path, gltf_validator):
+    path = write_mesh(textured, tmp_path / "sphere.glb")
+    report = json.loads(subprocess.run(gltf_validator + [str(path)], capture_output=True, text=True, check=True).stdout)
+    assert report["issues"]["numErrors"] == 0, report["issues"]["messages"]
+    assert report["issues"]["numWarnings"] == 0, report["issues"]["messages"]
+    (image_info,) = [r["image"] for r in report["info"]["resources"] if r["pointer"] == "/images/0"]
+    assert (image_info["width"], image_info["format"], image_info["transfer"]) == (128, "rgb", "srgb")
+
+    gltf, binary = glb_parts(path)
+    (primitive,) = gltf["meshes"][0]["primitives"]
+    attributes = primitive["attributes"]
+    assert {"POSITION", "NORMAL", "COLOR_0", "TEXCOORD_0"} <= attributes.keys()
+    pbr = gltf["materials"][primitive["material"]]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 0.0
+    texture = gltf["textures"][pbr["baseColorTexture"]["index"]]
+    image = gltf["images"][texture["source"]]
+    assert image["mimeType"] == "image/png" and pbr["baseColorTexture"].get("texCoord", 0) == 0
+    png = np.asarray(Image.open(io.BytesIO(glb_view(gltf, binary, image["bufferView"]))))
+    assert np.array_equal(png, textured.texture)  # embedded as baked, sRGB bytes untouched
+
+    uv = glb_accessor(gltf, binary, attributes["TEXCOORD_0"])  # glTF: origin at the top left
+    assert np.allclose(uv, textured.uvs * [1, -1] + [0, 1], atol=1e-6)
+    colour = linear_to_srgb(glb_accessor(gltf, binary, attributes["COLOR_0"])[:, :3])
+    assert np.abs(colour - textured.colors).max() < 0.03  # 8-bit linear, back in sRGB
+    error = np.abs(texels_at(png, uv) - colour).max(1)  # the texture under each vertex is its colour
+    assert np.median(error) < 0.02 and np.percentile(error, 99) < 0.06
+
+
+def test_textured_obj_has_its_mtl_and_png_beside_it(textured, tmp_path):
+    path = write_mesh(textured, tmp_path / "sphere.obj")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sphere.mtl", "sphere.obj", "sphere.png"]
+    lines = path.read_text().splitlines()
+    tags = [line.split()[0] for line in lines]
+    assert lines[0] == "mtllib sphere.mtl" and "usemtl sphere" in lines
+    assert lines.index("usemtl sphere") < tags.index("f")
+    assert (tags.count("v"), tags.count("vt"), tags.count("vn")) == (len(textured.vertices),) * 3
+    assert tags.count("f") == len(textured.faces)
+    vt = np.array([line.split()[1:] for line in lines if line.startswith("vt ")], float)
+    assert np.allclose(vt, textured.uvs, atol=1e-7)  # OBJ's UV origin is the bottom left, as ours
+    first_face = lines[tags.index("f")].split()[1:]
+    assert first_face == [f"{i + 1}/{i + 1}/{i + 1}" for i in textured.faces[0]]
+    mtl = (tmp_path / "sphere.mtl").read_text().splitlines()
+    assert "newmtl sphere" in mtl and "map_Kd sphere.png" in mtl
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sphere.png")), textured.texture)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "npz"])
+def test_read_mesh_gives_back_the_texture_and_uvs(textured, tmp_path, fmt):
+    path = tmp_path / f"sphere.{fmt}"
+    if fmt == "npz":
+        from promptmesh.shared.result import write_npz
+
+        write_npz(textured, path)
+    else:
+        write_mesh(textured, path)
+    back = read_mesh(path)
+    assert np.abs(back.vertices - textured.vertices).max() < 1e-5
+    assert np.allclose(back.uvs, textured.uvs, atol=1e-6) and np.array_equal(back.texture, textured.texture)
+    # an OBJ's vertex colours come back sampled from its texture (trimesh drops `v` colours beside one)
+    assert np.abs(back.colors - textured.colors).max() < (0.05 if fmt == "obj" else 0.03)
+
+
+def test_ply_keeps_vertex_colours_only(textured, tmp_path):
+    back = read_mesh(write_mesh(textured, tmp_path / "sphere.ply"))
+    assert back.texture is None and np.abs(back.colors - textured.colors).max() <= 1 / 255
+    assert [p.name for p in tmp_path.iterdir()] == ["sphere.ply"]

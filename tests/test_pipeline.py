@@ -162,3 +162,54 @@ def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_pat
     run(job, resumed.append, checkpoint=ckpt, resume=True)
     assert [e.step for e in resumed if isinstance(e, StepEvent)] == [7, 8, 9, 10]
     assert not ckpt.exists()
+
+
+def run_job_in(folder, job_spec) -> tuple:
+    """A job run as the server's worker runs it: (its terminal message, its files)."""
+    from promptmesh.backend.executor import run_job
+    from promptmesh.shared.protocol import SERVER_TYPES, decode
+    from promptmesh.shared.result import JobFiles
+
+    files = JobFiles(folder / ("0" * 16))
+    files.folder.mkdir(parents=True)
+    frames = run_job(files.id, job_spec, files, threading.Event(), lambda frames: None, threading.Event(), threads=1)
+    return decode(frames, SERVER_TYPES), files
+
+
+def test_a_jobs_result_gains_a_baked_texture(tiny_sd, tmp_path):
+    from promptmesh.shared.result import read_json, read_npz
+
+    msg, files = run_job_in(tmp_path, spec(tiny_sd, texture_size=64))
+    assert msg.type == "done", msg.fields
+    mesh = read_npz(files.mesh)
+    assert mesh.texture.shape == (64, 64, 3) and mesh.uvs.shape == (len(mesh.vertices), 2)
+    assert 0 <= mesh.uvs.min() and mesh.uvs.max() <= 1 and mesh.texture.std() > 0  # not one flat colour
+    meta = read_json(files.meta)
+    assert (meta["texture_size"], meta["recipe"]["mesh"]["texture_size"], meta["warnings"]) == (64, 64, [])
+    assert meta["vertices"] == len(mesh.vertices)  # counted after the seams split vertices
+    assert b"baseColorTexture" in files.glb.read_bytes()
+
+
+def test_a_failed_bake_leaves_the_job_done_with_its_vertex_colours(tiny_sd, tmp_path, monkeypatch):
+    from promptmesh.backend import texture
+    from promptmesh.shared.result import read_json, read_npz
+
+    def crash(mesh, size):
+        raise texture.TextureError("the UV unwrapper (xatlas) crashed (signal 11) on this mesh")
+
+    monkeypatch.setattr(texture, "atlas", crash)
+    msg, files = run_job_in(tmp_path, spec(tiny_sd, texture_size=64))
+    assert msg.type == "done", msg.fields
+    mesh = read_npz(files.mesh)
+    assert mesh.texture is None and mesh.uvs is None and len(mesh.faces) and mesh.colors.shape == mesh.vertices.shape
+    meta = read_json(files.meta)
+    assert meta["texture_size"] == 0 and "crashed (signal 11)" in meta["warnings"][0]
+    assert b"baseColorTexture" not in files.glb.read_bytes()
+
+
+def test_texture_size_zero_bakes_nothing(tiny_sd, monkeypatch):
+    from promptmesh.backend import texture
+
+    monkeypatch.setattr(texture, "atlas", lambda *a: pytest.fail("baked although the texture is off"))
+    result = run(spec(tiny_sd, texture_size=0))
+    assert result.mesh.texture is None and result.metadata["texture_size"] == 0

@@ -44,10 +44,11 @@ def test_a_spec_without_settings_keeps_the_recipe(recipe):
 def test_spec_settings_override_the_recipe():
     base = EmbeddedGuidance.recipe
     spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500,
-                   refine_steps=30)
+                   texture_size=256, refine_steps=30)
     assert resolve(base, spec).changes_from(base.to_dict()) == [
         "schedule.steps: 1200 -> 7", "guidance_scale: 20.0 -> 3.5", "resolution: 32 -> 48",
-        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500", "refine.steps: 0 -> 30",
+        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500", "mesh.texture_size: 1024 -> 256",
+        "refine.steps: 0 -> 30",
     ]
     # zero is a setting, not a missing one
     assert resolve(base, JobSpec("a red cube", guidance_scale=0.0)).guidance_scale == 0.0
@@ -70,3 +71,18 @@ def test_the_views_setting_switches_view_blending_and_perp_neg_and_bad_values_ar
     assert resolve(base, JobSpec("a red cube", views="hard")) == base
     with pytest.raises(SpecError, match="views: must be one of hard, interpolated, perp-neg, camera"):
         JobSpec.from_dict({"prompt": "a red cube", "views": "sideways"})
+
+
+@pytest.mark.parametrize("size", [0, 64, 1024, 4096])
+def test_texture_sizes_are_zero_or_powers_of_two_from_64_to_4096(size):
+    assert JobSpec.from_dict({"prompt": "a red cube", "texture_size": size}).texture_size == size
+
+
+@pytest.mark.parametrize("size, complaint", [(100, "power of two"), (32, "power of two"), (8192, "between 0 and 4096"),
+                                             (-1, "between 0 and 4096"), ("1024", "expected an integer"),
+                                             (True, "expected an integer")])
+def test_a_bad_texture_size_is_refused_naming_the_field(size, complaint):
+    from promptmesh.shared.spec import SpecError
+
+    with pytest.raises(SpecError, match=f"texture_size: .*{complaint}"):
+        JobSpec.from_dict({"prompt": "a red cube", "texture_size": size})

@@ -49,6 +49,7 @@ def test_a_job_streams_progress_and_previews_then_its_result(server, tiny_sd):
         meta = events[-1].fields["meta"]
         assert result.arrays["vertices"].shape == (meta["vertices"], 3)
         assert result.arrays["faces"].shape == (meta["faces"], 3) and result.arrays["colors"].dtype == np.float32
+        assert result.arrays["texture"].shape == (64, 64, 3) and result.arrays["uvs"].shape == (meta["vertices"], 2)
         folder = server.data_dir / "jobs" / job
         assert {"mesh.glb", "mesh.ply", "meta.json", "mesh.npz"} <= {p.name for p in folder.iterdir()}
         assert not list(folder.glob("*.tmp*"))
