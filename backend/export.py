@@ -3,7 +3,10 @@ stands upright and keeps its colour after Blender's default import.
 
 - GLB (trimesh): Y up (glTF), COLOR_0 in linear RGB as the spec requires; with a texture, a
   PBR material whose baseColorTexture is the embedded sRGB PNG, on TEXCOORD_0 (V flipped by
-  trimesh: glTF's UV origin is the top left).
+  trimesh: glTF's UV origin is the top left), and the vertex colours as the application-specific
+  attribute _COLOR_0 instead: glTF multiplies COLOR_0 into the base colour, so a texture of the
+  same colours beside it renders them squared (darker) in every compliant viewer, Blender's
+  importer included.
 - OBJ (ours: trimesh drops vertex colours from a textured OBJ): Y up (the convention Blender's
   importer assumes), sRGB vertex colours; with a texture, `vt` lines, NAME.mtl (`map_Kd`) and
   NAME.png beside the OBJ.
@@ -47,6 +50,9 @@ def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
     return np.stack([v[:, 0], -v[:, 2], v[:, 1]], 1)
 
 
+TEXTURED_COLORS = "_COLOR_0"  # a textured GLB's vertex colours (module docstring)
+
+
 def _rgba8(c: np.ndarray) -> np.ndarray:
     rgb = np.round(np.clip(c, 0, 1) * 255).astype(np.uint8)
     return np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], 1)
@@ -64,7 +70,8 @@ def to_trimesh(mesh: Mesh, fmt: str) -> trimesh.Trimesh:
         material = trimesh.visual.material.PBRMaterial(
             baseColorTexture=Image.fromarray(mesh.texture), metallicFactor=0.0, roughnessFactor=ROUGHNESS)
         tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=material)
-        tm.visual.vertex_attributes["color"] = colors  # written as COLOR_0 beside TEXCOORD_0
+        # linear RGB floats, like COLOR_0's values; an accessor of ours, so self-describing
+        tm.vertex_attributes[TEXTURED_COLORS] = srgb_to_linear(mesh.colors).astype(np.float32)
     return tm
 
 
@@ -96,8 +103,8 @@ def read_mesh(path: str | Path) -> Mesh:
 
 def _load(path: Path) -> trimesh.Trimesh | None:
     """The file's mesh. A scene of one mesh at its origin (the GLB write_mesh writes) is taken as
-    it is: trimesh's merging of a scene's meshes (force="mesh") drops the COLOR_0 of a textured
-    one."""
+    it is: trimesh's merging of a scene's meshes (force="mesh") drops the vertex colours of a
+    textured one."""
     loaded = trimesh.load(path, process=False)
     if isinstance(loaded, trimesh.Scene):
         nodes = loaded.graph.nodes_geometry
@@ -108,9 +115,11 @@ def _load(path: Path) -> trimesh.Trimesh | None:
 
 
 def _vertex_colors(tm: trimesh.Trimesh) -> np.ndarray | None:
-    """[V, 3] in [0, 1] as stored; a textured file's own vertex colours (glTF COLOR_0 beside a
-    texture), else the texture sampled at the vertices (trimesh drops an OBJ's `v` colours
+    """[V, 3] in [0, 1] as stored; a textured file's own vertex colours (our GLB's _COLOR_0 beside
+    a texture), else the texture sampled at the vertices (trimesh drops an OBJ's `v` colours
     beside a texture)."""
+    if TEXTURED_COLORS in tm.vertex_attributes:
+        return np.asarray(tm.vertex_attributes[TEXTURED_COLORS], np.float64)[:, :3]
     visual = tm.visual
     if isinstance(visual, trimesh.visual.TextureVisuals):
         stored = visual.vertex_attributes.get("color")

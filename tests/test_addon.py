@@ -236,7 +236,7 @@ def reimport(bpy, path: Path):
 
 def base_color_image(obj):
     """The image of the Image Texture node that feeds the Base Color of the object's material,
-    directly or through other nodes (glTF's importer multiplies it by COLOR_0), or None."""
+    directly or through other nodes (an importer may multiply it by a colour attribute), or None."""
     tree = obj.active_material.node_tree
     bsdf = next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED")
     todo = [link.from_node for link in tree.links if link.to_socket == bsdf.inputs["Base Color"]]

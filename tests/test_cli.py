@@ -69,8 +69,8 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     scene = trimesh.load(out)
     geom = next(iter(scene.geometry.values()))
     assert len(geom.faces) == meta["faces"] > 0 and len(geom.vertices) == meta["vertices"]
-    colours = geom.visual.vertex_attributes["color"]  # COLOR_0 beside the default texture
-    assert colours.shape == (meta["vertices"], 4) and (colours[:, 3] == 255).all()
+    colours = geom.vertex_attributes["_COLOR_0"]  # the vertex colours beside the default texture
+    assert colours.shape == (meta["vertices"], 3) and 0 <= colours.min() and colours.max() <= 1
     assert geom.visual.material.baseColorTexture.size == (1024, 1024) == (meta["texture_size"],) * 2
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [f"step_{s:05d}.png" for s in (4, 8, 12)]
     assert not out.with_name("cube.ckpt.pt").exists()  # the checkpoint is removed once the mesh is written
