@@ -85,7 +85,7 @@ def test_short_generation_with_tiny_sd_writes_a_coloured_mesh_and_sidecar(tiny_s
     proc = promptmesh(*[a if a != str(out) else str(again) for a in args[:-5]])
     assert proc.returncode == 0, proc.stderr
     other = next(iter(trimesh.load(again).geometry.values()))
-    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.visual.vertex_attributes["color"], colours)
+    assert np.array_equal(other.vertices, geom.vertices) and np.array_equal(other.vertex_attributes["_COLOR_0"], colours)
 
 
 def test_export_without_bpy_says_how_to_install_it(tmp_path):
