@@ -26,14 +26,19 @@ from .shading import shade
 from .trainer import Trainer
 
 
-def initial_sdf(inside: np.ndarray, cell: float) -> np.ndarray:
-    """A signed distance (negative inside) from an occupancy grid, the zero level half-way
-    between an inside and an outside node, smoothed over a cell so that the first surface is
-    not a staircase of grid steps."""
-    outside_distance = ndimage.distance_transform_edt(~inside)
-    inside_distance = ndimage.distance_transform_edt(inside)
-    sdf = np.where(inside, 0.5 - inside_distance, outside_distance - 0.5)
-    return (ndimage.gaussian_filter(sdf, 1.0) * cell).astype(np.float32)
+def initial_sdf(density: np.ndarray, level: float, cell: float) -> np.ndarray:
+    """A signed distance (negative inside) from the field's density on the grid's nodes: within
+    a cell and a half of the surface, the first-order distance (level - density) / |grad density|,
+    so that the zero crossings fall where marching cubes would put them; further out, the
+    distance to the nearest node on the other side (a distance transform), which keeps the
+    values sane where the density is flat."""
+    inside = density > level
+    far = np.where(inside, 0.5 - ndimage.distance_transform_edt(inside),
+                   ndimage.distance_transform_edt(~inside) - 0.5) * cell
+    slope = np.linalg.norm(np.stack(np.gradient(density, cell)), axis=0)
+    near = (level - density) / np.maximum(slope, 1e-6)
+    band = 1.5 * cell
+    return np.where(np.abs(far) <= band, np.clip(near, -band, band), far).astype(np.float32)
 
 
 def _spread(x: torch.Tensor, covered: torch.Tensor, reach: int = 2) -> torch.Tensor:
@@ -60,10 +65,10 @@ class Refiner:
         with torch.no_grad():
             density = torch.cat([field.density(c) for c in self.grid.vertices.split(65536)])
         level = float(threshold) if threshold is not None else float(density.max()) * 0.5
-        inside = (density > level).view(res + 1, res + 1, res + 1).cpu().numpy()
-        if not inside.any():
+        density_grid = density.view(res + 1, res + 1, res + 1).cpu().numpy().astype(np.float64)
+        if not (density_grid > level).any():
             raise MeshError("the NeRF stage left no surface to refine: run more --steps or change the --seed")
-        sdf = initial_sdf(inside, self.grid.cell)
+        sdf = initial_sdf(density_grid, level, self.grid.cell)
         self.sdf = torch.nn.Parameter(torch.from_numpy(sdf).reshape(-1).to(device))
         self.offset = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
         s = self.settings
