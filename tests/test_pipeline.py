@@ -134,9 +134,11 @@ def test_the_result_records_which_weights_made_it(tiny_sd):
     assert {k.split("/")[0] for k in weights["sha256"]} == {"unet", "vae", "text_encoder"}
 
 
-def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_path):
+def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_path, monkeypatch):
     """Refining counts on from the NeRF's steps; the NeRF's last state is checkpointed, so a job
     cancelled while refining resumes at the refinement, not at step 1."""
+    small = replace(StableDiffusionGuidance.recipe.refine, resolution=64, grid=24)  # not 512 px on a CPU
+    monkeypatch.setattr(StableDiffusionGuidance, "recipe", replace(StableDiffusionGuidance.recipe, refine=small))
     events = []
     job = spec(tiny_sd, refine_steps=4, preview_every=2)
     result = run(job, events.append)

@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..cameras import Cameras, mvdream_cameras
 from ..models import CATALOGUE, cached_file
 from ..multiview import VIEWS_FIELD, load_unet
-from ..recipe import Recipe, Schedule, ViewPrompts
+from ..recipe import Recipe, RefineSettings, Schedule, ViewPrompts
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
 
@@ -99,6 +99,9 @@ class StableDiffusionGuidance(Guidance):
         schedule=Schedule(steps=5000, t_range=(0.02, 0.98), t_max_end=0.98, field_levels_start=8),
         guidance_scale=100.0, resolution=64,
         shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp",
+        # The refinement renders at the UNet's own 512 px (Magic3D's fine stage); off by default:
+        # untuned here, where no GPU runs Stable Diffusion (--refine-steps turns it on).
+        refine=RefineSettings(resolution=512, grid=64),
     )
 
     # A multi-view prior (MVDream: `promptmesh models convert-mvdream`) is told the camera, so
