@@ -80,7 +80,7 @@ class Refiner:
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def positions(self) -> torch.Tensor:
-        """Grid vertices moved by their offsets, at most half a cell (tetrahedra cannot flip)."""
+        """Grid vertices moved by their offsets, at most half a cell (neighbours cannot pass each other)."""
         return self.grid.vertices + torch.tanh(self.offset) * (0.5 * self.grid.cell)
 
     def surface(self) -> tuple[torch.Tensor, torch.Tensor]:
