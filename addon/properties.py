@@ -57,7 +57,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     mesh_resolution: IntProperty(name="Mesh Grid", min=0, max=int(LIMITS["mesh_resolution"][1]), default=0,
                                  description="Marching-cubes grid size; 0: from the preset")
     max_faces: IntProperty(name="Max Faces", min=0, max=int(LIMITS["max_faces"][1]), default=0,
-                           description="Decimate to at most this many faces; 0: no limit")
+                           description="Decimate to at most this many faces; 0: the model's default (20,000)")
     refine_steps: IntProperty(name="Refine Steps", min=-1, max=int(LIMITS["refine_steps"][1]), default=-1,
                               description="Steps of the mesh refinement after the NeRF; 0: none; -1: the model's default")
     texture_size: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default=str(JobSpec.texture_size),

@@ -470,7 +470,7 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-resolution", type=int, help=f"marching cubes grid (32..256, default {JobSpec.mesh_resolution})")
     g.add_argument("--quality", choices=QUALITY, default="standard",
                    help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
-    g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces")
+    g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces (default 20,000)")
     g.add_argument("--refine-steps", type=int, help="steps of the mesh refinement stage after the NeRF (sharper "
                    "surfaces; 0: none; default: the model's)")
     g.add_argument("--texture-size", type=int, default=JobSpec.texture_size, metavar="PX",

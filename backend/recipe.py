@@ -71,10 +71,13 @@ class ViewPrompts:
 
 @dataclass(frozen=True)
 class MeshSettings:
-    """Meshing of the final field; the defaults are the job spec's, so a default job changes nothing."""
+    """Meshing of the final field; a spec's settings replace these."""
 
     resolution: int = JobSpec.mesh_resolution
-    max_faces: int | None = JobSpec.max_faces  # None: no decimation
+    # Decimated to this many faces (None: not at all). The texture carries the colour, and the UV
+    # unwrap (xatlas) took 25 s on the 61k faces of a 128^3 marching-cubes cube, 4 s on the same
+    # cube decimated to 20k, whose judged IoU was unchanged (0.699).
+    max_faces: int | None = 20_000
     texture_size: int = JobSpec.texture_size  # the baked base-colour texture's side; 0: none
 
 

@@ -47,7 +47,7 @@ def test_spec_settings_override_the_recipe():
                    texture_size=256, refine_steps=30)
     assert resolve(base, spec).changes_from(base.to_dict()) == [
         "schedule.steps: 1200 -> 7", "guidance_scale: 20.0 -> 3.5", "resolution: 32 -> 48",
-        "mesh.resolution: 128 -> 64", "mesh.max_faces: None -> 500", "mesh.texture_size: 1024 -> 256",
+        "mesh.resolution: 128 -> 64", "mesh.max_faces: 20000 -> 500", "mesh.texture_size: 1024 -> 256",
         "refine.steps: 0 -> 30",
     ]
     # zero is a setting, not a missing one
