@@ -57,7 +57,7 @@ def nerf_then_refine(shape: str, color: str, seed: int, refine_steps: int) -> tu
         return (v.shape, v.color, v.ious[shape], cube_sharpness(mesh) if shape == "cube" else float("nan"), seconds)
 
     t0 = time.perf_counter()
-    result = run(JobSpec(prompt=f"a {color} {shape}", seed=seed, refine_steps=0))
+    result = run(JobSpec(prompt=f"a {color} {shape}", seed=seed, refine_steps=0, texture_size=0))  # geometry only
     before = judged(result.mesh, time.perf_counter() - t0)
     trainer = result.trainer
     trainer.recipe = replace(trainer.recipe, refine=replace(trainer.recipe.refine, steps=refine_steps))
