@@ -183,3 +183,12 @@ def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Unit normals [F, 3] of counter-clockwise faces."""
     v = vertices[faces]
     return F.normalize(torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1), dim=-1)
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unit normals [V, 3]: the area-weighted mean of the faces around each vertex (smooth
+    shading, as the NeRF's density gradient gives)."""
+    v = vertices[faces]
+    area_normal = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1)
+    total = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), area_normal.repeat_interleave(3, 0))
+    return F.normalize(total, dim=-1)

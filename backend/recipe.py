@@ -88,7 +88,7 @@ class RefineSettings:
     steps: int = 0
     grid: int = 40  # cubes per side of the tetrahedral grid over the field's bound
     resolution: int = 64  # side of its renders, in pixels
-    t_range: tuple[float, float] = (0.02, 0.5)  # the detail end of the noise levels, as the NeRF's run ends
+    t_range: tuple[float, float] = (0.02, 0.98)  # the whole range: (0.02, 0.5) and (0.02, 0.3) left cubes rounder
     color_share: float = 0.2  # the last share of its steps refines the colour on the fixed shape
     lr_sdf: float = 3e-3  # SDF values are in scene units
     lr_offset: float = 3e-2  # offsets are tanh-squashed to half a cell

@@ -21,7 +21,7 @@ from ..shared.result import Mesh
 from .cameras import Cameras, orbit_cameras, ray_bundle, sample_camera_groups, sample_cameras
 from .dmtet import TetGrid, marching_tets
 from .mesh import MeshError, finish_mesh
-from .raster import face_normals, mesh_edges, project, rasterize
+from .raster import face_normals, mesh_edges, project, rasterize, vertex_normals
 from .shading import shade
 from .trainer import Trainer
 
@@ -100,7 +100,7 @@ class Refiner:
         frags = rasterize(project(vertices, cameras, size, size), faces, size, size, self.settings.sigma, edges)
         covered = frags.face >= 0
         points = frags.interpolate(vertices, faces)
-        normals = face_normals(vertices, faces)[frags.face.clamp_min(0)]
+        normals = F.normalize(frags.interpolate(vertex_normals(vertices, faces), faces), dim=-1)
         albedo = torch.zeros_like(points)
         if covered.any():
             with torch.set_grad_enabled(torch.is_grad_enabled() and not shaping):
