@@ -151,6 +151,24 @@ def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
         assert bpy.ops.promptmesh.generate.poll()
 
 
+def test_the_advanced_panel_settings_reach_the_job_spec(bpy, addon, prefs):
+    """Refine Steps -1 is the model's default (None in the spec), 0 turns the stage off; the
+    texture size and the other zero-means-default fields arrive as the backend expects them."""
+    settings = bpy.context.scene.promptmesh
+    settings.prompt = PROMPT
+    try:
+        assert settings.to_spec().refine_steps is None and settings.to_spec().max_faces is None
+        settings.refine_steps, settings.max_faces = 0, 5000
+        assert (settings.to_spec().refine_steps, settings.to_spec().max_faces) == (0, 5000)
+        settings.refine_steps = 300
+        assert settings.to_spec().refine_steps == 300
+        settings.texture_size = "0"
+        assert settings.to_spec().texture_size == 0
+    finally:
+        for name in ("refine_steps", "max_faces", "texture_size"):
+            settings.property_unset(name)
+
+
 @pytest.mark.slow
 def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, prefs, tmp_path, gltf_validator):
     _, session = addon
