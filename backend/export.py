@@ -64,14 +64,15 @@ def to_trimesh(mesh: Mesh, fmt: str) -> trimesh.Trimesh:
         raise ValueError(f"trimesh writes glb and ply here, not {fmt!r}")
     verts = z_up_to_y_up(mesh.vertices) if fmt == "glb" else mesh.vertices
     normals = z_up_to_y_up(mesh.normals) if fmt == "glb" else mesh.normals
-    colors = _rgba8(srgb_to_linear(mesh.colors) if fmt == "glb" else mesh.colors)
-    tm = trimesh.Trimesh(vertices=verts, faces=mesh.faces, vertex_normals=normals, vertex_colors=colors, process=False)
+    colors = srgb_to_linear(mesh.colors) if fmt == "glb" else mesh.colors
+    tm = trimesh.Trimesh(vertices=verts, faces=mesh.faces, vertex_normals=normals, vertex_colors=_rgba8(colors),
+                         process=False)
     if fmt == "glb" and mesh.texture is not None:
         material = trimesh.visual.material.PBRMaterial(
             baseColorTexture=Image.fromarray(mesh.texture), metallicFactor=0.0, roughnessFactor=ROUGHNESS)
         tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=material)
         # linear RGB floats, like COLOR_0's values; an accessor of ours, so self-describing
-        tm.vertex_attributes[TEXTURED_COLORS] = srgb_to_linear(mesh.colors).astype(np.float32)
+        tm.vertex_attributes[TEXTURED_COLORS] = colors.astype(np.float32)
     return tm
 
 

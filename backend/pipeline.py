@@ -157,6 +157,12 @@ def mesh_of(trainer: Trainer, device: torch.device, resolution: int, max_faces: 
                         threshold=trainer.surface_density(views=views, size=size), max_faces=max_faces, device=device)
 
 
+def _stop_if_cancelled(cancel: threading.Event | None) -> None:
+    """Checked once per step of either stage."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the job was cancelled")
+
+
 def textured(mesh: Mesh, size: int) -> tuple[Mesh, list[str]]:
     """The mesh with its baked base-colour texture (`size` 0: none), and warnings. A failed
     bake (xatlas crashes on some meshes) keeps the vertex-coloured mesh: the job still ends
@@ -218,8 +224,7 @@ def run(
     steps, refine_steps = recipe.schedule.steps, recipe.refine.steps
     total = steps + refine_steps
     while trainer.step < steps:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the job was cancelled")
+        _stop_if_cancelled(cancel)
         started = time.perf_counter()
         loss = trainer.train_step()
         tuner.step(time.perf_counter() - started)
@@ -244,8 +249,7 @@ def run(
         t_refine = time.perf_counter()
         refiner = Refiner(trainer, trainer.surface_density())
         while refiner.step < refine_steps:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the job was cancelled")
+            _stop_if_cancelled(cancel)
             loss = refiner.train_step()
             on_event(StepEvent(steps + refiner.step, total, loss, time.perf_counter() - t1, "refining"))
             if spec.preview_every and refiner.step % spec.preview_every == 0:

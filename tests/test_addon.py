@@ -225,11 +225,7 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
 
         counts = (len(obj.data.vertices), len(obj.data.polygons))
         for fmt in ("fbx", "glb", "obj"):
-            path = tmp_path / f"out.{fmt}"
-            for other in bpy.context.scene.objects:
-                other.select_set(other == obj)
-            assert bpy.ops.promptmesh.export(format=fmt, filepath=str(path)) == {"FINISHED"}
-            back = reimport(bpy, path)
+            back = export_and_reimport(bpy, obj, tmp_path / f"out.{fmt}")
             assert (len(back.data.vertices), len(back.data.polygons)) == counts, fmt
             assert np.abs(mean_colour(back) - colour).max() <= 2 / 255, fmt
             bpy.data.objects.remove(back)
@@ -238,6 +234,15 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert report["issues"]["numErrors"] == 0
     finally:
         server.stop()
+
+
+def export_and_reimport(bpy, obj, path: Path):
+    """`obj` alone through the add-on's Export Selected to `path` (its suffix is the format), and
+    the object Blender's own importer makes of that file."""
+    for other in bpy.context.scene.objects:
+        other.select_set(other == obj)
+    assert bpy.ops.promptmesh.export(format=path.suffix[1:], filepath=str(path)) == {"FINISHED"}
+    return reimport(bpy, path)
 
 
 def reimport(bpy, path: Path):
@@ -580,11 +585,7 @@ def test_a_textured_result_imports_textured_and_every_export_keeps_the_texture(b
     assert base_color_image(obj).packed_file is not None  # saved inside the .blend, embeddable in FBX
     assert obj.data.color_attributes.active_color.domain == "POINT"
     for fmt in ("fbx", "obj", "glb"):
-        path = tmp_path / f"out.{fmt}"
-        for other in bpy.context.scene.objects:
-            other.select_set(other == obj)
-        assert bpy.ops.promptmesh.export(format=fmt, filepath=str(path)) == {"FINISHED"}
-        back = reimport(bpy, path)
+        back = export_and_reimport(bpy, obj, tmp_path / f"out.{fmt}")
         assert_textured_like(back, mesh)
         assert base_color_image(back) != base_color_image(obj)  # read from the file, not the scene's own
         bpy.data.objects.remove(back)
