@@ -48,7 +48,7 @@ class Cameras:
     def to(self, device: torch.device | str) -> Cameras:
         return Cameras(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-    def __getitem__(self, index: slice) -> Cameras:
+    def __getitem__(self, index: slice | torch.Tensor) -> Cameras:
         return Cameras(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
     def cat(self, *others: Cameras) -> Cameras:
@@ -132,12 +132,14 @@ def _lit_cameras(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch
 
 
 def sample_camera_groups(
-    groups: int, views: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()
+    groups: int, views: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges(),
+    azimuth: torch.Tensor | None = None,
 ) -> Cameras:
     """`groups` x `views` cameras for a multi-view prior (MVDream's sampling): in each group the
-    views stand at a random azimuth + k * 360 / views and share elevation, distance and field
-    of view; each has its own light jitter. Entries [g * views, (g + 1) * views) are group g."""
-    first = sample_cameras(groups, generator, ranges)
+    views stand at a random azimuth (or the group's given `azimuth`) + k * 360 / views and share
+    elevation, distance and field of view; each has its own light jitter. Entries
+    [g * views, (g + 1) * views) are group g."""
+    first = sample_cameras(groups, generator, ranges, azimuth)
     turn = torch.arange(views, dtype=torch.float32) * (360.0 / views)
     each = lambda x: x.repeat_interleave(views)  # noqa: E731
     azimuth = each(first.azimuth) + turn.repeat(groups)
@@ -152,6 +154,15 @@ def orbit_cameras(
     azimuth = start_azimuth + torch.arange(count, dtype=torch.float32) * (360.0 / count)
     full = lambda v: torch.full((count,), float(v))  # noqa: E731
     return make_cameras(full(elevation), azimuth, full(distance), full(fovy))
+
+
+def orbit_groups(count: int, views: int) -> tuple[Cameras, torch.Tensor]:
+    """orbit_cameras(count) reordered into groups of `views` cameras 360 / views degrees apart,
+    as a multi-view prior sees an object, and the order that puts them back in orbit order."""
+    if count % views:
+        raise ValueError(f"{count} cameras are not whole groups of {views} views")
+    order = torch.arange(count).view(views, count // views).T.flatten()  # group g's view k: orbit g + k * count / views
+    return orbit_cameras(count)[order], order.argsort()
 
 
 OVERHEAD_ABOVE = 55.0  # degrees of elevation above which a view is "overhead" (DreamFusion's threshold)

@@ -154,7 +154,8 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
     from .prior.train import TrainConfig, train
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
-                         lr=args.lr, warmup=args.warmup,
+                         lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
+                         single_view_share=args.single_view_share,
                          init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
     train(Path(args.out), config, resume=args.resume)
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
@@ -172,6 +173,9 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     from .prior.sample import sample_grid
 
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
+    if args.views % prior.views_per_group:
+        raise PromptMeshError(f"{args.model} is a multi-view prior: --views must be a multiple of {prior.views_per_group}",
+                              BAD_REQUEST)
     grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
                        guidance_scale=args.guidance_scale, steps=args.steps, seed=args.seed)
     with atomic_target(args.output) as tmp:
@@ -608,13 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=200, help="steps of linear warm-up")
     t.add_argument("--init", default="", help="start from this prior folder ('embedded': the shipped one) "
                    "instead of from scratch; new words are added to its vocabulary")
+    t.add_argument("--multiview", action="store_true", help="a multi-view prior (MVDream): groups of 4 renders of "
+                   "one object a quarter-turn apart, denoised together; best started from a 2D prior (--init)")
+    t.add_argument("--single-view-share", type=float, default=0.3,
+                   help="with --multiview: the share of steps that train on single images (MVDream's 2D + 3D mix)")
     t.add_argument("--out", default="runs/prior")
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_prior_train)
     s = prior.add_parser("sample", help="draw 2D samples around the object to see what the prior knows")
     s.add_argument("prompt")
     s.add_argument("-o", "--output", default="samples.png")
-    s.add_argument("--model", default="embedded", help="'embedded' or a folder written by `prior train`")
+    s.add_argument("--model", default="embedded", help="'embedded' or a folder written by `prior train` (a multi-view "
+                   "prior draws each row as one object)")
     s.add_argument("--views", type=int, default=8)
     s.add_argument("--rows", type=int, default=2)
     s.add_argument("--guidance-scale", type=float, default=3.0)

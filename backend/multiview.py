@@ -12,6 +12,8 @@ the processor to a folder written by `save_pretrained`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,26 @@ def make_multiview(unet: UNet2DConditionModel, views: int) -> UNet2DConditionMod
         raise ValueError(f"views must be at least 1, got {views}")
     unet.register_to_config(**{VIEWS_FIELD: views})
     return attach_processors(unet)
+
+
+def views_per_group(unet: UNet2DConditionModel) -> int:
+    """How many views of one object `unet` denoises together (1: a 2D prior)."""
+    return int(unet.config.get(VIEWS_FIELD) or 1)
+
+
+@contextmanager
+def single_views(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
+    """Within the block a multi-view UNet treats every batch entry as an object of its own: the
+    2D images MVDream mixes into multi-view training."""
+    procs = [p for p in unet.attn_processors.values() if isinstance(p, MultiViewAttnProcessor)]
+    views = [p.views for p in procs]
+    for p in procs:
+        p.views = 1
+    try:
+        yield unet
+    finally:
+        for p, v in zip(procs, views, strict=True):
+            p.views = v
 
 
 def load_unet(path: str | Path, **kwargs: Any) -> UNet2DConditionModel:

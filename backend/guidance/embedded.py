@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from ..cameras import Cameras
 from ..field import FieldConfig
 from ..prior import WEIGHTS_DIR
 from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
-from ..recipe import Recipe, Schedule
+from ..recipe import Recipe, Schedule, ViewPrompts
 from ..renderer import RenderConfig
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
@@ -37,6 +38,10 @@ class EmbeddedGuidance(Guidance):
         render=RenderConfig(occupancy_thickness=0.05 * 2 / 64),
     )
 
+    # A multi-view prior (`prior train --multiview`) learnt the view from its camera alone: its
+    # captions never named one, so the prompt goes as typed.
+    multiview_recipe = replace(recipe, views=ViewPrompts(words=False))
+
     def __init__(self, path: str | Path = WEIGHTS_DIR, device: torch.device | str = "cpu") -> None:
         super().__init__()
         try:
@@ -47,6 +52,9 @@ class EmbeddedGuidance(Guidance):
                 "weights with `promptmesh prior train`"
             ) from exc
         self.prior.requires_grad_(False).eval().to(device)
+        self.views_per_group = self.prior.views_per_group
+        if self.views_per_group > 1:
+            self.recipe = self.multiview_recipe
         # Channels-last convolutions: 12 % less UNet time per step on the CPU (bench/sds_speed.py).
         self.prior.unet.to(memory_format=torch.channels_last)
         self.weights = {"source": str(path), "revision": f"promptmesh {__version__}" if Path(path) == WEIGHTS_DIR else None,

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras, mvdream_cameras
 from ..models import CATALOGUE, cached_file
-from ..multiview import VIEWS_FIELD, load_unet
+from ..multiview import load_unet, views_per_group
 from ..recipe import Recipe, RefineSettings, Schedule, ViewPrompts
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
@@ -138,7 +138,7 @@ class StableDiffusionGuidance(Guidance):
             self.unet = load_unet(  # with a multi-view processor where its config asks for one
                 model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only, variant=_variant(folder, "unet")
             )
-            self.views_per_group = int(self.unet.config.get(VIEWS_FIELD) or 1)
+            self.views_per_group = views_per_group(self.unet)
             if self.views_per_group > 1:
                 self.recipe = self.multiview_recipe
             self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only,

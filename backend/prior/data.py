@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cameras import Cameras, ray_bundle, sample_cameras, view_word
+from ..cameras import Cameras, ray_bundle, sample_camera_groups, sample_cameras, view_word
 from ..prompts import view_prompt
 from ..recipe import Recipe
 from ..shading import ShadingConfig, lambertian
@@ -103,29 +103,40 @@ def render_primitives(
 
 
 def make_batch(
-    count: int, size: int, generator: torch.Generator, recipe: Recipe, bias: ViewBias = ViewBias()
+    count: int, size: int, generator: torch.Generator, recipe: Recipe, bias: ViewBias = ViewBias(), views: int = 1
 ) -> Batch:
     """Random subjects, colours and cameras drawn and lit as `recipe` draws and lights SDS views,
-    with the azimuth and captions of `bias`; deterministic for a given generator state."""
-    is_object = torch.rand(count, generator=generator) < bias.object_share
-    shape_ids = torch.where(
+    with the azimuth and captions of `bias`; deterministic for a given generator state.
+
+    With `views` > 1 the batch holds `count` / `views` groups for a multi-view prior, drawn as
+    multi-view SDS draws its cameras (cameras.sample_camera_groups): one subject and colour per
+    group, seen from a biased azimuth + k * 360 / views, the views sharing elevation, distance
+    and field of view. Group captions never name a view: the camera tells it (MVDream's data)."""
+    if count % views:
+        raise ValueError(f"{count} images are not whole groups of {views} views")
+    groups = count // views
+    each = lambda x: x.repeat_interleave(views, 0)  # noqa: E731
+    is_object = torch.rand(groups, generator=generator) < bias.object_share
+    shape_ids = each(torch.where(
         is_object,
-        len(SHAPES) + torch.randint(len(OBJECTS), (count,), generator=generator),
-        torch.randint(len(SHAPES), (count,), generator=generator),
-    )
-    color_ids = torch.randint(len(PALETTE), (count,), generator=generator)
+        len(SHAPES) + torch.randint(len(OBJECTS), (groups,), generator=generator),
+        torch.randint(len(SHAPES), (groups,), generator=generator),
+    ))
+    color_ids = each(torch.randint(len(PALETTE), (groups,), generator=generator))
     palette = torch.tensor(list(PALETTE.values()))
-    jitter = (torch.rand(count, 3, generator=generator) - 0.5) * 0.08
+    jitter = each((torch.rand(groups, 3, generator=generator) - 0.5) * 0.08)
     colors = (palette[color_ids] + jitter).clamp(0, 1)
-    cameras = sample_cameras(count, generator, recipe.cameras, azimuth=biased_azimuth(count, generator, bias))
+    azimuth = biased_azimuth(groups, generator, bias)
+    cameras = (sample_cameras(count, generator, recipe.cameras, azimuth=azimuth) if views == 1
+               else sample_camera_groups(groups, views, generator, recipe.cameras, azimuth=azimuth))
     shapes = [SUBJECTS[i] for i in shape_ids.tolist()]
     images = render_primitives(shapes, colors, cameras, size, ambient=recipe.shading.ambient)
     names = list(PALETTE)
-    views = view_word(cameras.elevation, cameras.azimuth)
-    drop = torch.rand(count, generator=generator) < EMPTY_CAPTION_RATE
-    name_view = (torch.rand(count, generator=generator) < bias.view_word_rate).tolist()
+    view_words = view_word(cameras.elevation, cameras.azimuth)
+    drop = each(torch.rand(groups, generator=generator) < EMPTY_CAPTION_RATE)
+    name_view = each(torch.rand(groups, generator=generator) < bias.view_word_rate) & (views == 1)
     captions = [
         "" if d else view_prompt(f"a {names[c]} {s}", v) if n else f"a {names[c]} {s}"
-        for d, n, c, s, v in zip(drop.tolist(), name_view, color_ids.tolist(), shapes, views, strict=True)
+        for d, n, c, s, v in zip(drop.tolist(), name_view.tolist(), color_ids.tolist(), shapes, view_words, strict=True)
     ]
     return Batch(images, captions, cameras, shape_ids, color_ids)

@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from ...shared.errors import BAD_REQUEST, PromptMeshError
 from ...shared.spec import unknown_words
 from ..cameras import CameraRanges, Cameras
+from ..multiview import load_unet, views_per_group
 from .shapes import OBJECTS, PALETTE, SHAPES
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]
@@ -126,7 +127,7 @@ class EmbeddedPrior(torch.nn.Module):
         return cls(
             PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
             CLIPTextModel.from_pretrained(path / "text_encoder"),
-            UNet2DConditionModel.from_pretrained(path / "unet"),
+            load_unet(path / "unet"),
             DDPMScheduler.from_pretrained(path / "scheduler"),
         )
 
@@ -136,6 +137,12 @@ class EmbeddedPrior(torch.nn.Module):
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.unet.save_pretrained(path / "unet")
         self.scheduler.save_pretrained(path / "scheduler")
+
+    @property
+    def views_per_group(self) -> int:
+        """4 for a multi-view prior (MVDream's recipe: whole groups of views are denoised
+        together), 1 for a 2D prior."""
+        return views_per_group(self.unet)
 
     @property
     def known_words(self) -> list[str]:

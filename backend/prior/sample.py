@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from ..cameras import Cameras, orbit_cameras, view_word
+from ..cameras import Cameras, orbit_groups, view_word
 from ..guidance.embedded import EmbeddedGuidance
 from ..prompts import view_prompt
 from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
@@ -18,9 +18,12 @@ def sample(
     view_words: bool = True,
 ) -> torch.Tensor:
     """One image per camera for `prompt` (+ each camera's view suffix unless not `view_words`: then
-    the camera alone tells the view); [N, 3, S, S] in [0, 1]."""
+    the camera alone tells the view); [N, 3, S, S] in [0, 1]. A multi-view prior draws each
+    group of its views_per_group cameras as one object."""
     prior.check_prompt(prompt)
     n = len(cameras)
+    if n % prior.views_per_group:
+        raise ValueError(f"a multi-view prior draws whole groups of {prior.views_per_group} views, not {n}")
     captions = ([view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)] if view_words
                 else [prompt] * n)
     states, pooled = prior.encode_text([""] * n + captions)
@@ -36,9 +39,12 @@ def sample(
 
 
 def sample_grid(prior: EmbeddedPrior, prompt: str, views: int = 8, rows: int = 2, **kwargs) -> np.ndarray:
-    """`rows` x `views` samples around the object (azimuth across, a new seed per row) as uint8 HxWx3."""
+    """`rows` x `views` samples around the object (azimuth across, a new seed per row) as uint8 HxWx3.
+    A multi-view prior draws each row as one object, in groups a quarter-turn apart (as it was
+    trained) that together cover the row's azimuths."""
     seed = kwargs.pop("seed", 0)
-    images = [sample(prior, prompt, orbit_cameras(views), seed=seed + r, **kwargs) for r in range(rows)]
+    cameras, back = orbit_groups(views, prior.views_per_group)
+    images = [sample(prior, prompt, cameras, seed=seed + r, **kwargs)[back] for r in range(rows)]
     grid = torch.cat(images).view(rows, views, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 3, 1, 4, 2)
     grid = grid.reshape(rows * IMAGE_SIZE, views * IMAGE_SIZE, 3)
     return (grid * 255).round().to(torch.uint8).numpy()

@@ -8,6 +8,7 @@ state goes to `OUT/checkpoint.pt` every `checkpoint_every` steps, the EMA weight
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -20,8 +21,9 @@ from tqdm import tqdm
 
 from ...shared.errors import BAD_REQUEST, PromptMeshError
 from ...shared.result import atomic_folder, atomic_write
-from ..cameras import make_cameras
+from ..cameras import Cameras, make_cameras
 from ..guidance.embedded import EmbeddedGuidance
+from ..multiview import make_multiview, single_views
 from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, make_batch
 from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
@@ -40,32 +42,40 @@ class TrainConfig:
     checkpoint_every: int = 500
     init: str = ""  # a prior folder to start from (fine-tuning); "" trains from scratch
     bias: ViewBias = field(default_factory=ViewBias)
+    # > 1: a multi-view prior (MVDream) denoising groups of `views` renders of one object together;
+    # a share of its steps trains on single images (MVDream found the 2D + 3D mix better).
+    views: int = 1
+    single_view_share: float = 0.3
 
 
-def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = 512) -> dict:
-    """Render `size` captioned images; images stored as uint8 to keep the cache small."""
+def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = 512, views: int = 1) -> dict:
+    """Render `size` captioned images (in groups of `views` renders of one subject); images
+    stored as uint8 to keep the cache small."""
     generator = torch.Generator().manual_seed(seed)
     images, captions, cams, subjects = [], [], [], []
     for start in tqdm(range(0, size, chunk), desc="rendering subjects", unit="chunk"):
-        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias)
+        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias, views)
         images.append((batch.images * 255).round().to(torch.uint8))
         captions += batch.captions
         subjects.append(batch.shape_ids)
         c = batch.cameras
         cams.append(torch.stack([c.elevation, c.azimuth, c.distance, torch.rad2deg(c.fovy)], -1))
     return {"images": torch.cat(images), "captions": captions, "cameras": torch.cat(cams),
-            "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias)}
+            "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias), "views": views}
 
 
-def load_or_render_dataset(out: Path, config: TrainConfig) -> dict:
-    path = out / "dataset.pt"
+def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1) -> dict:
+    """OUT/dataset.pt (single images) or OUT/dataset-{views}view.pt, rendered when missing or
+    made under other settings."""
+    path = out / ("dataset.pt" if views == 1 else f"dataset-{views}view.pt")
     if path.exists():
         data = torch.load(path, weights_only=False)
-        same = data["seed"] == config.seed and data.get("bias") == asdict(config.bias)
+        same = data["seed"] == config.seed and data.get("bias") == asdict(config.bias) and data.get("views", 1) == views
         if same and len(data["captions"]) == config.dataset_size:
             return data
     t0 = time.time()
-    data = render_dataset(config.dataset_size, config.seed, config.bias)
+    # chunks of whole groups: a group never straddles two chunks
+    data = render_dataset(config.dataset_size, config.seed, config.bias, chunk=512 - 512 % views, views=views)
     data["render_seconds"] = time.time() - t0
     atomic_write(path, lambda f: torch.save(data, f))
     return data
@@ -82,10 +92,13 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def initial_model(config: TrainConfig) -> EmbeddedPrior:
     """A fresh prior, or the one in `config.init` with its vocabulary grown to today's words
     (new words are appended, so its token ids keep their meaning; their embeddings start at
-    the mean of the old ones)."""
+    the mean of the old ones); a multi-view one if `config.views` > 1 (MVDream fine-tunes a 2D
+    prior so: the same weights, with self-attention across the views)."""
+    model = EmbeddedPrior.create() if not config.init else EmbeddedPrior.from_pretrained(config.init)
+    if config.views > 1:
+        make_multiview(model.unet, config.views)
     if not config.init:
-        return EmbeddedPrior.create()
-    model = EmbeddedPrior.from_pretrained(config.init)
+        return model
     old, new = model.tokenizer.get_vocab(), build_tokenizer()
     if any(new.get_vocab().get(w) != i for w, i in old.items()):
         raise PromptMeshError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch", BAD_REQUEST)
@@ -94,10 +107,36 @@ def initial_model(config: TrainConfig) -> EmbeddedPrior:
     return model
 
 
+def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, generator: torch.Generator,
+               alphas: torch.Tensor) -> tuple[torch.Tensor, list[str], Cameras, torch.Tensor, torch.Tensor]:
+    """A noisy training batch of `size` images from `data` (whole groups of `views` renders,
+    one timestep per group and independent noise per view): (noisy, captions, cameras, t, noise)."""
+    groups = size // views
+    first = torch.randint(len(data["captions"]) // views, (groups,), generator=generator) * views
+    idx = (first[:, None] + torch.arange(views)).flatten()
+    x = data["images"][idx].float().div(127.5).sub(1.0)
+    cam = data["cameras"][idx].clone()
+    # Mirror images left-right with the azimuth negated: a valid new view of a subject that is
+    # symmetric about the x = 0 plane (its light and the camera ranges are); a group as a whole.
+    flip = ((torch.rand(groups, generator=generator) < 0.5) & mirrorable[first]).repeat_interleave(views)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    cam[:, 1] = torch.where(flip, -cam[:, 1], cam[:, 1])
+    cameras = make_cameras(cam[:, 0], cam[:, 1], cam[:, 2], cam[:, 3])
+    noise = torch.randn(x.shape, generator=generator)
+    t = torch.randint(0, len(alphas), (groups,), generator=generator).repeat_interleave(views)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x + (1 - a).sqrt() * noise, [data["captions"][i] for i in idx.tolist()], cameras, t, noise
+
+
 def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "cpu") -> EmbeddedPrior:
     """Train (or resume) the prior; returns the EMA model, also saved under OUT/prior."""
+    if config.views < 1 or config.batch_size % config.views or config.dataset_size % config.views:
+        raise PromptMeshError(f"the batch size ({config.batch_size}) and the dataset size ({config.dataset_size}) must be "
+                              f"whole groups of {config.views} views", BAD_REQUEST)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_or_render_dataset(out, config)
+    datasets = {1: load_or_render_dataset(out, config)}
+    if config.views > 1:
+        datasets[config.views] = load_or_render_dataset(out, config, config.views)
     torch.manual_seed(config.seed)
     model = initial_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -107,7 +146,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if state["config"] != asdict(config):
+        # a field added since the checkpoint was written counts at its default (the old behaviour)
+        if {**asdict(TrainConfig()), **state["config"]} != asdict(config):
             raise PromptMeshError(f"{ckpt_path} was written under other settings ({state['config']}): pass the same "
                                   "options, or another --out to start over", BAD_REQUEST)
         model.load_state_dict(state["model"])
@@ -115,33 +155,27 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
-    alphas = model.scheduler.alphas_cumprod.to(device)
-    images_u8, captions, cams = data["images"], data["captions"], data["cameras"]
-    mirrorable = torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in data["subjects"].tolist()])
+    alphas = model.scheduler.alphas_cumprod
+    mirrorable = {v: torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in d["subjects"].tolist()])
+                  for v, d in datasets.items()}
     log = open(out / "loss.csv", "a" if step else "w")
     if step == 0:
         log.write("step,loss,lr,seconds\n")
     bar = tqdm(total=config.steps, initial=step, desc="training prior", unit="step")
     t0, running = time.time(), None
     while step < config.steps:
-        idx = torch.randint(len(captions), (config.batch_size,), generator=generator)
-        x = images_u8[idx].float().div(127.5).sub(1.0)
-        cam = cams[idx].clone()
-        # Mirror images left-right with the azimuth negated: a valid new view of a subject that is
-        # symmetric about the x = 0 plane (its light and the camera ranges are).
-        flip = (torch.rand(config.batch_size, generator=generator) < 0.5) & mirrorable[idx]
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        cam[:, 1] = torch.where(flip, -cam[:, 1], cam[:, 1])
-        cameras = make_cameras(cam[:, 0], cam[:, 1], cam[:, 2], cam[:, 3])
-        noise = torch.randn(x.shape, generator=generator)
-        t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+        views = config.views
+        if views > 1 and torch.rand((), generator=generator) < config.single_view_share:
+            views = 1
+        noisy, captions, cameras, t, noise = draw_batch(
+            datasets[views], mirrorable[views], config.batch_size, views, generator, alphas)
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        states, pooled = model.encode_text([captions[i] for i in idx.tolist()])
-        pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled, camera_features(cameras, RECIPE.cameras))
+        states, pooled = model.encode_text(captions)
+        with single_views(model.unet) if views == 1 else contextlib.nullcontext():
+            pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled,
+                                       camera_features(cameras, RECIPE.cameras))
         loss = torch.nn.functional.mse_loss(pred, noise.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
