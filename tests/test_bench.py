@@ -35,3 +35,28 @@ def test_before_runs_the_older_commit_and_after_the_working_tree(tmp_path):
     assert rows == {"backend_here": ["0", "1"], "shared_here": ["0", "1"], "marker": ["0", "1"]}, proc.stdout
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "pm-before-" not in worktrees  # the temporary worktree is gone
+
+
+def test_mv_consistency_tells_one_object_from_views_of_differently_turned_ones():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from mv_consistency import agreement, quarter_turn_group, yaw_ious
+    from prior_samples import silhouette
+
+    from promptmesh.backend.cameras import make_cameras
+    from promptmesh.backend.prior.data import render_primitives
+    from promptmesh.backend.prior.model import IMAGE_SIZE
+    from promptmesh.backend.prior.shapes import PALETTE
+
+    cams = quarter_turn_group(torch.Generator().manual_seed(3))
+
+    def views_of(turns: list[float]) -> torch.Tensor:  # view k of the mug turned by turns[k]
+        seen = make_cameras(cams.elevation, cams.azimuth - torch.tensor(turns), cams.distance, torch.rad2deg(cams.fovy))
+        return silhouette(render_primitives(["mug"] * 4, torch.tensor([PALETTE["red"]] * 4), seen, IMAGE_SIZE))
+
+    one = agreement(yaw_ious("mug", "red", cams, views_of([90.0] * 4)))  # one mug, turned a quarter
+    assert one["one object"] > 0.98 and one["own yaw"] > 0.98 and one["told yaw"] < 0.9
+    told = agreement(yaw_ious("mug", "red", cams, views_of([0.0] * 4)))
+    assert told["told yaw"] > 0.98
+    apart = agreement(yaw_ious("mug", "red", cams, views_of([0.0, 90.0, 180.0, 270.0])))  # four different mugs
+    assert apart["own yaw"] > 0.98 and apart["one object"] < apart["own yaw"] - 0.05
