@@ -147,6 +147,12 @@ def sample_camera_groups(
     return _lit_cameras(elevation, azimuth, distance, fovy, generator, ranges)
 
 
+def sample_views(views: int, generator: torch.Generator, ranges: CameraRanges = CameraRanges()) -> Cameras:
+    """One SDS step's cameras: one random camera for a 2D prior, one group of `views` for a
+    multi-view prior."""
+    return sample_cameras(1, generator, ranges) if views == 1 else sample_camera_groups(1, views, generator, ranges)
+
+
 def orbit_cameras(
     count: int, start_azimuth: float = 0.0, elevation: float = 20.0, distance: float = 2.2, fovy: float = 45.0
 ) -> Cameras:

@@ -70,6 +70,21 @@ class ViewPrompts:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What the guided noise prediction pulls the renders towards.
+
+    "sds" (DreamFusion): the gradient (1 - alpha_bar) * (eps_guided - eps). "x0" (MVDream): the
+    renders regress onto the denoiser's one-step reconstruction x0 = (z_t - sqrt(1 - alpha_bar)
+    * eps_guided) / sqrt(alpha_bar), i.e. the SDS direction weighted sqrt((1 - alpha_bar) /
+    alpha_bar); with `rescale` > 0 that reconstruction's spread is pulled towards the unguided
+    one's, per object (CFG rescale, Lin et al. 2023), which keeps large guidance scales (MVDream
+    uses 50) from oversaturating."""
+
+    kind: str = "sds"
+    rescale: float = 0.0
+
+
+@dataclass(frozen=True)
 class MeshSettings:
     """Meshing of the final field; a spec's settings replace these."""
 
@@ -116,6 +131,7 @@ class Recipe:
     mesh: MeshSettings = MeshSettings()
     views: ViewPrompts = ViewPrompts()
     refine: RefineSettings = RefineSettings()
+    objective: Objective = Objective()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists); `from_dict` rebuilds an equal recipe."""

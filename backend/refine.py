@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..shared.result import Mesh
-from .cameras import Cameras, orbit_cameras, ray_bundle, sample_camera_groups, sample_cameras
+from .cameras import Cameras, orbit_cameras, ray_bundle, sample_views
 from .dmtet import TetGrid, marching_tets
 from .mesh import MeshError, finish_mesh
 from .raster import face_normals, mesh_edges, project, rasterize, vertex_normals
@@ -138,14 +138,13 @@ class Refiner:
             with torch.no_grad():
                 self._fixed = self.surface()
             self.color_optimizer = torch.optim.Adam(t.field.parameters(), lr=s.lr_color)
-        views = t.guidance.views_per_group
-        cameras = (sample_cameras(1, t.generator, r.cameras) if views == 1
-                   else sample_camera_groups(1, views, t.generator, r.cameras)).to(t.device)
+        cameras = sample_views(t.guidance.views_per_group, t.generator, r.cameras).to(t.device)
         t.field.requires_grad_(not shaping)
         vertices, faces = self.surface()
         edges = mesh_edges(faces)
         rgb, _ = self.render(vertices, faces, cameras, s.resolution, r.shading.sample(t.generator), shaping, edges)
-        loss = t.guidance.sds_loss(rgb, t.embeddings, cameras, r.guidance_scale, s.t_range, t.generator, r.views)
+        loss = t.guidance.sds_loss(rgb, t.embeddings, cameras, r.guidance_scale, s.t_range, t.generator, r.views,
+                                    r.objective)
         if shaping:
             loss = loss + self.regularisers(vertices, faces, edges)
         optimizer = self.shape_optimizer if shaping or self.color_optimizer is None else self.color_optimizer

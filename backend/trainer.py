@@ -11,7 +11,7 @@ import torch
 
 from ..shared.result import atomic_write
 from .background import MLPBackground, SolidBackground
-from .cameras import Cameras, orbit_cameras, ray_bundle, sample_camera_groups, sample_cameras
+from .cameras import Cameras, orbit_cameras, ray_bundle, sample_views
 from .field import NeRFField
 from .guidance.base import Guidance
 from .prompts import PromptEmbeddings
@@ -59,9 +59,7 @@ class Trainer:
         r, optim = self.recipe, self.recipe.optim
         if self.step >= optim.occupancy_warmup and self.step % optim.occupancy_every == 0:
             self.occupancy.update(self.field, self.generator)
-        views = self.guidance.views_per_group
-        cameras = (sample_cameras(1, self.generator, r.cameras) if views == 1
-                   else sample_camera_groups(1, views, self.generator, r.cameras)).to(self.device)
+        cameras = sample_views(self.guidance.views_per_group, self.generator, r.cameras).to(self.device)
         shading = r.shading.sample(self.generator)
         out = render(
             self.field, self.background, cameras, r.resolution, r.resolution, shading=shading, ambient=r.shading.ambient,
@@ -69,7 +67,7 @@ class Trainer:
             generator=self.generator,
         )
         sds = self.guidance.sds_loss(out.rgb, self.embeddings, cameras, r.guidance_scale, self.t_range(), self.generator,
-                                     r.views)
+                                     r.views, r.objective)
         loss = sds + optim.orientation_weight * out.orientation
         if self.step >= optim.entropy_from * r.schedule.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)

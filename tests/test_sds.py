@@ -5,7 +5,9 @@ import torch
 
 from promptmesh.backend.cameras import make_cameras, view_word
 from promptmesh.backend.guidance import ModelLoadError, load_guidance
+from promptmesh.backend.guidance.base import Guidance
 from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
+from promptmesh.backend.recipe import Objective
 
 
 def cams(azimuth: float):
@@ -276,3 +278,36 @@ def test_sds_with_view_blends_perp_neg_or_no_view_word_runs_the_denoiser_on_the_
         else:
             eps = e_u + 7.5 * (e_p - e_u)
     assert torch.allclose(grad, (1 - a) * (eps - noise), atol=1e-5)
+
+
+def test_the_x0_objective_without_rescale_is_sds_weighted_by_the_noise_to_signal_ratio(tiny_sd):
+    g = load_guidance(str(tiny_sd))
+    emb = g.embed_prompt("a red cube")
+    torch.manual_seed(1)
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([300, 800])
+    camera = cams(30).cat(cams(200))
+    sds = g.sds_grad(latents, emb, camera, 7.5, t, noise)
+    x0 = g.sds_grad(latents, emb, camera, 7.5, t, noise, objective=Objective("x0"))
+    a = g.alphas_cumprod[t].view(-1, 1, 1, 1)
+    # latents - x0_hat = sqrt((1 - a) / a) * (eps_guided - eps), and SDS is (1 - a) * (eps_guided - eps)
+    assert torch.allclose(x0, sds * ((1 - a) / a).sqrt() / (1 - a), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown objective"):
+        g.sds_grad(latents, emb, camera, 7.5, t, noise, objective=Objective("l1"))
+
+
+def test_cfg_rescale_pulls_each_objects_spread_towards_the_unguided_one():
+    g = Guidance()
+    g.views_per_group = 2
+    gen = torch.Generator().manual_seed(0)
+    noisy, eps, eps_text = (torch.randn(4, 3, 4, 4, generator=gen) for _ in range(3))
+    a = torch.tensor([0.3, 0.3, 0.7, 0.7]).view(-1, 1, 1, 1)
+    out = g._reconstruction(noisy, a, eps, eps_text, rescale=0.5)
+    x0 = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+    x0_text = (noisy - (1 - a).sqrt() * eps_text) / a.sqrt()
+    for obj in (slice(0, 2), slice(2, 4)):  # by hand, one object (two views) at a time
+        factor = x0_text[obj].std() / x0[obj].std()
+        assert torch.allclose(out[obj], 0.5 * x0[obj] * factor + 0.5 * x0[obj], atol=1e-5)
+    full = g._reconstruction(noisy, a, eps, eps_text, rescale=1.0)
+    for obj in (slice(0, 2), slice(2, 4)):
+        assert torch.allclose(full[obj].std(), x0_text[obj].std(), atol=1e-5)  # the unguided spread exactly
+    assert torch.equal(g._reconstruction(noisy, a, eps, eps_text, rescale=0.0), x0)

@@ -12,7 +12,7 @@ from torch import nn
 from ...shared.errors import MODEL, PromptMeshError
 from ..cameras import OVERHEAD_ABOVE, Cameras, view_word
 from ..prompts import Cond, PromptEmbeddings, cat_cond, perp_neg_noise, perp_neg_weights
-from ..recipe import Recipe, ViewPrompts
+from ..recipe import Objective, Recipe, ViewPrompts
 
 
 class ModelLoadError(PromptMeshError):
@@ -22,6 +22,7 @@ class ModelLoadError(PromptMeshError):
 
 
 HARD_VIEWS = ViewPrompts()  # DreamFusion's view word per camera
+SDS = Objective()
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
 
@@ -81,11 +82,14 @@ class Guidance(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor,
         views: ViewPrompts = HARD_VIEWS,
+        objective: Objective = SDS,
     ) -> torch.Tensor:
         """w(t) * (eps_guided(z_t; y, t) - eps) with w(t) = 1 - alpha_bar_t, where eps_guided is
         classifier-free guidance uncond + s * (cond - uncond) with the view's prompt (the view
-        word's, or a blend along the azimuth), or Perp-Neg's (prompts.perp_neg_noise); NaNs and
-        infs zeroed."""
+        word's, or a blend along the azimuth), or Perp-Neg's (prompts.perp_neg_noise); or, for
+        the "x0" objective, latents - x0_guided (recipe.Objective); NaNs and infs zeroed."""
+        if objective.kind not in ("sds", "x0"):
+            raise ValueError(f"unknown objective {objective.kind!r}: 'sds' or 'x0'")
         n = latents.shape[0]
         if not views.words:
             uncond, cond = embeddings.negative_rows(n), embeddings.plain_rows(n)
@@ -110,8 +114,27 @@ class Guidance(nn.Module):
                 eps = perp_neg_noise(out[0], out[1], list(out[2:]), weights, guidance_scale)
             else:
                 eps = out[0] + guidance_scale * (out[1] - out[0])
-            grad = (1 - a) * (eps - noise)
+            if objective.kind == "x0":
+                grad = latents - self._reconstruction(noisy, a, eps, out[1], objective.rescale)
+            else:
+                grad = (1 - a) * (eps - noise)
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _reconstruction(self, noisy: torch.Tensor, a: torch.Tensor, eps: torch.Tensor, eps_text: torch.Tensor,
+                        rescale: float) -> torch.Tensor:
+        """The one-step x0 of the guided prediction, its spread per object (a group of views)
+        pulled by `rescale` towards the spread of the text prediction's x0 without guidance."""
+        x0 = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+        if rescale > 0:
+            group = self.views_per_group
+
+            def spread(x: torch.Tensor) -> torch.Tensor:
+                per_object = x.reshape(-1, group * x[0].numel()).std(1).clamp_min(1e-8)
+                return per_object.repeat_interleave(group).view(-1, *[1] * (x.dim() - 1))
+
+            x0_text = (noisy - (1 - a).sqrt() * eps_text) / a.sqrt()
+            x0 = rescale * x0 * spread(x0_text) / spread(x0) + (1 - rescale) * x0
+        return x0
 
     def sds_loss(
         self,
@@ -122,6 +145,7 @@ class Guidance(nn.Module):
         t_range: tuple[float, float],
         generator: torch.Generator,
         views: ViewPrompts = HARD_VIEWS,
+        objective: Objective = SDS,
     ) -> torch.Tensor:
         """A loss whose gradient w.r.t. the encoded images is the SDS gradient. A multi-view prior
         gets whole groups of views (views_per_group each) and one timestep per group."""
@@ -133,6 +157,6 @@ class Guidance(nn.Module):
         t = torch.randint(lo, max(lo, hi) + 1, (latents.shape[0] // group,), generator=generator).clamp_max(steps - 1)
         t = t.repeat_interleave(group)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        grad = self.sds_grad(latents, embeddings, cameras, guidance_scale, t.to(self.device), noise, views)
+        grad = self.sds_grad(latents, embeddings, cameras, guidance_scale, t.to(self.device), noise, views, objective)
         target = (latents - grad).detach()
         return 0.5 * F.mse_loss(latents.float(), target.float(), reduction="sum") / latents.shape[0]

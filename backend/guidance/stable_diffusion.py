@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..cameras import Cameras, mvdream_cameras
 from ..models import CATALOGUE, cached_file
 from ..multiview import load_unet, views_per_group
-from ..recipe import Recipe, RefineSettings, Schedule, ViewPrompts
+from ..recipe import Objective, Recipe, RefineSettings, Schedule, ViewPrompts
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
 
@@ -105,9 +105,10 @@ class StableDiffusionGuidance(Guidance):
     )
 
     # A multi-view prior (MVDream: `promptmesh models convert-mvdream`) is told the camera, so
-    # its prompt has no view word; MVDream's guidance scale (50) and t annealed to [0.02, 0.5].
+    # its prompt has no view word; MVDream's guidance scale (50), t annealed to [0.02, 0.5] and
+    # its x0-reconstruction objective with the spread rescaled half-way (its published defaults).
     multiview_recipe = replace(recipe, guidance_scale=50.0, views=ViewPrompts(words=False),
-                               schedule=replace(recipe.schedule, t_max_end=0.5))
+                               schedule=replace(recipe.schedule, t_max_end=0.5), objective=Objective("x0", 0.5))
 
     def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> None:
