@@ -1,9 +1,12 @@
-"""How well the embedded prior knows each primitive in 2D, without any 3D optimisation.
+"""How well the embedded prior knows each subject in 2D, without any 3D optimisation.
 
-For every shape x colour prompt it draws DDIM samples from random training-range cameras and
-compares each sample's silhouette (pixels far from the white background) with the silhouettes
-of all five analytic primitives rendered from the same camera: the sample counts as right when
-its own primitive fits best. Prints per-shape accuracy and mean silhouette IoU.
+For every subject it knows (the primitives, and the objects with a front where its vocabulary
+has them) x colour it draws DDIM samples from random training-range cameras (groups of views
+a quarter-turn apart for a multi-view prior) and compares each sample's silhouette (pixels far
+from the white background) with the silhouettes of all those subjects rendered from the same
+camera: the sample counts as right when its own subject fits best (for an object: as the
+camera sees it, so a mug facing the wrong way fits worse). Prints per-subject accuracy and
+mean silhouette IoU, and the figure `prior_samples_right`.
 
     python bench/prior_samples.py [--weights DIR] [--views 8] [--guidance 3] [--ddim-steps 20]
 """
@@ -19,12 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from promptmesh.backend.cameras import CameraRanges, sample_cameras  # noqa: E402
+from figures import report  # noqa: E402
+
+from promptmesh.backend.cameras import CameraRanges, sample_camera_groups, sample_cameras  # noqa: E402
 from promptmesh.backend.prior import WEIGHTS_DIR  # noqa: E402
-from promptmesh.backend.prior.data import render_primitives  # noqa: E402
+from promptmesh.backend.prior.data import SUBJECTS, render_primitives  # noqa: E402
 from promptmesh.backend.prior.model import IMAGE_SIZE, EmbeddedPrior  # noqa: E402
 from promptmesh.backend.prior.sample import sample  # noqa: E402
-from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
+from promptmesh.backend.prior.shapes import PALETTE  # noqa: E402
 
 
 def silhouette(images: torch.Tensor) -> torch.Tensor:
@@ -42,31 +47,36 @@ def main() -> None:
     args = parser.parse_args()
 
     prior = EmbeddedPrior.from_pretrained(args.weights)
+    subjects = [s for s in SUBJECTS if s in prior.known_words]
+    group = prior.views_per_group
     generator = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    print(f"{'shape':<9} {'right':>6} {'IoU':>5}  confused with")
+    print(f"{'subject':<9} {'right':>6} {'IoU':>5}  confused with")
     total_right = total = 0
-    for shape in SHAPES:
+    for subject in subjects:
         right, ious, confused = 0, [], {}
         for color in PALETTE:
-            cameras = sample_cameras(args.views, generator, CameraRanges())
-            drawn = silhouette(sample(prior, f"a {color} {shape}", cameras, args.guidance, args.ddim_steps, seed=args.seed))
+            cameras = (sample_cameras(args.views, generator, CameraRanges()) if group == 1
+                       else sample_camera_groups(args.views // group, group, generator, CameraRanges()))
+            n = len(cameras)
+            drawn = silhouette(sample(prior, f"a {color} {subject}", cameras, args.guidance, args.ddim_steps, seed=args.seed))
             truth = torch.stack([
-                silhouette(render_primitives([s] * args.views, torch.tensor([PALETTE[color]] * args.views), cameras, IMAGE_SIZE))
-                for s in SHAPES
-            ])  # [5, N, S, S]
+                silhouette(render_primitives([s] * n, torch.tensor([PALETTE[color]] * n), cameras, IMAGE_SIZE))
+                for s in subjects
+            ])  # [subjects, N, S, S]
             iou = (truth & drawn).sum((-1, -2)) / (truth | drawn).sum((-1, -2)).clamp_min(1)
             best = iou.argmax(0)
-            right += int((best == SHAPES.index(shape)).sum())
-            ious += iou[SHAPES.index(shape)].tolist()
+            right += int((best == subjects.index(subject)).sum())
+            ious += iou[subjects.index(subject)].tolist()
             for b in best.tolist():
-                if SHAPES[b] != shape:
-                    confused[SHAPES[b]] = confused.get(SHAPES[b], 0) + 1
-        n = args.views * len(PALETTE)
-        total_right, total = total_right + right, total + n
+                if subjects[b] != subject:
+                    confused[subjects[b]] = confused.get(subjects[b], 0) + 1
+        count = len(ious)
+        total_right, total = total_right + right, total + count
         worst = ", ".join(f"{k} {v}" for k, v in sorted(confused.items(), key=lambda kv: -kv[1]))
-        print(f"{shape:<9} {right / n:>6.0%} {sum(ious) / n:>5.2f}  {worst}")
+        print(f"{subject:<9} {right / count:>6.0%} {sum(ious) / count:>5.2f}  {worst}")
     print(f"all       {total_right / total:>6.0%}  ({total} samples, {time.time() - t0:.0f} s)")
+    report("prior_samples_right", 100 * total_right / total, "%")
 
 
 if __name__ == "__main__":
