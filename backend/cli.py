@@ -149,6 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
+    import torch
+
     from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.train import TrainConfig, train
@@ -157,7 +159,10 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
                          lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
                          single_view_share=args.single_view_share,
                          init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
-    train(Path(args.out), config, resume=args.resume)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PromptMeshError("--device cuda: this torch sees no CUDA GPU", BAD_REQUEST)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    train(Path(args.out), config, resume=args.resume, device=device)
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
     return 0
 
@@ -618,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --multiview: the share of steps that train on single images (MVDream's 2D + 3D mix)")
     t.add_argument("--out", default="runs/prior")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to render the data and train (auto: a CUDA GPU if torch sees one)")
     t.set_defaults(func=cmd_prior_train)
     s = prior.add_parser("sample", help="draw 2D samples around the object to see what the prior knows")
     s.add_argument("prompt")

@@ -40,6 +40,22 @@ def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
     assert torch.allclose(image[:, 32, 32], torch.tensor(PALETTE["red"]), atol=0.02)
 
 
+def test_a_batch_of_mixed_subjects_renders_each_image_as_it_renders_alone():
+    """The renderer runs each subject's SDF once over all the images that show it: no image
+    may take another's shape, colour, camera or light."""
+    names = ["mug", "sphere", "duck", "mug", "chair", "torus"]
+    g = torch.Generator().manual_seed(3)
+    n = len(names)
+    cams = make_cameras(torch.rand(n, generator=g) * 30, torch.rand(n, generator=g) * 360 - 180,
+                        2.0 + torch.rand(n, generator=g), 35 + torch.rand(n, generator=g) * 10)
+    colors = torch.rand(n, 3, generator=g)
+    together = render_primitives(names, colors, cams, 16)
+    for i, name in enumerate(names):
+        alone = render_primitives([name], colors[i : i + 1], cams[torch.tensor([i])], 16)[0]
+        assert torch.allclose(together[i], alone, atol=1e-5), name
+    assert not torch.allclose(together[0], together[3])  # two mugs, two cameras
+
+
 def test_batches_are_deterministic_and_captioned_like_sds_prompts():
     recipe = EmbeddedGuidance.recipe
     a = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)

@@ -154,3 +154,13 @@ def test_a_generation_with_the_multiview_prior_renders_whole_groups_and_records_
         assert torch.allclose((azimuth[:4] - azimuth[0]) % 360, torch.tensor([0.0, 90.0, 180.0, 270.0]), atol=1e-3)
     recorded = Recipe.from_dict(result.metadata["recipe"])
     assert recorded == resolve(EmbeddedGuidance.multiview_recipe, job) and not recorded.views.words
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_prior_train_on_cuda_without_a_gpu_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from promptmesh.backend.cli import EXIT_ERROR, main
+
+    out = tmp_path / "run"
+    assert main(["prior", "train", "--device", "cuda", "--steps", "1", "--out", str(out)]) == EXIT_ERROR
+    assert capsys.readouterr().err.strip() == "promptmesh: error: --device cuda: this torch sees no CUDA GPU"
+    assert not out.exists()  # refused before any dataset is rendered

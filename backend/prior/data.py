@@ -69,19 +69,22 @@ def render_primitives(
     ambient: float = ShadingConfig.ambient,
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     iterations: int = 64,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Sphere-trace each primitive from its camera; returns [B, 3, size, size] images."""
+    """Sphere-trace each primitive from its camera on `device`; returns [B, 3, size, size]
+    images there. Each subject's SDF runs once per march step over all images showing it."""
     res = size * supersample
+    cameras = cameras.to(device)
     origins, dirs = ray_bundle(cameras, res, res)  # [B, R, R, 3]
-    t = torch.zeros(origins.shape[:-1])
-    hit = torch.zeros_like(t, dtype=torch.bool)
     start = (cameras.distance - 1.0).clamp_min(0.0)[:, None, None]
-    t = t + start
+    t = start.expand(origins.shape[:-1]).clone()
+    hit = torch.zeros_like(t, dtype=torch.bool)
+    groups = [(name, torch.tensor([s == name for s in shapes], device=device)) for name in dict.fromkeys(shapes)]
 
     def field(points: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(points.shape[:-1])
-        for b, shape in enumerate(shapes):
-            out[b] = sdf(shape, points[b])
+        out = torch.empty(points.shape[:-1], device=device)
+        for name, rows in groups:
+            out[rows] = sdf(name, points[rows])
         return out
 
     for _ in range(iterations):
@@ -91,22 +94,24 @@ def render_primitives(
     points = origins + t[..., None] * dirs
     hit = hit & (field(points).abs() < 5e-3)
     eps = 1e-3
-    offsets = torch.eye(3) * eps
+    offsets = torch.eye(3, device=device) * eps
     grad = torch.stack([field(points + o) - field(points - o) for o in offsets], -1)
     normals = torch.nn.functional.normalize(grad, dim=-1)
-    albedo = colors[:, None, None, :].expand_as(points)
+    albedo = colors.to(device)[:, None, None, :].expand_as(points)
     light = cameras.light_dir[:, None, None, :]
     rgb = lambertian(albedo, normals, light, ambient)
-    bg = torch.tensor(background).expand_as(rgb)
+    bg = torch.tensor(background, device=device).expand_as(rgb)
     image = torch.where(hit[..., None], rgb, bg).permute(0, 3, 1, 2)
     return torch.nn.functional.avg_pool2d(image, supersample) if supersample > 1 else image
 
 
 def make_batch(
-    count: int, size: int, generator: torch.Generator, recipe: Recipe, bias: ViewBias = ViewBias(), views: int = 1
+    count: int, size: int, generator: torch.Generator, recipe: Recipe, bias: ViewBias = ViewBias(), views: int = 1,
+    device: torch.device | str = "cpu",
 ) -> Batch:
     """Random subjects, colours and cameras drawn and lit as `recipe` draws and lights SDS views,
-    with the azimuth and captions of `bias`; deterministic for a given generator state.
+    with the azimuth and captions of `bias`; deterministic for a given generator state (drawn
+    on the CPU; the images are rendered on `device` and returned on the CPU).
 
     With `views` > 1 the batch holds `count` / `views` groups for a multi-view prior, drawn as
     multi-view SDS draws its cameras (cameras.sample_camera_groups): one subject and colour per
@@ -130,7 +135,7 @@ def make_batch(
     cameras = (sample_cameras(count, generator, recipe.cameras, azimuth=azimuth) if views == 1
                else sample_camera_groups(groups, views, generator, recipe.cameras, azimuth=azimuth))
     shapes = [SUBJECTS[i] for i in shape_ids.tolist()]
-    images = render_primitives(shapes, colors, cameras, size, ambient=recipe.shading.ambient)
+    images = render_primitives(shapes, colors, cameras, size, ambient=recipe.shading.ambient, device=device).cpu()
     names = list(PALETTE)
     view_words = view_word(cameras.elevation, cameras.azimuth)
     drop = each(torch.rand(groups, generator=generator) < EMPTY_CAPTION_RATE)

@@ -28,6 +28,7 @@ from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, make_batch
 from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
 RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
+RENDER_CHUNK = 2048  # images drawn and rendered at a time (the draws depend on it: one value everywhere)
 
 
 @dataclass
@@ -48,34 +49,37 @@ class TrainConfig:
     single_view_share: float = 0.3
 
 
-def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = 512, views: int = 1) -> dict:
-    """Render `size` captioned images (in groups of `views` renders of one subject); images
-    stored as uint8 to keep the cache small."""
+def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = RENDER_CHUNK, views: int = 1,
+                   device: torch.device | str = "cpu") -> dict:
+    """Render `size` captioned images (in groups of `views` renders of one subject) on `device`;
+    the same dataset on any device (the draws are the CPU generator's). Images stored as uint8
+    to keep the cache small."""
     generator = torch.Generator().manual_seed(seed)
     images, captions, cams, subjects = [], [], [], []
     for start in tqdm(range(0, size, chunk), desc="rendering subjects", unit="chunk"):
-        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias, views)
+        batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias, views, device)
         images.append((batch.images * 255).round().to(torch.uint8))
         captions += batch.captions
         subjects.append(batch.shape_ids)
         c = batch.cameras
         cams.append(torch.stack([c.elevation, c.azimuth, c.distance, torch.rad2deg(c.fovy)], -1))
     return {"images": torch.cat(images), "captions": captions, "cameras": torch.cat(cams),
-            "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias), "views": views}
+            "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias), "views": views, "chunk": chunk}
 
 
-def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1) -> dict:
+def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1, device: torch.device | str = "cpu") -> dict:
     """OUT/dataset.pt (single images) or OUT/dataset-{views}view.pt, rendered when missing or
     made under other settings."""
     path = out / ("dataset.pt" if views == 1 else f"dataset-{views}view.pt")
     if path.exists():
         data = torch.load(path, weights_only=False)
-        same = data["seed"] == config.seed and data.get("bias") == asdict(config.bias) and data.get("views", 1) == views
-        if same and len(data["captions"]) == config.dataset_size:
+        made = (data["seed"], data.get("bias"), data.get("views", 1), data.get("chunk"), len(data["captions"]))
+        if made == (config.seed, asdict(config.bias), views, RENDER_CHUNK - RENDER_CHUNK % views, config.dataset_size):
             return data
     t0 = time.time()
     # chunks of whole groups: a group never straddles two chunks
-    data = render_dataset(config.dataset_size, config.seed, config.bias, chunk=512 - 512 % views, views=views)
+    data = render_dataset(config.dataset_size, config.seed, config.bias, RENDER_CHUNK - RENDER_CHUNK % views, views,
+                          device)
     data["render_seconds"] = time.time() - t0
     atomic_write(path, lambda f: torch.save(data, f))
     return data
@@ -128,16 +132,19 @@ def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, gene
     return a.sqrt() * x + (1 - a).sqrt() * noise, [data["captions"][i] for i in idx.tolist()], cameras, t, noise
 
 
-def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "cpu") -> EmbeddedPrior:
+def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.device | str = "cpu") -> EmbeddedPrior:
     """Train (or resume) the prior; returns the EMA model, also saved under OUT/prior."""
     if config.views < 1 or config.batch_size % config.views or config.dataset_size % config.views:
         raise PromptMeshError(f"the batch size ({config.batch_size}) and the dataset size ({config.dataset_size}) must be "
                               f"whole groups of {config.views} views", BAD_REQUEST)
     out.mkdir(parents=True, exist_ok=True)
-    datasets = {1: load_or_render_dataset(out, config)}
+    datasets = {1: load_or_render_dataset(out, config, device=device)}
     if config.views > 1:
-        datasets[config.views] = load_or_render_dataset(out, config, config.views)
+        datasets[config.views] = load_or_render_dataset(out, config, config.views, device)
     torch.manual_seed(config.seed)
+    if torch.device(device).type == "cuda":  # the tiny UNet is launch-bound there: let cuDNN pick, TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     model = initial_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
@@ -145,7 +152,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         # a field added since the checkpoint was written counts at its default (the old behaviour)
         if {**asdict(TrainConfig()), **state["config"]} != asdict(config):
             raise PromptMeshError(f"{ckpt_path} was written under other settings ({state['config']}): pass the same "
@@ -183,8 +190,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: str = "c
         optimizer.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
