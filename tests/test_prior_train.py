@@ -164,3 +164,17 @@ def test_prior_train_on_cuda_without_a_gpu_is_refused_in_one_line(tmp_path: Path
     assert main(["prior", "train", "--device", "cuda", "--steps", "1", "--out", str(out)]) == EXIT_ERROR
     assert capsys.readouterr().err.strip() == "promptmesh: error: --device cuda: this torch sees no CUDA GPU"
     assert not out.exists()  # refused before any dataset is rendered
+
+
+def test_samples_name_the_view_as_the_prior_was_trained(multiview_prior: Path, monkeypatch: pytest.MonkeyPatch):
+    """A 2D prior learnt view words; a multi-view prior's groups never had them (the camera tells)."""
+    for prior, named in ((EmbeddedPrior.from_pretrained(multiview_prior), False), (EmbeddedPrior.create(), True)):
+        seen: list[str] = []
+
+        def encode(captions: list[str], prior: EmbeddedPrior = prior, seen: list[str] = seen):
+            seen.extend(captions)
+            return EmbeddedPrior.encode_text(prior, captions)
+
+        monkeypatch.setattr(prior, "encode_text", encode)
+        sample(prior, "a red mug", orbit_groups(4, 4)[0], steps=1)
+        assert any(c.endswith(" view") for c in seen) == named

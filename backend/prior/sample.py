@@ -15,15 +15,18 @@ from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
 @torch.no_grad()
 def sample(
     prior: EmbeddedPrior, prompt: str, cameras: Cameras, guidance_scale: float = 3.0, steps: int = 50, seed: int = 0,
-    view_words: bool = True,
+    view_words: bool | None = None,
 ) -> torch.Tensor:
-    """One image per camera for `prompt` (+ each camera's view suffix unless not `view_words`: then
-    the camera alone tells the view); [N, 3, S, S] in [0, 1]. A multi-view prior draws each
-    group of its views_per_group cameras as one object."""
+    """One image per camera for `prompt` (+ each camera's view suffix if `view_words`, else the
+    camera alone tells the view; by default as the prior was trained: suffixes for a 2D prior,
+    none for a multi-view one); [N, 3, S, S] in [0, 1]. A multi-view prior draws each group of
+    its views_per_group cameras as one object."""
     prior.check_prompt(prompt)
     n = len(cameras)
     if n % prior.views_per_group:
         raise ValueError(f"a multi-view prior draws whole groups of {prior.views_per_group} views, not {n}")
+    if view_words is None:
+        view_words = prior.views_per_group == 1
     captions = ([view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)] if view_words
                 else [prompt] * n)
     states, pooled = prior.encode_text([""] * n + captions)
