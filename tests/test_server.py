@@ -395,7 +395,7 @@ def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_
 
 def test_submit_wait_writes_the_coarse_proxies_a_job_sends_as_ply(server, tiny_sd, tmp_path):
     proxies = tmp_path / "proxies"
-    proc = promptmesh("submit", "a red cube", "--endpoint", server.endpoint, "--model", tiny_sd.name, "--steps", "60",
+    proc = promptmesh("submit", "a red cube", "--endpoint", server.endpoint, "--model", tiny_sd.name, "--steps", "150",
                       "--resolution", "16", "--mesh-resolution", "32", "--wait", "--proxy-dir", str(proxies),
                       "--proxy-every", "0.05")
     assert proc.returncode == 0, proc.stderr
