@@ -149,20 +149,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    import torch
-
     from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.train import TrainConfig, train
+    from .threads import resolve_device
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
                          lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
                          single_view_share=args.single_view_share,
                          init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise PromptMeshError("--device cuda: this torch sees no CUDA GPU", BAD_REQUEST)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    train(Path(args.out), config, resume=args.resume, device=device)
+    train(Path(args.out), config, resume=args.resume, device=resolve_device(args.device))
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
     return 0
 

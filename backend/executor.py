@@ -194,7 +194,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def device_name(name: str) -> str:
-    from .pipeline import resolve_device
+    from .threads import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda":

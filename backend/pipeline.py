@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..shared.errors import BAD_REQUEST, CANCELLED, DEVICE, PromptMeshError
+from ..shared.errors import BAD_REQUEST, CANCELLED, PromptMeshError
 from ..shared.result import Mesh
 from ..shared.spec import JobSpec
 from . import __version__
@@ -33,7 +33,7 @@ from .models import download, needs_download
 from .recipe import Recipe, resolve
 from .refine import Refiner
 from .texture import TextureError, bake
-from .threads import FixedThreads, ThreadTuner
+from .threads import FixedThreads, ThreadTuner, resolve_device
 from .trainer import Trainer
 
 
@@ -41,12 +41,6 @@ class Cancelled(PromptMeshError):
     """The job was cancelled; raised from inside `run`."""
 
     code = CANCELLED
-
-
-class DeviceError(PromptMeshError):
-    """The requested device is not available."""
-
-    code = DEVICE
 
 
 @dataclass
@@ -94,14 +88,6 @@ class Result:
     mesh: Mesh
     metadata: dict[str, Any]
     trainer: Trainer = field(repr=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 @lru_cache(maxsize=1)

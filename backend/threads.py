@@ -1,4 +1,5 @@
-"""How many CPU threads torch uses, chosen from measured step times.
+"""Where torch runs: the device a job or a training asks for, and how many CPU threads torch
+uses, chosen from measured step times.
 
 On a quiet 2-core machine two threads make an SDS step faster (64 against 89 ms for the
 embedded default); with one other CPU-bound process beside it (Blender, a second job) the same
@@ -18,6 +19,23 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
+
+from ..shared.errors import DEVICE, PromptMeshError
+
+
+class DeviceError(PromptMeshError):
+    """The requested device is not available."""
+
+    code = DEVICE
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (a CUDA GPU when torch sees one), 'cpu' or 'cuda'; refused when CUDA is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
 
 PROBE_STEPS = 4  # steps a probe of the other thread count runs when it is not clearly worse
 CLEARLY_WORSE = 2.0  # a probe step this many times the baseline ends the probe at once

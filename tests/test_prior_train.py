@@ -162,7 +162,8 @@ def test_prior_train_on_cuda_without_a_gpu_is_refused_in_one_line(tmp_path: Path
 
     out = tmp_path / "run"
     assert main(["prior", "train", "--device", "cuda", "--steps", "1", "--out", str(out)]) == EXIT_ERROR
-    assert capsys.readouterr().err.strip() == "promptmesh: error: --device cuda: this torch sees no CUDA GPU"
+    assert capsys.readouterr().err.strip() == ("promptmesh: error: CUDA was requested but no CUDA device is available; "
+                                               "use --device cpu")
     assert not out.exists()  # refused before any dataset is rendered
 
 

@@ -71,15 +71,14 @@ def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1, devic
     """OUT/dataset.pt (single images) or OUT/dataset-{views}view.pt, rendered when missing or
     made under other settings."""
     path = out / ("dataset.pt" if views == 1 else f"dataset-{views}view.pt")
+    chunk = RENDER_CHUNK - RENDER_CHUNK % views  # whole groups: a group never straddles two chunks
     if path.exists():
         data = torch.load(path, weights_only=False)
         made = (data["seed"], data.get("bias"), data.get("views", 1), data.get("chunk"), len(data["captions"]))
-        if made == (config.seed, asdict(config.bias), views, RENDER_CHUNK - RENDER_CHUNK % views, config.dataset_size):
+        if made == (config.seed, asdict(config.bias), views, chunk, config.dataset_size):
             return data
     t0 = time.time()
-    # chunks of whole groups: a group never straddles two chunks
-    data = render_dataset(config.dataset_size, config.seed, config.bias, RENDER_CHUNK - RENDER_CHUNK % views, views,
-                          device)
+    data = render_dataset(config.dataset_size, config.seed, config.bias, chunk, views, device)
     data["render_seconds"] = time.time() - t0
     atomic_write(path, lambda f: torch.save(data, f))
     return data
