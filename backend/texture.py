@@ -28,17 +28,46 @@ class TextureError(PromptMeshError):
     code = "MESH"
 
 
+PART_FACES = 2_500  # faces per piece handed to xatlas (see _charts)
+
+
+def _pieces(vertices: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
+    """The faces split into wedges of about PART_FACES around the vertical (Y) axis through the
+    centroid, each an array of face indices."""
+    count = max(1, round(len(faces) / PART_FACES))
+    centres = vertices[faces].mean(1) - vertices.mean(0)
+    order = np.argsort(np.arctan2(centres[:, 2], centres[:, 0]), kind="stable")
+    return np.array_split(order, count)
+
+
 def _charts(vertices: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas's charting time grows much faster than the face count (20k faces: 5.8 s on one
+    core of a 2-core EPYC; the same faces as 8 wedges: 2.3 s, 16: 1.3 s), and it works on the
+    meshes of one atlas in parallel. So the mesh goes in as wedges of about PART_FACES faces,
+    charted separately and packed into one atlas; a wedge's edge is one more seam."""
     import xatlas
 
     chart = xatlas.ChartOptions()
     pack = xatlas.PackOptions()
     pack.resolution, pack.padding, pack.bilinear = size, PADDING, True
     atlas = xatlas.Atlas()
-    atlas.add_mesh(vertices, faces)
+    used = []
+    for piece in _pieces(vertices, faces):
+        kept, local = np.unique(faces[piece], return_inverse=True)
+        atlas.add_mesh(vertices[kept], local.reshape(-1, 3).astype(np.uint32))
+        used.append(kept)
     atlas.generate(chart, pack)
-    vmap, new_faces, uvs = atlas[0]
-    return vmap.astype(np.int64), new_faces.astype(np.int32), uvs.astype(np.float32)
+    if atlas.atlas_count != 1:
+        raise RuntimeError(f"xatlas packed the charts into {atlas.atlas_count} atlases, not one")
+    vmaps, all_faces, all_uvs, offset = [], [], [], 0
+    for i, kept in enumerate(used):
+        vmap, new_faces, uvs = atlas[i]
+        vmaps.append(kept[vmap])
+        all_faces.append(new_faces.astype(np.int64) + offset)
+        all_uvs.append(uvs)
+        offset += len(vmap)
+    return (np.concatenate(vmaps).astype(np.int64), np.concatenate(all_faces).astype(np.int32),
+            np.concatenate(all_uvs).astype(np.float32))
 
 
 def atlas(mesh: Mesh, size: int, timeout: float = 300.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

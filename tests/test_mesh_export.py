@@ -127,6 +127,32 @@ def test_the_texture_holds_the_vertex_colours_where_the_uvs_point(textured):
     assert np.median(error) < 0.02 and np.percentile(error, 99) < 0.06  # a flipped V would be ~0.3 off
 
 
+def test_a_mesh_charted_in_pieces_keeps_every_face_in_one_atlas_without_overlaps():
+    """20k faces go to xatlas as several wedges: one atlas, charts not overlapping (the texels
+    covered equal the UV area), every face kept, and the texture right under each vertex."""
+    import trimesh
+
+    from promptmesh.backend.texture import _pieces, bake, rasterize_uv
+    from promptmesh.shared.result import Mesh
+
+    sphere = trimesh.creation.icosphere(5)
+    v, faces = sphere.vertices.astype(np.float32), sphere.faces.astype(np.int32)
+    assert len(_pieces(v, faces)) > 4
+    baked = bake(Mesh(v, faces, 0.5 + 0.5 * v, v.copy()), 512)
+    corners = baked.uvs[baked.faces] * 512
+    edges1, edges2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    area = 0.5 * np.abs(edges1[:, 0] * edges2[:, 1] - edges1[:, 1] * edges2[:, 0]).sum()
+    face_of, _ = rasterize_uv(baked.uvs, baked.faces, 512)
+    assert abs((face_of >= 0).sum() / area - 1) < 0.01  # overlapping charts would cover less than their area
+
+    def face_set(vertices: np.ndarray, f: np.ndarray) -> np.ndarray:
+        return np.sort(np.sort(vertices[f].reshape(len(f), 9), 1), 0)
+
+    assert np.array_equal(face_set(baked.vertices, baked.faces), face_set(v, faces))
+    error = np.abs(texels_at(baked.texture, baked.uvs * [1, -1] + [0, 1]) - baked.colors).max(1)
+    assert np.median(error) < 0.02 and np.percentile(error, 99) < 0.06
+
+
 def test_textured_glb_passes_the_validator_with_texture_uvs_and_colours(textured, tmp_path, gltf_validator):
     path = write_mesh(textured, tmp_path / "sphere.glb")
     report = json.loads(subprocess.run(gltf_validator + [str(path)], capture_output=True, text=True, check=True).stdout)
