@@ -81,8 +81,8 @@ def test_sds_loss_pushes_latents_by_the_gradient(tiny_sd):
     latents_holder = {}
     original_encode = g.encode_images
 
-    def encode(x):
-        z = original_encode(x)
+    def encode(x, generator=None):
+        z = original_encode(x, generator)
         z.retain_grad()
         latents_holder["z"] = z
         return z
@@ -92,6 +92,21 @@ def test_sds_loss_pushes_latents_by_the_gradient(tiny_sd):
     loss.backward()
     assert torch.allclose(latents_holder["z"].grad, captured["grad"] / 2, atol=1e-5)
     assert images.grad is not None and images.grad.abs().sum() > 0  # flows through the VAE encoder
+
+
+def test_the_vae_draws_its_latents_from_the_jobs_generator_not_the_global_one(tiny_sd):
+    """Same generator state, different global RNG state: the same loss (a resumed job on a GPU
+    repeats its run only if every draw comes from the one generator the checkpoint saves)."""
+    g = load_guidance(str(tiny_sd))
+    emb = g.embed_prompt("a red cube")
+    images = torch.rand(1, 3, 32, 32)
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        losses.append(g.sds_loss(images, emb, cams(0), 100.0, (0.02, 0.98), torch.Generator().manual_seed(0)))
+    assert torch.equal(losses[0], losses[1])
+    other = g.sds_loss(images, emb, cams(0), 100.0, (0.02, 0.98), torch.Generator().manual_seed(1))
+    assert not torch.equal(losses[0], other)
 
 
 def test_nan_in_the_prediction_is_zeroed(tiny_sd):

@@ -51,8 +51,9 @@ class Guidance(nn.Module):
     alphas_cumprod: torch.Tensor
     weights: dict  # where the weights came from: {"source", "revision", "sha256": {file: digest}}
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] display colour in [0, 1] -> the diffusion model's input space."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, 3, H, W] display colour in [0, 1] -> the diffusion model's input space (a
+        stochastic encoder draws from `generator`, the job's one generator)."""
         raise NotImplementedError
 
     def encode_text(self, texts: list[str]) -> Cond:
@@ -149,7 +150,7 @@ class Guidance(nn.Module):
     ) -> torch.Tensor:
         """A loss whose gradient w.r.t. the encoded images is the SDS gradient. A multi-view prior
         gets whole groups of views (views_per_group each) and one timestep per group."""
-        latents = self.encode_images(images)
+        latents = self.encode_images(images, generator)
         steps, group = len(self.alphas_cumprod), self.views_per_group
         if latents.shape[0] % group:
             raise ValueError(f"{latents.shape[0]} views are not whole groups of {group}")

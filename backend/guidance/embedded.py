@@ -64,7 +64,7 @@ class EmbeddedGuidance(Guidance):
     def check_prompt(self, text: str) -> None:
         self.prior.check_prompt(text)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = F.interpolate(images, (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
         return x * 2 - 1
 

@@ -164,10 +164,10 @@ class StableDiffusionGuidance(Guidance):
         self.image_size = self.unet.config.sample_size * vae_scale
         self.scaling_factor = self.vae.config.scaling_factor
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = F.interpolate(images, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         posterior = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return posterior.sample() * self.scaling_factor
+        return posterior.sample(generator=generator) * self.scaling_factor
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
