@@ -154,11 +154,18 @@ class EmbeddedPrior(torch.nn.Module):
         if unknown:
             raise UnknownWordsError(unknown, [w for w in SHAPES + OBJECTS if w in self.known_words])
 
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        """[B, MAX_TOKENS] token ids, padded."""
+        return self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                              return_tensors="pt").input_ids
+
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states [B, L, D] and the pooled ([EOS]) state [B, D]."""
-        device = next(self.text_encoder.parameters()).device
-        ids = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
-        out = self.text_encoder(input_ids=ids.input_ids.to(device))
+        return self.encode_ids(self.token_ids(captions))
+
+    def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_text for captions tokenized already (training tokenizes its few distinct captions once)."""
+        out = self.text_encoder(input_ids=ids.to(next(self.text_encoder.parameters()).device))
         return out.last_hidden_state, out.pooler_output
 
     def predict_noise(

@@ -29,6 +29,7 @@ from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
 RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
 RENDER_CHUNK = 2048  # images drawn and rendered at a time (the draws depend on it: one value everywhere)
+LOG_EVERY = 50  # steps between writes of loss.csv
 
 
 @dataclass
@@ -164,11 +165,30 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     alphas = model.scheduler.alphas_cumprod
     mirrorable = {v: torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in d["subjects"].tolist()])
                   for v, d in datasets.items()}
+    # The few distinct captions are tokenized once: at GPU batch sizes tokenizing every step
+    # costs as much as the step itself.
+    distinct = sorted({c for d in datasets.values() for c in d["captions"]})
+    caption_row, caption_ids = {c: i for i, c in enumerate(distinct)}, model.token_ids(distinct)
     log = open(out / "loss.csv", "a" if step else "w")
     if step == 0:
         log.write("step,loss,lr,seconds\n")
     bar = tqdm(total=config.steps, initial=step, desc="training prior", unit="step")
-    t0, running = time.time(), None
+    t0, running, pending = time.time(), None, []
+
+    def write_log() -> None:
+        """The losses since the last write, read off the device in one sync (a sync a step
+        would stall a GPU between steps)."""
+        nonlocal running
+        if not pending:
+            return
+        values = torch.stack([loss for *_, loss in pending]).tolist()
+        for (at, rate, seconds, _), value in zip(pending, values, strict=True):
+            running = value if running is None else 0.98 * running + 0.02 * value
+            log.write(f"{at},{value:.5f},{rate:.3e},{seconds:.1f}\n")
+        log.flush()
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{pending[-1][1]:.1e}")
+        pending.clear()
+
     while step < config.steps:
         views = config.views
         if views > 1 and torch.rand((), generator=generator) < config.single_view_share:
@@ -178,7 +198,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        states, pooled = model.encode_text(captions)
+        states, pooled = model.encode_ids(caption_ids[[caption_row[c] for c in captions]])
         with single_views(model.unet) if views == 1 else contextlib.nullcontext():
             pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled,
                                        camera_features(cameras, RECIPE.cameras))
@@ -191,12 +211,12 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         step += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        pending.append((step, lr, time.time() - t0, loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-        log.write(f"{step},{loss.item():.5f},{lr:.3e},{time.time() - t0:.1f}\n")
+        if step % LOG_EVERY == 0:
+            write_log()
         if step % config.checkpoint_every == 0 or step == config.steps:
-            log.flush()
+            write_log()
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "generator": generator.get_state(), "step": step, "config": asdict(config)}
             atomic_write(ckpt_path, functools.partial(torch.save, state))
