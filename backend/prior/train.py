@@ -173,7 +173,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     if step == 0:
         log.write("step,loss,lr,seconds\n")
     bar = tqdm(total=config.steps, initial=step, desc="training prior", unit="step")
-    t0, running, pending = time.time(), None, []
+    t0, running = time.time(), None
+    pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, seconds, loss on the device)
 
     def write_log() -> None:
         """The losses since the last write, read off the device in one sync (a sync a step
