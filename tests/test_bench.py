@@ -60,3 +60,23 @@ def test_mv_consistency_tells_one_object_from_views_of_differently_turned_ones()
     assert told["told yaw"] > 0.98
     apart = agreement(yaw_ious("mug", "red", cams, views_of([0.0, 90.0, 180.0, 270.0])))  # four different mugs
     assert apart["own yaw"] > 0.98 and apart["one object"] < apart["own yaw"] - 0.05
+
+
+def test_prior_samples_judges_each_palette_colour_under_shading_as_itself():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from prior_samples import judged_colors
+
+    from promptmesh.backend.cameras import CameraRanges, sample_cameras
+    from promptmesh.backend.prior.data import render_primitives
+    from promptmesh.backend.prior.model import IMAGE_SIZE
+    from promptmesh.backend.prior.shapes import PALETTE
+
+    cams = sample_cameras(len(PALETTE), torch.Generator().manual_seed(5), CameraRanges())
+    colors = torch.tensor(list(PALETTE.values()))
+    for subject in ("duck", "cube"):
+        images = render_primitives([subject] * len(PALETTE), colors, cams, IMAGE_SIZE)
+        assert judged_colors(subject, images, cams).tolist() == list(range(len(PALETTE)))
+        # a blue subject drawn purple is judged purple, whatever the shading
+        swapped = render_primitives([subject] * len(PALETTE), colors[[4, 1, 4, 3, 4]], cams, IMAGE_SIZE)
+        assert judged_colors(subject, swapped, cams).tolist() == [4, 1, 4, 3, 4]
