@@ -197,6 +197,17 @@ def test_the_janus_judge_tells_each_object_from_its_janus_variants_at_any_yaw(na
     assert judge_janus(analytic_mesh(lambda p: sdf("sphere", p), yaw), name).kind == "other"
 
 
+def test_a_mug_made_solid_as_a_nerf_makes_it_is_still_a_mug_and_its_janus_still_a_janus():
+    """A NeRF seen from our elevations fills a cup's inside (its wall is 0.06 thick): that must
+    not hide the handle. The hollow analytic mug overlaps a solid one by only about 0.4."""
+    def solid(offsets: tuple[float, ...]):  # the mug with the inside of its wall filled
+        return lambda p: torch.minimum(object_sdf("mug", p, offsets), (p[:, :2].norm(dim=-1) - 0.30).clamp_min(
+            (p[:, 2].abs() - 0.36)))
+    for key, offsets in (("right", (0.0,)), ("180", JANUS_VARIANTS["180"])):
+        verdict = judge_janus(analytic_mesh(solid(offsets), 37.0), "mug")
+        assert verdict.best == key and verdict.ious[key] > 0.8, verdict.ious
+
+
 def test_a_lump_that_fits_nothing_is_no_object_and_no_janus():
     """A flat lens overlaps an arrow or a chair a little more than the rest (IoU 0.2-0.4): that is
     no verdict of right or Janus."""

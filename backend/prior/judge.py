@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 import trimesh
+from scipy import ndimage
 from skimage.color import rgb2lab
 
 from ..export import Mesh
@@ -94,6 +95,20 @@ class JanusVerdict:
     ious: dict[str, float]  # every candidate's IoU at its best yaw
 
 
+# Background connected within a horizontal slice only: binary_fill_holes then closes every hole
+# a slice surrounds, such as a cup's inside, which is open at the top and so not enclosed in 3D.
+_IN_SLICE = np.zeros((3, 3, 3), bool)
+_IN_SLICE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _solid(occupancy: np.ndarray) -> np.ndarray:
+    """A flat JANUS_GRID^3 occupancy with the holes of each horizontal slice filled. The Janus
+    question is about the outside: a NeRF seen from our cameras' elevations shows a mug's rim,
+    not the inside of a 0.06-thick wall, so a solid mug and the hollow analytic one must match."""
+    n = JANUS_GRID
+    return ndimage.binary_fill_holes(occupancy.reshape(n, n, n), _IN_SLICE).reshape(-1)
+
+
 def _occupancies(fn: Callable[[torch.Tensor], torch.Tensor], grid: np.ndarray) -> list[np.ndarray]:
     """The shape `fn` (an SDF) turned by each of JANUS_YAWS about Z, sampled on `grid` stretched
     over its own box with one scale for all three axes (so two handles make a wider box than one)."""
@@ -105,7 +120,7 @@ def _occupancies(fn: Callable[[torch.Tensor], torch.Tensor], grid: np.ndarray) -
         rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
         turned = inside @ rot.T
         world = _cube_grid(grid, turned.min(0), turned.max(0))
-        out.append(fn(torch.from_numpy(world @ rot).float()).numpy() < 0)
+        out.append(_solid(fn(torch.from_numpy(world @ rot).float()).numpy() < 0))
     return out
 
 
@@ -117,11 +132,11 @@ def judge_janus(mesh: Mesh, name: str) -> JanusVerdict:
     """Is the mesh the object `name` (right), one of its Janus variants, or something else (the
     primitives, or nothing fitting with an IoU of JANUS_MIN_IOU)? Each candidate is searched
     over yaw; the mesh and the candidates are normalised alike (centred on their box, scaled by
-    its longest side); the best IoU decides."""
+    its longest side) and made solid alike (`_solid`); the best IoU decides."""
     grid = _unit_grid(JANUS_GRID)
     tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     lo, hi = tm.bounds
-    occ = tm.voxelized(pitch=float((hi - lo).max()) / (2 * JANUS_GRID)).fill().is_filled(_cube_grid(grid, lo, hi))
+    occ = _solid(tm.voxelized(pitch=float((hi - lo).max()) / (2 * JANUS_GRID)).fill().is_filled(_cube_grid(grid, lo, hi)))
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"right": lambda p: object_sdf(name, p)}
     candidates |= {key: partial(object_sdf, name, offsets=offsets) for key, offsets in JANUS_VARIANTS.items()}
     candidates |= {shape: partial(sdf, shape) for shape in SHAPES}
