@@ -202,7 +202,7 @@ def test_a_mug_made_solid_as_a_nerf_makes_it_is_still_a_mug_and_its_janus_still_
     not hide the handle. The hollow analytic mug overlaps a solid one by only about 0.4."""
     def solid(offsets: tuple[float, ...]):  # the mug with the inside of its wall filled
         return lambda p: torch.minimum(object_sdf("mug", p, offsets), (p[:, :2].norm(dim=-1) - 0.30).clamp_min(
-            (p[:, 2].abs() - 0.36)))
+            p[:, 2].abs() - 0.36))
     for key, offsets in (("right", (0.0,)), ("180", JANUS_VARIANTS["180"])):
         verdict = judge_janus(analytic_mesh(solid(offsets), 37.0), "mug")
         assert verdict.best == key and verdict.ious[key] > 0.8, verdict.ious
