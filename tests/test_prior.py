@@ -20,7 +20,16 @@ from promptmesh.backend.prior.data import (
 )
 from promptmesh.backend.prior.judge import judge_janus
 from promptmesh.backend.prior.model import EmbeddedPrior, UnknownWordsError, build_tokenizer, camera_features
-from promptmesh.backend.prior.shapes import FEATURE_AZIMUTH, JANUS_VARIANTS, OBJECTS, PALETTE, SHAPES, object_sdf, sdf
+from promptmesh.backend.prior.shapes import (
+    FEATURE_AZIMUTH,
+    JANUS_VARIANTS,
+    OBJECTS,
+    PALETTE,
+    SHAPES,
+    _capped_cylinder,
+    object_sdf,
+    sdf,
+)
 
 
 def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
@@ -200,9 +209,8 @@ def test_the_janus_judge_tells_each_object_from_its_janus_variants_at_any_yaw(na
 def test_a_mug_made_solid_as_a_nerf_makes_it_is_still_a_mug_and_its_janus_still_a_janus():
     """A NeRF seen from our elevations fills a cup's inside (its wall is 0.06 thick): that must
     not hide the handle. The hollow analytic mug overlaps a solid one by only about 0.4."""
-    def solid(offsets: tuple[float, ...]):  # the mug with the inside of its wall filled
-        return lambda p: torch.minimum(object_sdf("mug", p, offsets), (p[:, :2].norm(dim=-1) - 0.30).clamp_min(
-            p[:, 2].abs() - 0.36))
+    def solid(offsets: tuple[float, ...]):  # the mug with the inside of its wall filled: body = its outer cylinder
+        return lambda p: torch.minimum(object_sdf("mug", p, offsets), _capped_cylinder(p, 0.30, 0.36))
     for key, offsets in (("right", (0.0,)), ("180", JANUS_VARIANTS["180"])):
         verdict = judge_janus(analytic_mesh(solid(offsets), 37.0), "mug")
         assert verdict.best == key and verdict.ious[key] > 0.8, verdict.ious
