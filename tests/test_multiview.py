@@ -75,3 +75,21 @@ def test_a_batch_that_is_not_whole_groups_is_refused():
     x, t, text, cameras = inputs(1)
     with pytest.raises(ValueError, match="not a whole number of 4-view groups"):
         run(make_multiview(tiny_unet(), VIEWS), x[:3], t[:3], text[:3], cameras[:3])
+
+
+def test_a_traced_multiview_unet_gives_the_eager_output_with_one_trace_per_group_count():
+    """The guidance replays the UNet from a trace (backend/guidance/traced.py): the views are
+    joined by reshapes the trace records for one batch size, so each group count needs its own."""
+    from promptmesh.backend.guidance.traced import Traced
+
+    unet = make_multiview(tiny_unet(), VIEWS).requires_grad_(False)  # frozen, as the guidance holds it
+    traced = Traced(lambda x, t, text, cameras: unet(x, t, encoder_hidden_states=text, class_labels=cameras).sample)
+    with torch.no_grad():
+        for groups, seed in ((1, 1), (2, 2), (1, 3)):
+            args = inputs(groups, seed)
+            assert torch.allclose(traced(*args), run(unet, *args), atol=1e-6)
+    assert len(traced.traces) == 2
+    args = inputs(2, 4)
+    with torch.enable_grad():  # training: the module itself runs, and nothing is traced
+        assert torch.allclose(traced(*args), run(unet, *args), atol=1e-6)
+    assert len(traced.traces) == 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptmesh.backend.cameras import make_cameras, view_word
+from promptmesh.backend.cameras import make_cameras, sample_cameras, view_word
 from promptmesh.backend.guidance import load_guidance
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
 from promptmesh.backend.prior import WEIGHTS_DIR
@@ -149,6 +149,21 @@ def test_shipped_weights_load_through_the_real_loading_path():
     assert sum(p.numel() for p in g.prior.unet.parameters()) > 1e6
     with pytest.raises(UnknownWordsError, match="dragon"):
         g.embed_prompt("a dragon")
+
+
+def test_the_guidance_replays_its_unet_from_a_trace_per_batch_size_with_the_eager_output():
+    g = load_guidance("embedded")
+    emb = g.embed_prompt("a red cube")
+    for batch, seed in ((2, 0), (4, 1), (2, 2)):  # CFG's batch, Perp-Neg's, CFG's again
+        gen = torch.Generator().manual_seed(seed)
+        cameras = sample_cameras(batch, gen)
+        noisy, t = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(20, 980, (batch,), generator=gen)
+        states, pooled = emb.select(["front"] * batch)[1]
+        with torch.no_grad():
+            traced = g.predict_noise(noisy, t, (states, pooled), cameras)
+            eager = g.prior.predict_noise(noisy, t, states, pooled, camera_features(cameras, g.recipe.cameras))
+        assert torch.allclose(traced, eager, atol=1e-6)
+    assert len(g.denoise.traces) == 2 and g.prior.denoise not in g.denoise.traces.values()  # traced, not the fallback
 
 
 def test_samples_of_a_red_cube_are_mostly_red():

@@ -17,6 +17,7 @@ from ..recipe import Recipe, Schedule, ViewPrompts
 from ..renderer import RenderConfig
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
+from .traced import Traced
 
 
 class EmbeddedGuidance(Guidance):
@@ -58,6 +59,7 @@ class EmbeddedGuidance(Guidance):
             self.recipe = self.multiview_recipe
         # Channels-last convolutions: 12 % less UNet time per step on the CPU (bench/sds_speed.py).
         self.prior.unet.to(memory_format=torch.channels_last)
+        self.denoise = Traced(self.prior.denoise)
         self.weights = {"source": str(path), "revision": f"promptmesh {__version__}" if Path(path) == WEIGHTS_DIR else None,
                         "sha256": weight_hashes(Path(path))}
         self.register_buffer("alphas_cumprod", self.prior.scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
@@ -76,4 +78,5 @@ class EmbeddedGuidance(Guidance):
         self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras
     ) -> torch.Tensor:
         states, pooled = cond
-        return self.prior.predict_noise(noisy, t, states, pooled, camera_features(cameras, self.recipe.cameras).to(noisy.device))
+        features = camera_features(cameras, self.recipe.cameras).to(noisy.device)
+        return self.prior.predict_noise(noisy, t, states, pooled, features, unet=self.denoise)

@@ -9,6 +9,7 @@ one object agree with each other (the lever Zero-1-to-3 and MVDream pull).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -169,8 +170,14 @@ class EmbeddedPrior(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
     def predict_noise(
-        self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor, cameras: torch.Tensor
+        self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor, cameras: torch.Tensor,
+        unet: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Epsilon prediction for pixel-space inputs in [-1, 1]; `cameras` are camera_features."""
+        """Epsilon prediction for pixel-space inputs in [-1, 1]; `cameras` are camera_features.
+        `unet` replaces `denoise` (the guidance passes its traced copy)."""
         labels = torch.cat([pooled, cameras.to(pooled)], -1)
-        return self.unet(noisy, t, encoder_hidden_states=states, class_labels=labels).sample
+        return (unet or self.denoise)(noisy, t, states, labels)
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The UNet's call with positional tensors only, as a trace takes it."""
+        return self.unet(noisy, t, encoder_hidden_states=states, class_labels=labels, return_dict=False)[0]
