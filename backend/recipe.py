@@ -40,6 +40,10 @@ class Optimisation:
     lr_grid: float = 1e-2
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
+    # Adam fused into one pass per tensor: on the CPU, Stable Diffusion's dense 113^3 grid levels
+    # (5.1M values) took 19 ms a step in Adam's default loop and 1.6 ms fused. The same update up
+    # to float rounding, which SDS amplifies as it would a new seed.
+    fused_adam: bool = True
     # Regularisers are summed over pixels like the SDS loss, so their weights do not depend
     # on the resolution relative to it.
     orientation_weight: float = 0.1

@@ -73,7 +73,8 @@ class Refiner:
         self.offset = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
         s = self.settings
         self.shape_optimizer = torch.optim.Adam([{"params": [self.sdf], "lr": s.lr_sdf},
-                                                 {"params": [self.offset], "lr": s.lr_offset}], fused=True)
+                                                 {"params": [self.offset], "lr": s.lr_offset}],
+                                                fused=trainer.recipe.optim.fused_adam)
         self.color_optimizer: torch.optim.Optimizer | None = None  # made when the colour phase starts
         self.geometry_steps = round(s.steps * (1 - s.color_share))
         self.step = 0
@@ -137,7 +138,7 @@ class Refiner:
         if not shaping and self._fixed is None:
             with torch.no_grad():
                 self._fixed = self.surface()
-            self.color_optimizer = torch.optim.Adam(t.field.parameters(), lr=s.lr_color, fused=True)
+            self.color_optimizer = torch.optim.Adam(t.field.parameters(), lr=s.lr_color, fused=r.optim.fused_adam)
         cameras = sample_views(t.guidance.views_per_group, t.generator, r.cameras).to(t.device)
         t.field.requires_grad_(not shaping)
         vertices, faces = self.surface()

@@ -38,10 +38,7 @@ class Trainer:
         bg_params = list(self.background.parameters())
         if bg_params:
             groups.append({"params": bg_params, "lr": optim.lr_background})
-        # fused: one pass over each tensor instead of one operator per update term. On the CPU,
-        # Stable Diffusion's dense 113^3 grid levels (5.1M values) took 19 ms a step in Adam's
-        # default loop and 1.6 ms fused (bench/sds_speed.py; the same update up to float rounding).
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=optim.fused_adam)
         self.step = 0
         self._update_schedule()
 
