@@ -1,5 +1,7 @@
 """SDS against a tiny random Stable Diffusion saved to disk and loaded through from_pretrained."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ from promptmesh.backend.cameras import make_cameras, view_word
 from promptmesh.backend.guidance import ModelLoadError, load_guidance
 from promptmesh.backend.guidance.base import Guidance
 from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
-from promptmesh.backend.recipe import Objective
+from promptmesh.backend.recipe import Objective, resolve
+from promptmesh.backend.trainer import Trainer
+from promptmesh.shared.spec import JobSpec
 
 
 def cams(azimuth: float):
@@ -331,24 +335,24 @@ def test_cfg_rescale_pulls_each_objects_spread_towards_the_unguided_one():
 def test_fused_adam_makes_the_unfused_update_up_to_float_rounding(tiny_sd):
     """The recipe's `fused_adam` (on for Stable Diffusion, off for the embedded prior) changes
     the speed of the update, not the update: a few steps agree to rounding."""
-    from dataclasses import replace
-
-    from promptmesh.backend.recipe import resolve
-    from promptmesh.backend.trainer import Trainer
-    from promptmesh.shared.spec import JobSpec
-
     guidance = load_guidance(str(tiny_sd))
     base = resolve(guidance.recipe, JobSpec("a red cube", steps=6, resolution=32))
-    fields = []
+
+    def flat(trainer: Trainer) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in trainer.field.parameters()])
+
+    runs = []
     for fused in (True, False):
         trainer = Trainer(guidance, guidance.embed_prompt("a red cube"),
                           replace(base, optim=replace(base.optim, fused_adam=fused)), 0, torch.device("cpu"))
-        start = torch.cat([p.detach().flatten() for p in trainer.field.parameters()])
+        start = flat(trainer)
         for _ in range(3):
             trainer.train_step()
         assert trainer.optimizer.param_groups[0]["fused"] is fused
-        fields.append(torch.cat([p.detach().flatten() for p in trainer.field.parameters()]))
-    moved, apart = (fields[0] - start).norm(), (fields[0] - fields[1]).norm()
+        runs.append((start, flat(trainer)))
+    (start, fused_end), (unfused_start, unfused_end) = runs
+    assert torch.equal(start, unfused_start)  # one seed, one initial field
+    moved, apart = (fused_end - start).norm(), (fused_end - unfused_end).norm()
     # Adam's step is about lr * sign(g) even for a g of 1e-15 (its eps), so a few values of
     # nearly no gradient may round either way; the update as a whole is the same.
     assert moved > 0.1 and apart < 1e-3 * moved, (moved, apart)

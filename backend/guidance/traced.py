@@ -3,7 +3,8 @@
 The embedded prior's UNet is small: at 32x32 most of its time on the CPU went to Python and
 operator dispatch (diffusers' blocks issue some 300 operators a call), not arithmetic. The
 trace replays the same operators without the Python around them: the outputs are bit-identical
-and a call takes about a quarter less time (bench/sds_speed.py). Measured and not taken:
+and a call takes a fifth to a quarter less time (bench/sds_speed.py's guidance figure, and
+the UNet alone). Measured and not taken:
 torch.compile (17 % faster, but 40 s to compile, most of an object's run) and torch.export's
 module (no faster than eager: it still runs each operator from Python).
 
