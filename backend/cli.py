@@ -156,7 +156,7 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
                          lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
-                         single_view_share=args.single_view_share,
+                         single_view_share=args.single_view_share, empty_caption_rate=args.empty_caption_rate,
                          init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
     train(Path(args.out), config, resume=args.resume, device=resolve_device(args.device))
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one object a quarter-turn apart, denoised together; best started from a 2D prior (--init)")
     t.add_argument("--single-view-share", type=float, default=0.3,
                    help="with --multiview: the share of steps that train on single images (MVDream's 2D + 3D mix)")
+    t.add_argument("--empty-caption-rate", type=float, default=0.1,
+                   help="share of captions dropped at each step: what the unconditional branch of classifier-free "
+                   "guidance learns from")
     t.add_argument("--out", default="runs/prior")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

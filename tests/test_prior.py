@@ -15,6 +15,7 @@ from promptmesh.backend.prior.data import (
     SUBJECTS,
     ViewBias,
     biased_azimuth,
+    draw_captions,
     make_batch,
     render_primitives,
 )
@@ -69,13 +70,33 @@ def test_batches_are_deterministic_and_captioned_like_sds_prompts():
     recipe = EmbeddedGuidance.recipe
     a = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
     b = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
-    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert torch.equal(a.images, b.images) and a.prompts == b.prompts
     views = view_word(a.cameras.elevation, a.cameras.azimuth)
     names = list(PALETTE)
-    for caption, view, shape, color in zip(a.captions, views, a.shape_ids.tolist(), a.color_ids.tolist(), strict=True):
-        prompt = f"a {names[color]} {SUBJECTS[shape]}"
+    captions = draw_captions(a.prompts, a.cameras, 1, torch.Generator().manual_seed(0), 0.1, 0.3)
+    for prompt, caption, view, shape, color in zip(a.prompts, captions, views, a.shape_ids.tolist(),
+                                                   a.color_ids.tolist(), strict=True):
+        assert prompt == f"a {names[color]} {SUBJECTS[shape]}"
         assert caption in ("", prompt, f"{prompt}, {view} view")
-    assert any(a.captions)
+    assert any(captions)
+
+
+def test_captions_are_drawn_afresh_so_every_image_trains_both_guidance_branches():
+    """Classifier-free guidance drops captions per step: dropped once per image in the dataset,
+    the unconditional branch would learn from a tenth of the images and the rest never go
+    uncaptioned."""
+    batch = make_batch(64, 8, torch.Generator().manual_seed(3), EmbeddedGuidance.recipe)
+    g = torch.Generator().manual_seed(4)
+    draws = [draw_captions(batch.prompts, batch.cameras, 1, g, 0.1, 0.3) for _ in range(200)]
+    empty = torch.tensor([[c == "" for c in d] for d in draws])  # [draws, images]
+    assert 0.08 < empty.float().mean() < 0.12
+    assert empty.any(0).all() and (~empty).any(0).all()  # every image both ways
+    named = torch.tensor([[c.endswith(" view") for c in d] for d in draws])
+    assert named.any(0).all() and (~named & ~empty).any(0).all()  # and with and without its view
+    groups = make_batch(16, 8, torch.Generator().manual_seed(3), EmbeddedGuidance.recipe, views=4)
+    for captions in (draw_captions(groups.prompts, groups.cameras, 4, g, 0.5, 1.0) for _ in range(20)):
+        assert all(len(set(captions[i : i + 4])) == 1 for i in range(0, 16, 4))  # one caption a group
+        assert not any(c.endswith(" view") for c in captions)
 
 
 def test_training_views_lean_to_the_front_as_the_bias_says():
@@ -85,8 +106,9 @@ def test_training_views_lean_to_the_front_as_the_bias_says():
     assert 0.80 < (az <= 60).float().mean() < 0.86  # the documented 83 %
     assert 0.02 < (az >= 135).float().mean() < 0.06  # and 4 % from behind
     batch = make_batch(256, 8, torch.Generator().manual_seed(1), EmbeddedGuidance.recipe, bias)
-    named = sum(c.endswith(" view") for c in batch.captions) / len(batch.captions)
-    assert 0.2 < named < 0.4  # view words in about 30 % of the captions
+    captions = draw_captions(batch.prompts, batch.cameras, 1, torch.Generator().manual_seed(2), 0.1, bias.view_word_rate)
+    named = sum(c.endswith(" view") for c in captions) / len(captions)
+    assert 0.2 < named < 0.4  # view words in about 30 % of the captions (27 % with a tenth empty)
     objects = (batch.shape_ids >= len(SHAPES)).float().mean()
     assert 0.4 < objects < 0.6
 

@@ -35,7 +35,7 @@ def test_multiview_batches_are_groups_of_one_subject_a_quarter_turn_apart():
     for g in range(3):
         s = slice(4 * g, 4 * g + 4)
         assert len(set(batch.shape_ids[s].tolist())) == 1 and len(set(batch.color_ids[s].tolist())) == 1
-        assert len(set(batch.captions[s])) == 1 and not batch.captions[4 * g].endswith(" view")
+        assert len(set(batch.prompts[s])) == 1
         turns = (cams.azimuth[s] - cams.azimuth[4 * g]) % 360
         assert torch.allclose(turns, torch.tensor([0.0, 90.0, 180.0, 270.0]), atol=1e-3)
         for shared in (cams.elevation, cams.distance, cams.fovy):
@@ -48,13 +48,14 @@ def test_multiview_batches_are_groups_of_one_subject_a_quarter_turn_apart():
 
 def test_a_training_batch_gives_each_group_one_timestep_and_each_view_its_own_noise():
     batch = make_batch(16, 8, torch.Generator().manual_seed(0), EmbeddedGuidance.recipe, views=4)
-    data = {"images": (batch.images * 255).round().to(torch.uint8), "captions": batch.captions,
+    data = {"images": (batch.images * 255).round().to(torch.uint8), "prompts": batch.prompts,
             "cameras": torch.stack([batch.cameras.elevation, batch.cameras.azimuth, batch.cameras.distance,
                                     torch.rad2deg(batch.cameras.fovy)], -1)}
     alphas = EmbeddedPrior.create().scheduler.alphas_cumprod
     noisy, captions, cameras, t, noise = draw_batch(data, torch.zeros(16, dtype=torch.bool), 8, 4,
-                                                    torch.Generator().manual_seed(1), alphas)
+                                                    torch.Generator().manual_seed(1), alphas, TINY)
     assert noisy.shape == (8, 3, 8, 8) and len(captions) == 8
+    assert not any(c.endswith(" view") for c in captions)  # a group's camera tells its view
     for s in (slice(0, 4), slice(4, 8)):
         assert len(set(t[s].tolist())) == 1 and len(set(captions[s])) == 1
         turns = (cameras.azimuth[s] - cameras.azimuth[s.start]) % 360
@@ -89,8 +90,15 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_very_weights_of_an_uninterrupted
     del state["config"]["views"], state["config"]["single_view_share"]
     torch.save(state, ckpt)
     train(tmp_path / "cut", config, resume=True)
+    # ... unless no value of it gives back how it trained: captions were dropped once per image
+    del state["config"]["empty_caption_rate"]
+    torch.save(state, ckpt)
+    with pytest.raises(PromptMeshError, match="empty_caption_rate.*once per image"):
+        train(tmp_path / "cut", config, resume=True)
     with pytest.raises(PromptMeshError, match="whole groups"):
         train(tmp_path / "bad", dataclasses.replace(TINY, views=3))
+    with pytest.raises(PromptMeshError, match="empty-caption rate"):
+        train(tmp_path / "bad", dataclasses.replace(TINY, empty_caption_rate=1.0))
 
 
 @pytest.fixture(scope="module")

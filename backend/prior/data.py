@@ -5,7 +5,8 @@ Elevation, distance, field of view, light, shading and background follow the NeR
 exactly (cameras.py, shading.py, background.py) with the settings of the embedded prior's
 recipe, and captions are the prompts SDS uses (prompts.py). The azimuth and the captions carry
 a web photo collection's bias instead (ViewBias): objects are seen mostly from the front and
-their captions rarely name the view. That bias is what makes a 2D prior paint a front on
+their captions rarely name the view. Captions are drawn afresh at every training step
+(`draw_captions`), not stored with the images. That bias is what makes a 2D prior paint a front on
 every side of a 3D object (the Janus problem), so our world can show it and measure fixes.
 """
 
@@ -21,7 +22,6 @@ from ..recipe import Recipe
 from ..shading import ShadingConfig, lambertian
 from .shapes import FEATURE_AZIMUTH, OBJECTS, PALETTE, SHAPES, sdf
 
-EMPTY_CAPTION_RATE = 0.1
 SUBJECTS = SHAPES + OBJECTS
 # Subjects that look the same mirrored left-right (x -> -x): every primitive, and the objects
 # whose feature lies on the mirror plane (front or back). A mug's handle at the side would move
@@ -34,7 +34,7 @@ class ViewBias:
     """How the training images frame their subjects, as a photo collection does: the azimuth
     is a wrapped normal around the front (sigma `front_sigma` degrees) except for a share
     `uniform_share` drawn uniformly around the object; only `view_word_rate` of the captions
-    name the view. The defaults put 83 % of views within 60 degrees of the front and 4 % within
+    drawn for single images name the view. The defaults put 83 % of views within 60 degrees of the front and 4 % within
     45 degrees of the back."""
 
     front_sigma: float = 35.0
@@ -54,7 +54,7 @@ def biased_azimuth(count: int, generator: torch.Generator, bias: ViewBias) -> to
 @dataclass
 class Batch:
     images: torch.Tensor  # [B, 3, S, S] in [0, 1], display colour
-    captions: list[str]
+    prompts: list[str]  # "a red cube": the caption before draw_captions names a view or drops it
     cameras: Cameras
     shape_ids: torch.Tensor  # [B] indices into SUBJECTS
     color_ids: torch.Tensor  # [B]
@@ -110,13 +110,13 @@ def make_batch(
     device: torch.device | str = "cpu",
 ) -> Batch:
     """Random subjects, colours and cameras drawn and lit as `recipe` draws and lights SDS views,
-    with the azimuth and captions of `bias`; deterministic for a given generator state (drawn
+    with the azimuth of `bias`, and their prompts; deterministic for a given generator state (drawn
     on the CPU; the images are rendered on `device` and returned on the CPU).
 
     With `views` > 1 the batch holds `count` / `views` groups for a multi-view prior, drawn as
     multi-view SDS draws its cameras (cameras.sample_camera_groups): one subject and colour per
     group, seen from a biased azimuth + k * 360 / views, the views sharing elevation, distance
-    and field of view. Group captions never name a view: the camera tells it (MVDream's data)."""
+    and field of view."""
     if count % views:
         raise ValueError(f"{count} images are not whole groups of {views} views")
     groups = count // views
@@ -137,11 +137,23 @@ def make_batch(
     shapes = [SUBJECTS[i] for i in shape_ids.tolist()]
     images = render_primitives(shapes, colors, cameras, size, ambient=recipe.shading.ambient, device=device).cpu()
     names = list(PALETTE)
-    view_words = view_word(cameras.elevation, cameras.azimuth)
-    drop = each(torch.rand(groups, generator=generator) < EMPTY_CAPTION_RATE)
-    name_view = each(torch.rand(groups, generator=generator) < bias.view_word_rate) & (views == 1)
-    captions = [
-        "" if d else view_prompt(f"a {names[c]} {s}", v) if n else f"a {names[c]} {s}"
-        for d, n, c, s, v in zip(drop.tolist(), name_view.tolist(), color_ids.tolist(), shapes, view_words, strict=True)
-    ]
-    return Batch(images, captions, cameras, shape_ids, color_ids)
+    prompts = [f"a {names[c]} {s}" for c, s in zip(color_ids.tolist(), shapes, strict=True)]
+    return Batch(images, prompts, cameras, shape_ids, color_ids)
+
+
+def draw_captions(prompts: list[str], cameras: Cameras, views: int, generator: torch.Generator, empty_rate: float,
+                  view_word_rate: float) -> list[str]:
+    """Captions for one training draw of images in groups of `views`: per group, empty with
+    `empty_rate` (classifier-free guidance's unconditional share), else the prompt, naming the
+    camera's view with `view_word_rate` if `views` is 1 (a multi-view group never names one:
+    the camera tells it, as in MVDream's data). Drawn at every step, so that every image trains
+    the conditional and the unconditional branch, with and without the view word (drawn once
+    per image, as datasets were until now, the unconditional branch learnt from a tenth of the
+    images only)."""
+    groups = len(prompts) // views
+    each = lambda x: x.repeat_interleave(views, 0).tolist()  # noqa: E731
+    drop = each(torch.rand(groups, generator=generator) < empty_rate)
+    named = each(torch.rand(groups, generator=generator) < view_word_rate)
+    words = view_word(cameras.elevation, cameras.azimuth)
+    return ["" if d else view_prompt(p, w) if n and views == 1 else p
+            for p, w, d, n in zip(prompts, words, drop, named, strict=True)]

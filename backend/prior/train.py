@@ -24,12 +24,17 @@ from ...shared.result import atomic_folder, atomic_write
 from ..cameras import Cameras, make_cameras
 from ..guidance.embedded import EmbeddedGuidance
 from ..multiview import make_multiview, single_views
-from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, make_batch
+from ..prompts import VIEWS, view_prompt
+from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, draw_captions, make_batch
 from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
 RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
 RENDER_CHUNK = 2048  # images drawn and rendered at a time (the draws depend on it: one value everywhere)
 LOG_EVERY = 50  # steps between writes of loss.csv
+# What a checkpoint written before a setting existed trained under, where no value of the
+# setting reproduces it: such a checkpoint is refused rather than resumed under a new regime.
+# (A setting missing from this table counts at its default.)
+BEFORE = {"empty_caption_rate": "captions dropped once per image, in the dataset"}
 
 
 @dataclass
@@ -44,6 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     init: str = ""  # a prior folder to start from (fine-tuning); "" trains from scratch
     bias: ViewBias = field(default_factory=ViewBias)
+    empty_caption_rate: float = 0.1  # share of captions dropped at each step (classifier-free guidance)
     # > 1: a multi-view prior (MVDream) denoising groups of `views` renders of one object together;
     # a share of its steps trains on single images (MVDream found the 2D + 3D mix better).
     views: int = 1
@@ -52,19 +58,19 @@ class TrainConfig:
 
 def render_dataset(size: int, seed: int, bias: ViewBias, chunk: int = RENDER_CHUNK, views: int = 1,
                    device: torch.device | str = "cpu") -> dict:
-    """Render `size` captioned images (in groups of `views` renders of one subject) on `device`;
+    """Render `size` images with their prompts (in groups of `views` renders of one subject) on `device`;
     the same dataset on any device (the draws are the CPU generator's). Images stored as uint8
     to keep the cache small."""
     generator = torch.Generator().manual_seed(seed)
-    images, captions, cams, subjects = [], [], [], []
+    images, prompts, cams, subjects = [], [], [], []
     for start in tqdm(range(0, size, chunk), desc="rendering subjects", unit="chunk"):
         batch = make_batch(min(chunk, size - start), IMAGE_SIZE, generator, RECIPE, bias, views, device)
         images.append((batch.images * 255).round().to(torch.uint8))
-        captions += batch.captions
+        prompts += batch.prompts
         subjects.append(batch.shape_ids)
         c = batch.cameras
         cams.append(torch.stack([c.elevation, c.azimuth, c.distance, torch.rad2deg(c.fovy)], -1))
-    return {"images": torch.cat(images), "captions": captions, "cameras": torch.cat(cams),
+    return {"images": torch.cat(images), "prompts": prompts, "cameras": torch.cat(cams),
             "subjects": torch.cat(subjects), "seed": seed, "bias": asdict(bias), "views": views, "chunk": chunk}
 
 
@@ -75,8 +81,8 @@ def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1, devic
     chunk = RENDER_CHUNK - RENDER_CHUNK % views  # whole groups: a group never straddles two chunks
     if path.exists():
         data = torch.load(path, weights_only=False)
-        made = (data["seed"], data.get("bias"), data.get("views", 1), data.get("chunk"), len(data["captions"]))
-        if made == (config.seed, asdict(config.bias), views, chunk, config.dataset_size):
+        made = (data["seed"], data.get("bias"), data.get("views", 1), data.get("chunk"), len(data.get("prompts", ())))
+        if made == (config.seed, asdict(config.bias), views, chunk, config.dataset_size):  # (captions once stored: re-rendered)
             return data
     t0 = time.time()
     data = render_dataset(config.dataset_size, config.seed, config.bias, chunk, views, device)
@@ -112,11 +118,12 @@ def initial_model(config: TrainConfig) -> EmbeddedPrior:
 
 
 def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, generator: torch.Generator,
-               alphas: torch.Tensor) -> tuple[torch.Tensor, list[str], Cameras, torch.Tensor, torch.Tensor]:
+               alphas: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, list[str], Cameras, torch.Tensor, torch.Tensor]:
     """A noisy training batch of `size` images from `data` (whole groups of `views` renders,
-    one timestep per group and independent noise per view): (noisy, captions, cameras, t, noise)."""
+    one timestep per group and independent noise per view), captioned afresh (data.draw_captions
+    with `config`'s rates): (noisy, captions, cameras, t, noise)."""
     groups = size // views
-    first = torch.randint(len(data["captions"]) // views, (groups,), generator=generator) * views
+    first = torch.randint(len(data["prompts"]) // views, (groups,), generator=generator) * views
     idx = (first[:, None] + torch.arange(views)).flatten()
     x = data["images"][idx].float().div(127.5).sub(1.0)
     cam = data["cameras"][idx].clone()
@@ -129,7 +136,9 @@ def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, gene
     noise = torch.randn(x.shape, generator=generator)
     t = torch.randint(0, len(alphas), (groups,), generator=generator).repeat_interleave(views)
     a = alphas[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x + (1 - a).sqrt() * noise, [data["captions"][i] for i in idx.tolist()], cameras, t, noise
+    captions = draw_captions([data["prompts"][i] for i in idx.tolist()], cameras, views, generator,
+                             config.empty_caption_rate, config.bias.view_word_rate)
+    return a.sqrt() * x + (1 - a).sqrt() * noise, captions, cameras, t, noise
 
 
 def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.device | str = "cpu") -> EmbeddedPrior:
@@ -137,7 +146,19 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     if config.views < 1 or config.batch_size % config.views or config.dataset_size % config.views:
         raise PromptMeshError(f"the batch size ({config.batch_size}) and the dataset size ({config.dataset_size}) must be "
                               f"whole groups of {config.views} views", BAD_REQUEST)
+    if not 0.0 <= config.empty_caption_rate < 1.0:
+        raise PromptMeshError(f"the empty-caption rate must be at least 0 and below 1, not {config.empty_caption_rate}",
+                              BAD_REQUEST)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
+    if state is not None:  # checked before the dataset is rendered (minutes on a CPU)
+        now = asdict(config)
+        written = {**asdict(TrainConfig()), **BEFORE, **state["config"]}
+        changed = {k: (v, now.get(k)) for k, v in written.items() if v != now.get(k)}
+        if changed:
+            raise PromptMeshError(f"{ckpt_path} was written under other settings (written, now: {changed}): pass the "
+                                  "same options, or another --out to start over", BAD_REQUEST)
     datasets = {1: load_or_render_dataset(out, config, device=device)}
     if config.views > 1:
         datasets[config.views] = load_or_render_dataset(out, config, config.views, device)
@@ -150,13 +171,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(config.seed + 1)
     step = 0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        # a field added since the checkpoint was written counts at its default (the old behaviour)
-        if {**asdict(TrainConfig()), **state["config"]} != asdict(config):
-            raise PromptMeshError(f"{ckpt_path} was written under other settings ({state['config']}): pass the same "
-                                  "options, or another --out to start over", BAD_REQUEST)
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -167,7 +182,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
                   for v, d in datasets.items()}
     # The few distinct captions are tokenized once: tokenizing a batch of 2,048 took 31 ms on
     # 2 CPU cores, a sixth of a step on an H100.
-    distinct = sorted({c for d in datasets.values() for c in d["captions"]})
+    prompts = {p for d in datasets.values() for p in d["prompts"]}
+    distinct = sorted({"", *prompts, *(view_prompt(p, w) for p in prompts for w in VIEWS)})
     caption_row, caption_ids = {c: i for i, c in enumerate(distinct)}, model.token_ids(distinct)
     log = open(out / "loss.csv", "a" if step else "w")
     if step == 0:
@@ -195,7 +211,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         if views > 1 and torch.rand((), generator=generator) < config.single_view_share:
             views = 1
         noisy, captions, cameras, t, noise = draw_batch(
-            datasets[views], mirrorable[views], config.batch_size, views, generator, alphas)
+            datasets[views], mirrorable[views], config.batch_size, views, generator, alphas, config)
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
