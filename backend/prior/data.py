@@ -5,9 +5,9 @@ Elevation, distance, field of view, light, shading and background follow the NeR
 exactly (cameras.py, shading.py, background.py) with the settings of the embedded prior's
 recipe, and captions are the prompts SDS uses (prompts.py). The azimuth and the captions carry
 a web photo collection's bias instead (ViewBias): objects are seen mostly from the front and
-their captions rarely name the view. Captions are drawn afresh at every training step
-(`draw_captions`), not stored with the images. That bias is what makes a 2D prior paint a front on
+their captions rarely name the view. That bias is what makes a 2D prior paint a front on
 every side of a 3D object (the Janus problem), so our world can show it and measure fixes.
+Captions are drawn afresh at every training step (`draw_captions`), not stored with the images.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class ViewBias:
     """How the training images frame their subjects, as a photo collection does: the azimuth
     is a wrapped normal around the front (sigma `front_sigma` degrees) except for a share
     `uniform_share` drawn uniformly around the object; only `view_word_rate` of the captions
-    drawn for single images name the view. The defaults put 83 % of views within 60 degrees of the front and 4 % within
-    45 degrees of the back."""
+    drawn for single images name the view. The defaults put 83 % of views within 60 degrees
+    of the front and 4 % within 45 degrees of the back."""
 
     front_sigma: float = 35.0
     uniform_share: float = 0.15
