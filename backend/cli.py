@@ -171,14 +171,15 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.model import EmbeddedPrior
-    from .prior.sample import sample_grid
+    from .prior.sample import GUIDANCE, sample_grid
 
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
     if args.views % prior.views_per_group:
         raise PromptMeshError(f"{args.model} is a multi-view prior: --views must be a multiple of {prior.views_per_group}",
                               BAD_REQUEST)
     grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
-                       guidance_scale=args.guidance_scale, steps=args.steps, seed=args.seed)
+                       guidance_scale=GUIDANCE if args.guidance_scale is None else args.guidance_scale,
+                       steps=args.steps, seed=args.seed)
     with atomic_target(args.output) as tmp:
         iio.imwrite(tmp, grid)
     print(f"wrote {args.output}", file=sys.stderr)
@@ -632,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prior draws each row as one object)")
     s.add_argument("--views", type=int, default=8)
     s.add_argument("--rows", type=int, default=2)
-    s.add_argument("--guidance-scale", type=float, default=3.0)
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance of the samples (default: 1, unguided: the shipped weights draw best so)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_prior_sample)

@@ -12,7 +12,7 @@ rendered in the prompted colour, among renders in every palette colour from the 
 colour accuracy and mean silhouette IoU, and the figures `prior_samples_right` (shape) and
 `prior_samples_color_right`.
 
-    python bench/prior_samples.py [--weights DIR] [--views 8] [--guidance 3] [--ddim-steps 20]
+    python bench/prior_samples.py [--weights DIR] [--views 8] [--guidance 1] [--ddim-steps 20]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from promptmesh.backend.cameras import CameraRanges, Cameras, sample_camera_grou
 from promptmesh.backend.prior import WEIGHTS_DIR  # noqa: E402
 from promptmesh.backend.prior.data import SUBJECTS, render_primitives  # noqa: E402
 from promptmesh.backend.prior.model import IMAGE_SIZE, EmbeddedPrior  # noqa: E402
-from promptmesh.backend.prior.sample import sample  # noqa: E402
+from promptmesh.backend.prior.sample import GUIDANCE, sample  # noqa: E402
 from promptmesh.backend.prior.shapes import PALETTE  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(WEIGHTS_DIR))
     parser.add_argument("--views", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
