@@ -46,7 +46,7 @@ def test_spec_settings_override_the_recipe():
     spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500,
                    texture_size=256, refine_steps=30)
     assert resolve(base, spec).changes_from(base.to_dict()) == [
-        "schedule.steps: 1200 -> 7", "guidance_scale: 20.0 -> 3.5", "resolution: 32 -> 48",
+        "schedule.steps: 1200 -> 7", f"guidance_scale: {base.guidance_scale} -> 3.5", "resolution: 32 -> 48",
         "mesh.resolution: 128 -> 64", "mesh.max_faces: 20000 -> 500", "mesh.texture_size: 1024 -> 256",
         "refine.steps: 0 -> 30",
     ]
