@@ -17,6 +17,7 @@ from promptmesh.backend.prior.data import (
     biased_azimuth,
     draw_captions,
     make_batch,
+    possible_captions,
     render_primitives,
 )
 from promptmesh.backend.prior.judge import judge_janus
@@ -93,6 +94,7 @@ def test_captions_are_drawn_afresh_so_every_image_trains_both_guidance_branches(
     assert empty.any(0).all() and (~empty).any(0).all()  # every image both ways
     named = torch.tensor([[c.endswith(" view") for c in d] for d in draws])
     assert named.any(0).all() and (~named & ~empty).any(0).all()  # and with and without its view
+    assert {c for d in draws for c in d} <= set(possible_captions(set(batch.prompts)))  # all tokenized up front
     groups = make_batch(16, 8, torch.Generator().manual_seed(3), EmbeddedGuidance.recipe, views=4)
     for captions in (draw_captions(groups.prompts, groups.cameras, 4, g, 0.5, 1.0) for _ in range(20)):
         assert all(len(set(captions[i : i + 4])) == 1 for i in range(0, 16, 4))  # one caption a group

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cameras import Cameras, ray_bundle, sample_camera_groups, sample_cameras, view_word
-from ..prompts import view_prompt
+from ..prompts import VIEWS, view_prompt
 from ..recipe import Recipe
 from ..shading import ShadingConfig, lambertian
 from .shapes import FEATURE_AZIMUTH, OBJECTS, PALETTE, SHAPES, sdf
@@ -157,3 +157,8 @@ def draw_captions(prompts: list[str], cameras: Cameras, views: int, generator: t
     words = view_word(cameras.elevation, cameras.azimuth)
     return ["" if d else view_prompt(p, w) if n and views == 1 else p
             for p, w, d, n in zip(prompts, words, drop, named, strict=True)]
+
+
+def possible_captions(prompts: set[str]) -> list[str]:
+    """Every caption draw_captions can make of these prompts, sorted: training tokenizes them once."""
+    return sorted({"", *prompts, *(view_prompt(p, w) for p in prompts for w in VIEWS)})

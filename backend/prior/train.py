@@ -24,8 +24,7 @@ from ...shared.result import atomic_folder, atomic_write
 from ..cameras import Cameras, make_cameras
 from ..guidance.embedded import EmbeddedGuidance
 from ..multiview import make_multiview, single_views
-from ..prompts import VIEWS, view_prompt
-from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, draw_captions, make_batch
+from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, draw_captions, make_batch, possible_captions
 from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
 RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
@@ -81,8 +80,9 @@ def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1, devic
     chunk = RENDER_CHUNK - RENDER_CHUNK % views  # whole groups: a group never straddles two chunks
     if path.exists():
         data = torch.load(path, weights_only=False)
+        # a dataset from before captions were drawn per step has no "prompts" (it stored its captions): re-rendered
         made = (data["seed"], data.get("bias"), data.get("views", 1), data.get("chunk"), len(data.get("prompts", ())))
-        if made == (config.seed, asdict(config.bias), views, chunk, config.dataset_size):  # (captions once stored: re-rendered)
+        if made == (config.seed, asdict(config.bias), views, chunk, config.dataset_size):
             return data
     t0 = time.time()
     data = render_dataset(config.dataset_size, config.seed, config.bias, chunk, views, device)
@@ -182,8 +182,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
                   for v, d in datasets.items()}
     # The few distinct captions are tokenized once: tokenizing a batch of 2,048 took 31 ms on
     # 2 CPU cores, a sixth of a step on an H100.
-    prompts = {p for d in datasets.values() for p in d["prompts"]}
-    distinct = sorted({"", *prompts, *(view_prompt(p, w) for p in prompts for w in VIEWS)})
+    distinct = possible_captions({p for d in datasets.values() for p in d["prompts"]})
     caption_row, caption_ids = {c: i for i, c in enumerate(distinct)}, model.token_ids(distinct)
     log = open(out / "loss.csv", "a" if step else "w")
     if step == 0:
