@@ -6,8 +6,12 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import trimesh
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import spsolve
+from skimage.color import rgb2lab
 from skimage.measure import marching_cubes
 
 from ..shared.errors import MESH, PromptMeshError
@@ -15,6 +19,11 @@ from ..shared.result import Mesh
 from .cameras import BOUND_RADIUS
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+Color = tuple[float, float, float]
+
+# CIELAB distance under which a surface colour passes for a solid background's. Palette colours
+# lie 80 or more from white; the undersides SDS left white, 0-10, and their edges 10-30.
+HIDDEN_DELTA_E = 30.0
 
 
 class MeshError(PromptMeshError):
@@ -52,6 +61,33 @@ def _keep_main_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh
     return joined
 
 
+def recolor_hidden(mesh: trimesh.Trimesh, colors: np.ndarray, background: Color,
+                   delta_e: float = HIDDEN_DELTA_E) -> np.ndarray:
+    """`colors` [V, 3] with those the guidance could not see replaced by the colours around them.
+
+    Against a solid background, surface of (nearly) its colour renders as background, so SDS
+    has no gradient to colour it or carve it away: the white underside that a blue cone grew
+    below its base, seen only from under the horizon. Those vertices take the harmonic
+    interpolation (Laplace's equation on the edge graph) of the other colours around them; a
+    piece with no other colour keeps its own."""
+    lab = rgb2lab(np.clip(colors, 0, 1)[None].astype(np.float64))[0]
+    hidden = np.linalg.norm(lab - rgb2lab(np.array([[background]], np.float64))[0, 0], axis=1) < delta_e
+    if not hidden.any() or hidden.all():
+        return colors
+    n, edges = len(colors), mesh.edges_unique
+    adjacency = sp.coo_matrix((np.ones(2 * len(edges)), (edges.ravel("F"), edges[:, ::-1].ravel("F"))), (n, n)).tocsr()
+    _, piece = connected_components(adjacency[hidden][:, hidden], directed=False)
+    shown = np.flatnonzero(~hidden)
+    borders = np.asarray(adjacency[hidden][:, shown].sum(1)).ravel() > 0
+    solve = np.flatnonzero(hidden)[np.isin(piece, piece[borders])]
+    if not len(solve):
+        return colors
+    laplacian = sp.diags(np.asarray(adjacency.sum(1)).ravel()) - adjacency
+    out = colors.astype(np.float64)
+    out[solve] = spsolve(laplacian[solve][:, solve].tocsc(), -(laplacian[solve][:, shown] @ out[shown])).reshape(len(solve), 3)
+    return out.astype(colors.dtype)
+
+
 def extract_mesh(
     density: Fn,
     albedo: Fn,
@@ -60,11 +96,10 @@ def extract_mesh(
     max_faces: int | None = None,
     min_component_fraction: float = 0.1,
     device: torch.device | str = "cpu",
+    background: Color | None = None,
 ) -> Mesh:
     """Marching cubes of `density` at `threshold` (by default the density at which one render
-    step is half opaque), lowered step by step when nothing crosses it; floaters smaller than
-    `min_component_fraction` of the largest piece's area are dropped; decimated to
-    `max_faces`; coloured by `albedo` at the vertices."""
+    step is half opaque), lowered step by step when nothing crosses it; then `finish_mesh`."""
     grid = sample_grid(density, resolution, device)
     finite = grid[np.isfinite(grid)]
     if finite.size == 0:
@@ -80,7 +115,7 @@ def extract_mesh(
         )
     spacing = (2 * BOUND_RADIUS / (resolution - 1),) * 3
     verts, faces, _, _ = marching_cubes(np.nan_to_num(grid, nan=0.0), level=level, spacing=spacing, gradient_direction="ascent")
-    return finish_mesh(verts - BOUND_RADIUS, faces, albedo, max_faces, min_component_fraction, device)
+    return finish_mesh(verts - BOUND_RADIUS, faces, albedo, max_faces, min_component_fraction, device, background)
 
 
 def finish_mesh(
@@ -90,10 +125,12 @@ def finish_mesh(
     max_faces: int | None = None,
     min_component_fraction: float = 0.1,
     device: torch.device | str = "cpu",
+    background: Color | None = None,
 ) -> Mesh:
     """A raw surface (marching cubes' or the refinement's) -> a Mesh: duplicate vertices merged,
     floaters smaller than `min_component_fraction` of the largest piece's area dropped,
-    decimated to `max_faces`, coloured by `albedo` at the vertices."""
+    decimated to `max_faces`, coloured by `albedo` at the vertices; with the solid `background`
+    the guidance saw, surface of its colour recoloured from around it (`recolor_hidden`)."""
     mesh = trimesh.Trimesh(vertices, faces, process=True)
     mesh = _keep_main_components(mesh, min_component_fraction)
     if max_faces is not None and len(mesh.faces) > max_faces:
@@ -103,6 +140,8 @@ def finish_mesh(
     v = torch.from_numpy(np.ascontiguousarray(mesh.vertices, dtype=np.float32)).to(device)
     with torch.no_grad():
         colors = torch.cat([albedo(c) for c in v.split(262144)]).float().clamp(0, 1).cpu().numpy()
+    if background is not None:
+        colors = recolor_hidden(mesh, colors, background)
     return Mesh(
         vertices=mesh.vertices.astype(np.float32),
         faces=mesh.faces.astype(np.int32),

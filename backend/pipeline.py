@@ -140,7 +140,8 @@ def mesh_of(trainer: Trainer, device: torch.device, resolution: int, max_faces: 
     proxy uses 4 at 32 px (~0.1 s on 2 cores), the final mesh 8 at 64 px."""
     field_ = trainer.field
     return extract_mesh(field_.density, lambda x: field_(x)[1], resolution=resolution,
-                        threshold=trainer.surface_density(views=views, size=size), max_faces=max_faces, device=device)
+                        threshold=trainer.surface_density(views=views, size=size), max_faces=max_faces, device=device,
+                        background=trainer.solid_background)
 
 
 def _stop_if_cancelled(cancel: threading.Event | None) -> None:

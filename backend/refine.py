@@ -170,4 +170,4 @@ class Refiner:
         vertices, faces = self.surface()
         field = self.trainer.field
         return finish_mesh(vertices.cpu().numpy(), faces.cpu().numpy(), lambda x: field(x)[1], max_faces,
-                           device=self.trainer.device)
+                           device=self.trainer.device, background=self.trainer.solid_background)

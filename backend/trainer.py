@@ -87,6 +87,14 @@ class Trainer:
             azimuth = (self.step * 7.0) % 360.0
         return self.render_rgba(orbit_cameras(1, start_azimuth=azimuth), size)[0]
 
+    @property
+    def solid_background(self) -> tuple[float, float, float] | None:
+        """The fixed colour the guidance saw behind the object (None when learnt)."""
+        if isinstance(self.background, SolidBackground):
+            r, g, b = self.background.color.tolist()
+            return r, g, b
+        return None
+
     @torch.no_grad()
     def render_rgba(self, cameras: Cameras, size: int) -> np.ndarray:
         out = render(self.field, self.background, cameras.to(self.device), size, size, shading="lambertian",

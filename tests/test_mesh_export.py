@@ -59,6 +59,36 @@ def test_threshold_falls_back_for_a_faint_field():
     assert abs(np.linalg.norm(mesh.vertices, axis=1).mean() - 0.5) < 0.05
 
 
+BLUE, OFF_WHITE = (0.12, 0.22, 0.88), (0.95, 0.96, 0.99)
+
+
+def test_surface_coloured_like_a_solid_background_takes_the_colour_around_it():
+    """SDS against a white background cannot see white surface: a blue ball's white underside
+    is recoloured from the blue around it; without a solid background it is left as it is."""
+    def albedo(x):
+        return torch.where((x[:, 2] > -0.25)[:, None], torch.tensor(BLUE), torch.tensor(OFF_WHITE))
+
+    as_is = extract_mesh(sphere_density(0.5), albedo, resolution=64)
+    underside = as_is.vertices[:, 2] < -0.3
+    assert np.allclose(as_is.colors[underside], OFF_WHITE, atol=1e-6)
+    mended = extract_mesh(sphere_density(0.5), albedo, resolution=64, background=(1.0, 1.0, 1.0))
+    assert np.abs(mended.colors - BLUE).max() < 1e-4
+    on_black = extract_mesh(sphere_density(0.5), albedo, resolution=64, background=(0.0, 0.0, 0.0))
+    assert np.allclose(on_black.colors[underside], OFF_WHITE, atol=1e-6)  # white shows against black
+
+
+def test_a_piece_of_nothing_but_the_background_colour_keeps_it():
+    """Nothing to take a colour from: a separate white ball stays white beside a blue one."""
+    blue, white = sphere_density(0.35, (-0.45, 0.0, 0.0)), sphere_density(0.35, (0.45, 0.0, 0.0))
+    def albedo(x):
+        return torch.where((x[:, 0] < 0)[:, None], torch.tensor(BLUE), torch.tensor(OFF_WHITE))
+
+    mesh = extract_mesh(lambda x: blue(x) + white(x), albedo, resolution=64, background=(1.0, 1.0, 1.0))
+    left = mesh.vertices[:, 0] < 0
+    assert left.any() and (~left).any()
+    assert np.allclose(mesh.colors[left], BLUE, atol=1e-6) and np.allclose(mesh.colors[~left], OFF_WHITE, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def cone_mesh():
     """An asymmetric object: a cone whose tip points up (+Z) and sits at the front (-Y)."""
