@@ -74,8 +74,8 @@ def recolor_hidden(mesh: trimesh.Trimesh, colors: np.ndarray, background: Color,
     hidden = np.linalg.norm(lab - rgb2lab(np.array([[background]], np.float64))[0, 0], axis=1) < delta_e
     if not hidden.any() or hidden.all():
         return colors
-    n, edges = len(colors), mesh.edges_unique
-    adjacency = sp.coo_matrix((np.ones(2 * len(edges)), (edges.ravel("F"), edges[:, ::-1].ravel("F"))), (n, n)).tocsr()
+    one_way = trimesh.graph.edges_to_coo(mesh.edges_unique, count=len(colors), data=np.ones(len(mesh.edges_unique)))
+    adjacency = (one_way + one_way.T).tocsr()
     _, piece = connected_components(adjacency[hidden][:, hidden], directed=False)
     shown = np.flatnonzero(~hidden)
     borders = np.asarray(adjacency[hidden][:, shown].sum(1)).ravel() > 0
