@@ -51,9 +51,16 @@ def sample_grid(fn: Fn, resolution: int, device: torch.device | str = "cpu", chu
 
 
 def _keep_main_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
+    """The pieces of at least `min_fraction` of the largest one's area, less closed pieces
+    turned inside out: the walls of cavities inside the object (SDS only sees a solid from
+    outside, so the density inside may dip below the surface's; a NeRF sphere carried an
+    unseen inner shell of a quarter of its faces), which no camera sees and which would take
+    faces and texture from the visible surface."""
     parts = mesh.split(only_watertight=False)
     if len(parts) <= 1:
         return mesh
+    outward = [p for p in parts if not (p.is_watertight and p.volume < 0)]
+    parts = outward or parts
     areas = np.array([p.area for p in parts])
     keep = [p for p, a in zip(parts, areas, strict=True) if a >= min_fraction * areas.max()]
     joined = trimesh.util.concatenate(keep)

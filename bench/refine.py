@@ -5,7 +5,7 @@ verdicts, the IoU with the prompted primitive, and for cubes a sharpness figure 
 the surface, by area, whose normal lies within 10 degrees of one of the cube's axes at its
 best yaw). Prints seconds of the NeRF stage and of the refinement. Asserts nothing.
 
-    python bench/refine.py [--seeds 2] [--shapes cube,cylinder] [--colors red] [--refine-steps N] [--workers 2]
+    python bench/refine.py [--seeds 2] [--shapes cube,cylinder] [--colors red|all] [--refine-steps N] [--workers 2]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pool import run_all  # noqa: E402
 
-from promptmesh.backend.prior.shapes import SHAPES  # noqa: E402
+from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
 from promptmesh.shared.result import Mesh  # noqa: E402
 
 
@@ -81,8 +81,9 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=300)
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
+    colors = list(PALETTE) if args.colors == "all" else args.colors.split(",")
     jobs = [(shape, color, seed, args.refine_steps) for shape in args.shapes.split(",")
-            for color in args.colors.split(",") for seed in range(args.seeds)]
+            for color in colors for seed in range(args.seeds)]
     print(f"{'prompt':<20} {'seed':>4}  {'before: shape colour IoU sharp s':<36} {'after: shape colour IoU sharp s'}")
     rows = []
 
@@ -101,6 +102,8 @@ def main() -> None:
         iou = [statistics.mean(r[k][2] for r in mine) for k in (3, 4)]
         right = [sum(r[k][0] == shape and r[k][1] == r[1] for r in mine) / len(mine) for k in (3, 4)]
         print(f"{shape:<9} {len(mine):>2} {iou[0]:>10.3f} {iou[1]:>6.3f} {right[0]:>12.0%} {right[1]:>6.0%}")
+    both = [sum(r[k][0] == r[0] and r[k][1] == r[1] for r in rows) / len(rows) for k in (3, 4)]
+    print(f"{'all':<9} {len(rows):>2} {'':>10} {'':>6} {both[0]:>12.0%} {both[1]:>6.0%}  (shape and colour right)")
     nerf = statistics.median(r[3][4] for r in rows)
     refine = statistics.median(r[4][4] for r in rows)
     print(f"median seconds: NeRF stage + meshing {nerf:.1f}, refinement {refine:.1f} (+{refine / nerf:.0%})")

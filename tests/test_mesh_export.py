@@ -46,6 +46,21 @@ def test_floaters_are_dropped_and_decimation_keeps_the_budget():
     assert 500 <= len(small.faces) <= 1000
 
 
+def test_the_walls_of_a_cavity_inside_the_object_are_dropped():
+    """A NeRF's density may dip inside a solid it only saw from outside: marching cubes then
+    gives an inside-out shell within the surface, which no camera sees."""
+    hollow = lambda x: 1000.0 * ((x.norm(dim=-1) < 0.5) & (x.norm(dim=-1) > 0.3)).float()  # noqa: E731
+    mesh = extract_mesh(hollow, constant_albedo(), resolution=96)
+    r = np.linalg.norm(mesh.vertices, axis=1)
+    assert r.min() > 0.45 and np.abs(r - 0.5).max() < 2.0 / 95
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight and tm.volume > 0
+    # a second solid beside it, as large, stays
+    two = lambda x: hollow(x) + 1000.0 * ((x - torch.tensor([0.0, 0.0, -0.75])).norm(dim=-1) < 0.2).float()  # noqa: E731
+    pieces = trimesh.Trimesh(*(lambda m: (m.vertices, m.faces))(extract_mesh(two, constant_albedo(), resolution=96)))
+    assert len(pieces.split(only_watertight=False)) == 2
+
+
 def test_empty_field_is_an_error_with_advice():
     with pytest.raises(MeshError, match="steps"):
         extract_mesh(lambda x: torch.zeros(len(x)), constant_albedo(), resolution=32)

@@ -234,6 +234,22 @@ def analytic_mesh(fn, yaw_degrees: float, n: int = 96):
     return Mesh(verts, faces.astype(np.int32), np.full_like(verts, 0.5), normals.astype(np.float32))
 
 
+def test_the_shape_judge_scores_each_analytic_primitive_near_one_at_any_yaw_and_apart_from_the_rest():
+    """A perfect primitive is judged itself with an IoU near 1, turned any way about Z; a shape
+    judge that capped a perfect torus at 0.86 and a sphere at 0.95 could not rank two good meshes."""
+    from promptmesh.backend.prior.judge import judge_mesh
+    from promptmesh.backend.prior.shapes import SHAPES
+
+    for shape in SHAPES:
+        for yaw in (0.0, 37.0) if shape == "cube" else (37.0,):  # the rest are round about Z
+            verdict = judge_mesh(analytic_mesh(lambda p, s=shape: sdf(s, p), yaw))
+            assert verdict.shape == shape and verdict.iou > 0.96, (shape, yaw, verdict.ious)
+            assert sorted(verdict.ious.values())[-2] < 0.85, (shape, yaw, verdict.ious)
+    # a cube stretched by a tenth along one side is a worse cube, still no cylinder
+    box = judge_mesh(analytic_mesh(lambda p: sdf("cube", p * torch.tensor([1 / 1.1, 1.0, 1.0])), 20.0))
+    assert box.shape == "cube" and 0.8 < box.iou < 0.95, box.ious
+
+
 @pytest.mark.parametrize("name", OBJECTS)
 def test_the_janus_judge_tells_each_object_from_its_janus_variants_at_any_yaw(name):
     yaw = 37.0 + 90 * OBJECTS.index(name)  # between the judge's 5-degree steps
