@@ -80,7 +80,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
         resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
         preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
-        max_faces=args.max_faces, device=args.device, views=args.views, refine_steps=args.refine_steps,
+        max_faces=args.max_faces, device=args.device, views=args.views, refine_steps=given("refine_steps"),
         texture_size=args.texture_size,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
@@ -475,7 +475,7 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--preview-every", type=int, default=0)
     g.add_argument("--mesh-resolution", type=int, help=f"marching cubes grid (32..256, default {JobSpec.mesh_resolution})")
     g.add_argument("--quality", choices=QUALITY, default="standard",
-                   help="a preset of steps, resolution and mesh resolution (the add-on's); explicit options win")
+                   help="a preset of steps, resolution, mesh resolution and refinement (the add-on's); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces (default 20,000)")
     g.add_argument("--refine-steps", type=int, help="steps of the mesh refinement stage after the NeRF (sharper "
                    "surfaces; 0: none; default: the model's)")

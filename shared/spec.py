@@ -33,7 +33,7 @@ VIEW_MODES = ("hard", "interpolated", "perp-neg", "camera")
 # Quality presets: what each changes from the model's defaults (None = the model's default).
 QUALITY = ("draft", "standard", "high")
 _PRESETS = {
-    "embedded": {"draft": {"steps": 600}, "standard": {}, "high": {"steps": 2400, "mesh_resolution": 192}},
+    "embedded": {"draft": {"steps": 600}, "standard": {}, "high": {"steps": 2400, "mesh_resolution": 192, "refine_steps": 300}},
     "diffusion": {"draft": {"steps": 1500, "resolution": 64}, "standard": {},
                   "high": {"steps": 10000, "resolution": 128, "mesh_resolution": 192}},
 }

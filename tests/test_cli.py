@@ -123,7 +123,9 @@ def test_quality_presets_set_the_spec_and_explicit_options_win():
     assert spec("--quality", "draft").steps == 600
     assert spec("--quality", "draft", "--steps", "700").steps == 700
     high = spec("--quality", "high")
-    assert (high.steps, high.mesh_resolution) == (2400, 192)
+    assert (high.steps, high.mesh_resolution, high.refine_steps) == (2400, 192, 300)
+    assert spec("--quality", "high", "--refine-steps", "0").refine_steps == 0
+    assert spec().refine_steps is None  # the model's own: none for the embedded prior
     assert spec("--quality", "high", "--mesh-resolution", "64").mesh_resolution == 64
     assert (spec().texture_size, spec("--texture-size", "0").texture_size) == (1024, 0)
     sd = spec("--quality", "draft", "--model", "sd21")

@@ -13,7 +13,7 @@ from ..cameras import Cameras
 from ..field import FieldConfig
 from ..prior import WEIGHTS_DIR
 from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
-from ..recipe import Optimisation, Recipe, Schedule, ViewPrompts
+from ..recipe import Optimisation, Recipe, RefineSettings, Schedule, ViewPrompts
 from ..renderer import RenderConfig
 from ..shading import ShadingConfig
 from .base import Guidance, ModelLoadError, weight_hashes
@@ -45,6 +45,10 @@ class EmbeddedGuidance(Guidance):
         # about 36 a step (its grids are small), and moved two borderline objects of bench/
         # prompt_accuracy.py's 50 (the mean IoU per shape within 0.005 of the unfused run's).
         optim=Optimisation(fused_adam=False),
+        # Refinement (off unless asked: --refine-steps, the high preset) spends every step on the
+        # shape: a colour phase at the end turned blue cubes and tori purple (SDS darkened their
+        # albedo) and left the shape 240 steps instead of 300.
+        refine=RefineSettings(color_share=0.0),
     )
 
     # A multi-view prior (`prior train --multiview`) learnt the view from its camera alone: its
