@@ -2,7 +2,8 @@
 
 Runs `pipeline.run` on every shape x colour prompt for several seeds, then judges each mesh
 without the prior: shape by voxel IoU against the analytic primitives (scale-normalised,
-the mesh turned square to the axes first), colour by the nearest palette entry in CIELAB. Prints a table and the totals. Asserts nothing.
+the mesh turned square to the axes first), colour by the nearest palette entry in CIELAB.
+Prints a table and the totals. Asserts nothing.
 
     python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--refine-steps N] [--shapes cube,cone] [--colors red] [--workers 2]
 
