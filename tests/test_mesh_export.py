@@ -57,8 +57,8 @@ def test_the_walls_of_a_cavity_inside_the_object_are_dropped():
     assert tm.is_watertight and tm.volume > 0
     # a second solid beside it, as large, stays
     two = lambda x: hollow(x) + 1000.0 * ((x - torch.tensor([0.0, 0.0, -0.75])).norm(dim=-1) < 0.2).float()  # noqa: E731
-    pieces = trimesh.Trimesh(*(lambda m: (m.vertices, m.faces))(extract_mesh(two, constant_albedo(), resolution=96)))
-    assert len(pieces.split(only_watertight=False)) == 2
+    both = extract_mesh(two, constant_albedo(), resolution=96)
+    assert len(trimesh.Trimesh(both.vertices, both.faces).split(only_watertight=False)) == 2
 
 
 def test_empty_field_is_an_error_with_advice():
