@@ -6,7 +6,7 @@ with the embedded prior always told it sees the front, as a prior without a came
 trained on front-leaning photos would assume: an ablation, patched in here, not a product
 setting), runs `pipeline.run` and judges the mesh
 without the prior: `judge_janus` (right / janus / other, searched over yaw) and the colour by
-the nearest palette entry. Prints a row per object, then per configuration the Janus rate,
+the nearest palette hue. Prints a row per object, then per configuration the Janus rate,
 shape-right, colour-right and both-right rates and the median seconds per object, and the
 figures `janus_rate_CONFIG` and `both_right_CONFIG`. Asserts nothing.
 

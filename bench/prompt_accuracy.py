@@ -2,7 +2,7 @@
 
 Runs `pipeline.run` on every shape x colour prompt for several seeds, then judges each mesh
 without the prior: shape by voxel IoU against the analytic primitives (scale-normalised,
-the mesh turned square to the axes first), colour by the nearest palette entry in CIELAB.
+the mesh turned square to the axes first), colour by the nearest palette hue (Oklch).
 Prints a table and the totals. Asserts nothing.
 
     python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--refine-steps N] [--shapes cube,cone] [--colors red] [--workers 2]
@@ -28,7 +28,7 @@ from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
 
 def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str, refine_steps: int | None) -> tuple:
     """One row: (shape, colour, seed, judged shape, judged colour, IoU with the judged shape,
-    seconds, IoU with the prompted shape)."""
+    seconds, IoU with the prompted shape, the mesh's mean colour as sRGB hex)."""
     from promptmesh.backend.mesh import MeshError
     from promptmesh.backend.pipeline import run
     from promptmesh.backend.prior.judge import judge_mesh
@@ -39,9 +39,10 @@ def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, mod
         spec = JobSpec(prompt=f"a {color} {shape}", seed=seed, steps=steps, model=model, refine_steps=refine_steps)
         verdict = judge_mesh(run(spec).mesh)
         judged, prompted = (verdict.shape, verdict.color, verdict.iou), verdict.ious[shape]
+        mean = "#" + "".join(f"{round(v * 255):02x}" for v in verdict.rgb)
     except MeshError:
-        judged, prompted = ("(none)", "(none)", 0.0), 0.0
-    return (shape, color, seed, *judged, time.perf_counter() - t0, prompted)
+        judged, prompted, mean = ("(none)", "(none)", 0.0), 0.0, "-"
+    return (shape, color, seed, *judged, time.perf_counter() - t0, prompted, mean)
 
 
 def main() -> None:
@@ -60,13 +61,14 @@ def main() -> None:
         for shape in args.shapes.split(",") for color in args.colors.split(",")
         for seed in range(args.first_seed, args.first_seed + args.seeds)
     ]
-    print(f"{'prompt':<22} {'seed':>4} {'shape':<9} {'colour':<7} {'IoU':>5} {'s':>6}")
+    print(f"{'prompt':<22} {'seed':>4} {'shape':<9} {'colour':<7} {'IoU':>5} {'s':>6}  mean colour")
     rows = []
 
     def report(row: tuple) -> None:
         rows.append(row)
-        shape, color, seed, judged_shape, judged_color, iou, dt, _ = row
-        print(f"{f'a {color} {shape}':<22} {seed:>4} {judged_shape:<9} {judged_color:<7} {iou:>5.2f} {dt:>6.1f}", flush=True)
+        shape, color, seed, judged_shape, judged_color, iou, dt, _, mean = row
+        print(f"{f'a {color} {shape}':<22} {seed:>4} {judged_shape:<9} {judged_color:<7} {iou:>5.2f} {dt:>6.1f}  {mean}",
+              flush=True)
 
     run_all(generate_and_judge, jobs, args.workers, report)
     n = len(rows)

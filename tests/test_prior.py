@@ -215,7 +215,7 @@ def test_a_default_generation_with_the_embedded_prior_gives_the_prompted_shape_a
     verdict = judge_mesh(result.mesh)
     assert verdict.color == "red" and verdict.shape == "torus", verdict
     assert verdict.ious["torus"] > verdict.ious["sphere"] + 0.05, verdict
-    assert result.metadata["model"] == "embedded" and result.metadata["steps"] == 1200
+    assert result.metadata["model"] == "embedded" and result.metadata["steps"] == 1000
 
 
 def analytic_mesh(fn, yaw_degrees: float, n: int = 96):
@@ -248,6 +248,22 @@ def test_the_shape_judge_scores_each_analytic_primitive_near_one_at_any_yaw_and_
     # a cube stretched by a tenth along one side is a worse cube, still no cylinder
     box = judge_mesh(analytic_mesh(lambda p: sdf("cube", p * torch.tensor([1 / 1.1, 1.0, 1.0])), 20.0))
     assert box.shape == "cube" and 0.8 < box.iou < 0.95, box.ious
+
+
+def test_the_colour_judge_names_each_palette_colour_however_dark_or_pale_and_tells_blue_from_purple():
+    """SDS darkens or pales an albedo; the colour word must not change with it. A judge by
+    distance in CIELAB called navy, a darkened blue, purple."""
+    from promptmesh.backend.prior.judge import color_word
+    from promptmesh.backend.prior.shapes import PALETTE
+
+    for name, rgb in PALETTE.items():
+        for k in np.linspace(0.25, 1.0, 7):
+            assert color_word(np.array(rgb) * k) == name, (name, "darkened", k)
+        for k in np.linspace(0.0, 0.6, 7):
+            assert color_word(np.array(rgb) + (1 - np.array(rgb)) * k) == name, (name, "paled", k)
+    assert color_word(np.array([0.03, 0.07, 0.39])) == "blue"  # navy
+    assert color_word(np.array([0.35, 0.20, 0.60])) == "purple"  # blue with red in it
+    assert color_word(np.array([0.50, 0.50, 0.50])) == "grey" == color_word(np.array([0.62, 0.60, 0.58]))
 
 
 @pytest.mark.parametrize("name", OBJECTS)

@@ -1,5 +1,5 @@
 """Judging a generated mesh without the prior: its shape by voxel IoU against the analytic
-primitives, its colour by the nearest palette entry in CIELAB, and, for an object with a
+primitives, its colour by the nearest palette hue in Oklch, and, for an object with a
 front, whether it came out right, as a Janus variant (its feature repeated), or as something
 else."""
 
@@ -12,8 +12,8 @@ from functools import partial
 import numpy as np
 import torch
 import trimesh
+from coloraide import Color
 from scipy import ndimage
-from skimage.color import rgb2lab
 from skimage.measure import marching_cubes
 
 from ..export import Mesh
@@ -31,6 +31,7 @@ class Verdict:
     color: str
     iou: float  # IoU with the judged shape
     ious: dict[str, float]
+    rgb: tuple[float, float, float]  # the mesh's mean vertex colour (sRGB), what `color` names
 
 
 def _unit_grid(n: int = GRID) -> np.ndarray:
@@ -98,14 +99,31 @@ def judge_mesh(mesh: Mesh) -> Verdict:
         ref = _REFERENCE[shape]
         ious[shape] = float((occ & ref).sum() / max(1, (occ | ref).sum()))
     shape = max(ious, key=lambda name: ious[name])
-    return Verdict(shape, judge_color(mesh), ious[shape], ious)
+    rgb = np.clip(mesh.colors.mean(0), 0, 1)
+    return Verdict(shape, color_word(rgb), ious[shape], ious, (float(rgb[0]), float(rgb[1]), float(rgb[2])))
+
+
+# Below this Oklch chroma a colour is grey: its hue says nothing (the palette's lowest is 0.175).
+GREY_CHROMA = 0.04
+
+
+def color_word(rgb: np.ndarray) -> str:
+    """The palette word whose hue (Oklch) is nearest to the sRGB colour's, or "grey".
+
+    Hue, not a distance in a colour space: SDS darkens or pales an albedo without changing what
+    colour it is, and every distance counts lightness too. CIELAB's also bends blue towards
+    purple as it darkens (its known blue nonlinearity, which Oklab was fitted to remove): it
+    called navy (0.03, 0.07, 0.39) purple. Oklab's hue is unchanged by scaling linear RGB."""
+    lch = Color("srgb", [float(v) for v in rgb]).convert("oklch")
+    if lch["chroma"] < GREY_CHROMA:
+        return "grey"
+    hues = {name: Color("srgb", list(value)).convert("oklch")["hue"] for name, value in PALETTE.items()}
+    return min(hues, key=lambda name: abs((lch["hue"] - hues[name] + 180) % 360 - 180))
 
 
 def judge_color(mesh: Mesh) -> str:
-    """The palette word nearest (in CIELAB) to the mesh's mean vertex colour."""
-    lab = rgb2lab(np.clip(mesh.colors.mean(0), 0, 1)[None, None])[0, 0]
-    palette = {name: rgb2lab(np.array(rgb)[None, None])[0, 0] for name, rgb in PALETTE.items()}
-    return min(palette, key=lambda name: float(np.linalg.norm(palette[name] - lab)))
+    """The palette word for the mesh's mean vertex colour (`color_word`)."""
+    return color_word(mesh.colors.mean(0))
 
 
 # ---- the Janus judge ------------------------------------------------------------------------
