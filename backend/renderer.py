@@ -34,7 +34,10 @@ class RenderConfig:
     # below this: Instant-NGP's 0.01, i.e. under 1 % opacity per sample.
     occupancy_thickness: float = 0.01
     occupancy_decay: float = 0.9
-    occupancy_dilation: int = 2  # cells
+    # Cells next to occupied ones are sampled too, so that the surface can grow into them. One
+    # cell, not two: on the tiny-SD benchmark two cost 48 % more samples (133k against 90k a step)
+    # for a render that differed by at most 0.0015 in colour and 0.0023 in opacity.
+    occupancy_dilation: int = 1  # cells
 
 
 class OccupancyGrid(nn.Module):

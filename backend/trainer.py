@@ -17,6 +17,7 @@ from .guidance.base import Guidance
 from .prompts import PromptEmbeddings
 from .recipe import Recipe
 from .renderer import OccupancyGrid, render
+from .threads import keep_freed_memory
 
 
 class Trainer:
@@ -25,6 +26,8 @@ class Trainer:
     def __init__(self, guidance: Guidance, embeddings: PromptEmbeddings, recipe: Recipe, seed: int, device: torch.device) -> None:
         """`recipe` is the resolved one (see recipe.resolve): the trainer reads every setting from it."""
         torch.manual_seed(seed)
+        if device.type == "cpu":
+            keep_freed_memory()
         self.guidance, self.embeddings, self.recipe, self.device = guidance, embeddings, recipe, device
         self.generator = torch.Generator().manual_seed(seed)
         self.field = NeRFField(recipe.field).to(device)

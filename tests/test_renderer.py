@@ -78,8 +78,11 @@ def test_occupancy_grid_skips_empty_space_without_changing_the_image():
     with torch.no_grad():
         full = render(field, SolidBackground(), cams, 32, 32, shading="albedo")
         culled = render(field, SolidBackground(), cams, 32, 32, shading="albedo", occupancy=grid)
-    assert culled.samples < full.samples
-    assert torch.allclose(full.rgb, culled.rgb, atol=2e-3)
+    assert culled.samples < 0.5 * full.samples
+    # A cell is empty where a sample is under 1 % opaque; the one-cell margin around occupied
+    # cells leaves the initial blob's soft edge within half a percent (two cells: 0.02 %).
+    assert torch.allclose(full.rgb, culled.rgb, atol=5e-3)
+    assert torch.allclose(full.opacity, culled.opacity, atol=1e-2)
 
 
 def test_a_bounded_field_has_no_density_beyond_its_radius():
@@ -186,3 +189,56 @@ def test_dense_level_matches_trilinear_interpolation_axis_order():
     node = torch.tensor([1, 2, 3])  # (x, y, z)
     x = (node / 4 * 2 - 1)[None].float()
     assert torch.allclose(enc(x)[0], grid[0, :, 3, 2, 1], atol=1e-5)
+
+
+def test_levels_keep_their_columns_and_points_their_rows_across_dense_and_hashed_levels():
+    # Two dense levels and one hashed; the dense grids hold linear functions of position, which
+    # trilinear interpolation reproduces exactly, so each point's features are known.
+    cfg = FieldConfig(levels=3, base_resolution=4, max_resolution=16, log2_table_size=10)
+    enc = NeRFField(cfg).encoding
+    assert len(enc.dense) == 2 and len(enc.hashed) == 1
+    for param in enc.dense:
+        n = param.shape[-1]
+        axis = torch.linspace(-1, 1, n)
+        param.data[0, 0] = axis.view(1, 1, n).expand(n, n, n)  # x (W)
+        param.data[0, 1] = axis.view(n, 1, 1).expand(n, n, n) * (param.shape[-1] - 1)  # z (D), scaled by level
+    enc.hashed[0].data.fill_(7.0)
+    x = torch.rand(1001, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):  # the points split into 1-3 parts, padded when odd
+            torch.set_num_threads(n_threads)
+            enc.active_levels = 3
+            f = enc(x)
+            for level, param in enumerate(enc.dense):
+                assert torch.allclose(f[:, 2 * level], x[:, 0], atol=1e-5)
+                assert torch.allclose(f[:, 2 * level + 1], x[:, 2] * (param.shape[-1] - 1), atol=1e-4)
+            assert torch.allclose(f[:, 4:], torch.full((1001, 2), 7.0))
+            enc.active_levels = 1
+            f = enc(x)
+            assert torch.allclose(f[:, 0], x[:, 0], atol=1e-5) and not f[:, 2:].any()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_chunked_mlp_gives_the_modules_values_and_gradients():
+    field = NeRFField(FieldConfig(max_resolution=32))
+    torch.nn.init.normal_(field.mlp[0].bias)  # some hidden units off for some rows
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(10001, field.encoding.output_dim, generator=gen)  # 3 chunks, the last partial
+    weights = torch.randn(10001, 4, generator=gen)
+    results = []
+    for run in (field.mlp, field.head):
+        field.zero_grad()
+        x = features.clone().requires_grad_()
+        out = run(x)
+        (out * weights).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in field.mlp.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    with torch.no_grad():
+        assert torch.allclose(field.head(features), field.mlp(features), atol=1e-6)
+    x = features.clone()  # features that need no gradient: only the weights get one
+    field.zero_grad()
+    (field.head(x) * weights).sum().backward()
+    assert x.grad is None and torch.allclose(field.mlp[0].weight.grad, results[0][2], rtol=1e-5, atol=1e-3)
