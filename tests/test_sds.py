@@ -352,7 +352,9 @@ def test_fused_adam_makes_the_unfused_update_up_to_float_rounding(tiny_sd):
         runs.append((start, flat(trainer)))
     (start, fused_end), (unfused_start, unfused_end) = runs
     assert torch.equal(start, unfused_start)  # one seed, one initial field
-    moved, apart = (fused_end - start).norm(), (fused_end - unfused_end).norm()
+    moved, apart = (fused_end - start).norm(), (fused_end - unfused_end).abs()
     # Adam's step is about lr * sign(g) even for a g of 1e-15 (its eps), so a few values of
-    # nearly no gradient may round either way; the update as a whole is the same.
-    assert moved > 0.1 and apart < 1e-3 * moved, (moved, apart)
+    # nearly no gradient may round either way, each up to 2 lr apart per step (their count,
+    # not their size, tells; 47 of 5M on one thread); every other value agrees to rounding.
+    assert moved > 0.1, moved
+    assert int((apart > 1e-4).sum()) < 1e-4 * apart.numel(), int((apart > 1e-4).sum())
