@@ -18,6 +18,7 @@ from torch import nn
 from .cameras import BOUND_RADIUS
 
 PRIMES = (1, 2654435761, 805459861)
+MLP_CHUNK_ROWS = 4096  # 1 MB of 64-wide hidden layer: 17 ms for 133k rows, 18 at 2,048, 21 at 16,384 (2 threads)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,16 @@ class ChunkedMLP(torch.autograd.Function):
     """
 
     @staticmethod
+    def hidden(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        """One chunk's hidden layer, the same in both passes (the backward recomputes it)."""
+        return torch.addmm(b1, x, w1.t()).relu_()
+
+    @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                 chunk: int) -> torch.Tensor:
         out = x.new_empty(x.shape[0], w2.shape[0])
         for s in range(0, x.shape[0], chunk):
-            hidden = torch.addmm(b1, x[s:s + chunk], w1.t()).relu_()
-            torch.addmm(b2, hidden, w2.t(), out=out[s:s + chunk])
+            torch.addmm(b2, ChunkedMLP.hidden(x[s:s + chunk], w1, b1), w2.t(), out=out[s:s + chunk])
         ctx.save_for_backward(x, w1, b1, w2)
         ctx.chunk = chunk
         return out
@@ -126,7 +131,7 @@ class ChunkedMLP(torch.autograd.Function):
         grad_w1, grad_b1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2)
         for s in range(0, x.shape[0], ctx.chunk):
             xc, gc = x[s:s + ctx.chunk], grad_out[s:s + ctx.chunk]
-            hidden = torch.addmm(b1, xc, w1.t()).relu_()
+            hidden = ChunkedMLP.hidden(xc, w1, b1)
             grad_w2.addmm_(gc.t(), hidden)
             grad_hidden = (gc @ w2).mul_(hidden > 0)
             grad_w1.addmm_(grad_hidden.t(), xc)
@@ -161,7 +166,7 @@ class NeRFField(nn.Module):
         if features.device.type != "cpu":
             return self.mlp(features)
         first, second = self.mlp[0], self.mlp[2]
-        return ChunkedMLP.apply(features, first.weight, first.bias, second.weight, second.bias, 4096)
+        return ChunkedMLP.apply(features, first.weight, first.bias, second.weight, second.bias, MLP_CHUNK_ROWS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, 3] world points -> density [N], albedo [N, 3] (display colour)."""

@@ -201,7 +201,7 @@ def test_levels_keep_their_columns_and_points_their_rows_across_dense_and_hashed
         n = param.shape[-1]
         axis = torch.linspace(-1, 1, n)
         param.data[0, 0] = axis.view(1, 1, n).expand(n, n, n)  # x (W)
-        param.data[0, 1] = axis.view(n, 1, 1).expand(n, n, n) * (param.shape[-1] - 1)  # z (D), scaled by level
+        param.data[0, 1] = axis.view(n, 1, 1).expand(n, n, n) * (n - 1)  # z (D), scaled by level
     enc.hashed[0].data.fill_(7.0)
     x = torch.rand(1001, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
     threads = torch.get_num_threads()
