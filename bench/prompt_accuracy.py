@@ -5,7 +5,11 @@ without the prior: shape by voxel IoU against the analytic primitives (scale-nor
 the mesh turned square to the axes first), colour by the nearest palette hue (Oklch).
 Prints a table and the totals. Asserts nothing.
 
-    python bench/prompt_accuracy.py [--seeds 2] [--steps N] [--refine-steps N] [--shapes cube,cone] [--colors red] [--workers 2]
+    python bench/prompt_accuracy.py [--seeds 2] [--quality high] [--steps N] [--refine-steps N] [--shapes cube,cone]
+                                    [--colors red] [--workers 2]
+
+--quality applies the preset `promptmesh generate --quality` applies (steps, mesh resolution,
+refinement); --steps and --refine-steps given explicitly win, as they do there.
 
 With --workers N the prompts run in N processes of one thread each (bench/pool.py; seconds
 per object are per worker).
@@ -24,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pool import run_all  # noqa: E402
 
 from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
+from promptmesh.shared.spec import QUALITY, quality_settings  # noqa: E402
 
 
-def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, model: str, refine_steps: int | None) -> tuple:
+def generate_and_judge(shape: str, color: str, seed: int, model: str, settings: dict[str, int]) -> tuple:
     """One row: (shape, colour, seed, judged shape, judged colour, IoU with the judged shape,
     seconds, IoU with the prompted shape, the mesh's mean colour as sRGB hex)."""
     from promptmesh.backend.mesh import MeshError
@@ -36,7 +41,7 @@ def generate_and_judge(shape: str, color: str, seed: int, steps: int | None, mod
 
     t0 = time.perf_counter()
     try:
-        spec = JobSpec(prompt=f"a {color} {shape}", seed=seed, steps=steps, model=model, refine_steps=refine_steps)
+        spec = JobSpec(prompt=f"a {color} {shape}", seed=seed, model=model, **settings)
         verdict = judge_mesh(run(spec).mesh)
         judged, prompted = (verdict.shape, verdict.color, verdict.iou), verdict.ious[shape]
         mean = "#" + "".join(f"{round(v * 255):02x}" for v in verdict.rgb)
@@ -49,6 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
+    p.add_argument("--quality", choices=QUALITY, default="standard", help="the preset generate --quality applies")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--colors", default=",".join(PALETTE))
@@ -56,8 +62,11 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=None, help="the refinement stage's steps (default: the model's)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
+    explicit = {"steps": args.steps, "refine_steps": args.refine_steps}
+    settings = quality_settings(args.model, args.quality) | {k: v for k, v in explicit.items() if v is not None}
+    print(f"model {args.model}, quality {args.quality}: {settings or 'the recipe defaults'}")
     jobs = [
-        (shape, color, seed, args.steps, args.model, args.refine_steps)
+        (shape, color, seed, args.model, settings)
         for shape in args.shapes.split(",") for color in args.colors.split(",")
         for seed in range(args.first_seed, args.first_seed + args.seeds)
     ]
