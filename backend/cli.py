@@ -151,13 +151,16 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
+    from .prior.data import ViewBias
     from .prior.train import TrainConfig, train
     from .threads import resolve_device
 
+    given = {k: getattr(args, k) for k in ("front_sigma", "uniform_share", "view_word_rate", "object_share")}
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
                          lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
                          single_view_share=args.single_view_share, empty_caption_rate=args.empty_caption_rate,
-                         init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
+                         init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init,
+                         bias=ViewBias(**{k: v for k, v in given.items() if v is not None}))
     train(Path(args.out), config, resume=args.resume, device=resolve_device(args.device))
     print(f"weights in {Path(args.out) / 'prior'}; copy that folder to backend/prior/weights to ship it", file=sys.stderr)
     return 0
@@ -621,6 +624,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--empty-caption-rate", type=float, default=0.1,
                    help="share of captions dropped at each step: what the unconditional branch of classifier-free "
                    "guidance learns from")
+    bias = t.add_argument_group("view bias", "how the training images frame their subjects, as a photo collection "
+                                "does (each defaults to backend/prior/data.py's ViewBias: 83 % of views within 60 "
+                                "degrees of the front, 4 % within 45 of the back)")
+    bias.add_argument("--front-sigma", type=float,
+                      help="degrees: the spread of the azimuths drawn around the front")
+    bias.add_argument("--uniform-share", type=float,
+                      help="the share of azimuths drawn uniformly around the object instead (nearly every back view "
+                      "comes from it)")
+    bias.add_argument("--view-word-rate", type=float,
+                      help="the share of single-image captions that name the view")
+    bias.add_argument("--object-share", type=float,
+                      help="the share of images showing an object with a front (the rest show primitives)")
     t.add_argument("--out", default="runs/prior")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

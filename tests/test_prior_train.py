@@ -14,7 +14,7 @@ from promptmesh.backend.guidance import load_guidance
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
 from promptmesh.backend.multiview import MultiViewAttnProcessor, single_views
 from promptmesh.backend.pipeline import run
-from promptmesh.backend.prior.data import make_batch
+from promptmesh.backend.prior.data import ViewBias, make_batch
 from promptmesh.backend.prior.model import EmbeddedPrior, camera_features
 from promptmesh.backend.prior.sample import sample, sample_grid
 from promptmesh.backend.prior.train import TrainConfig, draw_batch, learning_rate, train
@@ -99,6 +99,29 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_very_weights_of_an_uninterrupted
         train(tmp_path / "bad", dataclasses.replace(TINY, views=3))
     with pytest.raises(PromptMeshError, match="empty-caption rate"):
         train(tmp_path / "bad", dataclasses.replace(TINY, empty_caption_rate=1.0))
+
+
+def test_the_view_bias_is_set_from_the_command_line_recorded_with_the_data_and_held_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from promptmesh.backend.cli import EXIT_ERROR, main
+
+    out = tmp_path / "run"
+    tiny = ["prior", "train", "--device", "cpu", "--steps", "1", "--batch-size", "8", "--dataset-size", "16",
+            "--out", str(out)]
+    assert main([*tiny, "--front-sigma", "20", "--uniform-share", "0"]) == 0
+    data = torch.load(out / "dataset.pt", weights_only=False)
+    assert data["bias"] == {**dataclasses.asdict(ViewBias()), "front_sigma": 20.0, "uniform_share": 0.0}
+    # the azimuths drawn follow it: about 20 degrees of spread (the default's would be about 50)
+    assert 10 < data["cameras"][:, 1].std() < 30
+    capsys.readouterr()
+    assert main([*tiny, "--front-sigma", "35", "--uniform-share", "0", "--resume"]) == EXIT_ERROR
+    assert "front_sigma" in capsys.readouterr().err
+    for flag, value, words in (("--uniform-share", "1.5", "uniform share must be between 0 and 1, not 1.5"),
+                               ("--front-sigma", "0", "front sigma must be above 0 degrees, not 0.0")):
+        assert main([*tiny[:-1], str(tmp_path / "bad"), flag, value]) == EXIT_ERROR
+        assert capsys.readouterr().err.strip() == f"promptmesh: error: the view bias's {words}"
+        assert not (tmp_path / "bad" / "dataset.pt").exists()  # refused before rendering
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,13 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     if not 0.0 <= config.empty_caption_rate < 1.0:
         raise PromptMeshError(f"the empty-caption rate must be at least 0 and below 1, not {config.empty_caption_rate}",
                               BAD_REQUEST)
+    bias = config.bias
+    shares = {"uniform share": bias.uniform_share, "view-word rate": bias.view_word_rate, "object share": bias.object_share}
+    for name, share in shares.items():
+        if not 0.0 <= share <= 1.0:
+            raise PromptMeshError(f"the view bias's {name} must be between 0 and 1, not {share}", BAD_REQUEST)
+    if not bias.front_sigma > 0.0:
+        raise PromptMeshError(f"the view bias's front sigma must be above 0 degrees, not {bias.front_sigma}", BAD_REQUEST)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
