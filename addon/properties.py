@@ -73,13 +73,10 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
 
     def to_spec(self) -> JobSpec:
         """The validated JobSpec (SpecError names the bad field)."""
-        fields: dict[str, Any] = dict(quality_settings(self.model.strip(), self.quality.lower()))
-        for name in ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces"):
-            value = getattr(self, name)
-            if value:
-                fields[name] = value
-        if self.refine_steps >= 0:
-            fields["refine_steps"] = self.refine_steps
+        unset_is_zero = ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces")
+        fields = quality_settings(self.model.strip(), self.quality.lower(),
+                                  **{name: getattr(self, name) or None for name in unset_is_zero},
+                                  refine_steps=self.refine_steps if self.refine_steps >= 0 else None)
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
                        preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
                        proxy_every=self.proxy_every if self.show_proxy else 0.0, **fields).validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import signal
@@ -69,19 +70,12 @@ def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[st
 def _spec(args: argparse.Namespace) -> JobSpec:
     """The job spec of the options: a quality preset first, then what was given explicitly."""
     model = args.model or "embedded"
-    preset = quality_settings(model, args.quality)
-
-    def given(name: str) -> int | None:
-        value = getattr(args, name)
-        return value if value is not None else preset.get(name)
-
-    mesh = given("mesh_resolution")
+    settings = quality_settings(model, args.quality, steps=args.steps, resolution=args.resolution,
+                                mesh_resolution=args.mesh_resolution, refine_steps=args.refine_steps)
     return JobSpec(
-        prompt=args.prompt, negative=args.negative, seed=args.seed, steps=given("steps"),
-        resolution=given("resolution"), guidance_scale=args.guidance_scale, model=model,
-        preview_every=args.preview_every, mesh_resolution=JobSpec.mesh_resolution if mesh is None else mesh,
-        max_faces=args.max_faces, device=args.device, views=args.views, refine_steps=given("refine_steps"),
-        texture_size=args.texture_size,
+        prompt=args.prompt, negative=args.negative, seed=args.seed, guidance_scale=args.guidance_scale, model=model,
+        preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, views=args.views,
+        texture_size=args.texture_size, **settings,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -155,7 +149,7 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
     from .prior.train import TrainConfig, train
     from .threads import resolve_device
 
-    given = {k: getattr(args, k) for k in ("front_sigma", "uniform_share", "view_word_rate", "object_share")}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ViewBias)}  # a flag for each
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, dataset_size=args.dataset_size, seed=args.seed,
                          lr=args.lr, warmup=args.warmup, views=4 if args.multiview else 1,
                          single_view_share=args.single_view_share, empty_caption_rate=args.empty_caption_rate,

@@ -62,8 +62,7 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=None, help="the refinement stage's steps (default: the model's)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
-    explicit = {"steps": args.steps, "refine_steps": args.refine_steps}
-    settings = quality_settings(args.model, args.quality) | {k: v for k, v in explicit.items() if v is not None}
+    settings = quality_settings(args.model, args.quality, steps=args.steps, refine_steps=args.refine_steps)
     print(f"model {args.model}, quality {args.quality}: {settings or 'the recipe defaults'}")
     jobs = [
         (shape, color, seed, args.model, settings)

@@ -39,11 +39,14 @@ _PRESETS = {
 }
 
 
-def quality_settings(model: str, quality: str) -> dict[str, int]:
-    """The spec fields a quality preset sets for `model` ('embedded' or a diffusion model)."""
+def quality_settings(model: str, quality: str, **given: Any) -> dict[str, Any]:
+    """The spec fields a quality preset sets for `model` ('embedded' or a diffusion model), with
+    the fields `given` explicitly winning (None: not given). The CLI, the add-on and the benches
+    merge the same way; a field neither sets keeps JobSpec's default."""
     if quality not in QUALITY:
         raise SpecError("quality", f"must be one of {', '.join(QUALITY)}, got {quality!r}")
-    return dict(_PRESETS["embedded" if model == "embedded" else "diffusion"][quality])
+    preset = _PRESETS["embedded" if model == "embedded" else "diffusion"][quality]
+    return {**preset, **{name: value for name, value in given.items() if value is not None}}
 
 
 INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (zero-width, bidi), surrogate, private, unassigned
