@@ -88,6 +88,7 @@ def test_kept_freed_memory_keeps_the_steps_buffers_instead_of_faulting_them_in_a
     steps); bench/sds_speed.py prints the faults per step of a real run."""
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("keep", "trap")}
-    # measured here: keep 0-3.5k over the six steps, the trap 80-95k (every buffer over 128 KB mapped afresh)
+    # measured here over the six steps: keep 0-2.3k, the trap 82-88k (every buffer over 128 KB mapped afresh)
     assert faults["keep"] < 0.25 * faults["trap"], faults
-    assert faults["keep"] < 6 * FINEST_GRADIENT_PAGES, faults
+    # and all six steps together fault in less than the one buffer that glibc's defaults can return each step
+    assert faults["keep"] < FINEST_GRADIENT_PAGES, faults
