@@ -22,10 +22,11 @@ from .preferences import preferences
 from .properties import FINAL_STATES, OFFERED_MODELS, STATE_NAMES, PROMPTMESH_PG_state
 from .shared import protocol as P
 from .shared.client import Client, is_loopback
-from .shared.errors import BUSY, PromptMeshError
+from .shared.errors import PromptMeshError
 from .shared.protocol import Message
 from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
 from .shared.spec import unknown_words
+from .shared.vocab import ErrorCode
 
 BUDGET_S = 0.004
 FAST_S = 0.05
@@ -80,7 +81,8 @@ STAGE_SPANS = {"loading": (0.0, 0.02), "downloading": (0.0, 1.0), "optimising": 
                "refining": (0.02, 0.92),
                "meshing": (0.92, 0.97), "fetching": (0.97, 1.0)}
 # Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
-REFUSALS = {P.BAD_REQUEST, "MODEL", "QUEUE_FULL", "FORBIDDEN", P.NOT_FOUND, "MESH"}
+REFUSALS = {ErrorCode.BAD_REQUEST, ErrorCode.MODEL, ErrorCode.QUEUE_FULL, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND,
+            ErrorCode.MESH}
 
 
 def prompt_problem(settings: Any) -> str | None:
@@ -446,25 +448,25 @@ def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -
 
 
 def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
-    code, text = str(msg.fields.get("code", P.INTERNAL)), str(msg.fields.get("message", "error"))
-    if code == P.VERSION:
+    code, text = str(msg.fields.get("code", ErrorCode.INTERNAL)), str(msg.fields.get("message", "error"))
+    if code == ErrorCode.VERSION:
         version_mismatch(st, "another version")
         return
-    if code == BUSY:  # a result is still on its way: it will arrive
+    if code == ErrorCode.BUSY:  # a result is still on its way: it will arrive
         return
     item = st.job(msg.job or "") or next((j for j in st.jobs if j.request and j.request == msg.id), None)
     if item is not None and kind != "status":
-        item.state = "CANCELLED" if code == P.CANCELLED else "FAILED"
+        item.state = "CANCELLED" if code == ErrorCode.CANCELLED else "FAILED"
         item.message = text
         if item.job:
             save_record(item)
         if item.job == st.active_job or kind == "generate":
             st.stage = item.state.lower()
             end_proxy(sess)
-    elif item is not None and code == P.NOT_FOUND:
+    elif item is not None and code == ErrorCode.NOT_FOUND:
         item.state, item.message = "FAILED", "this backend does not know the job"
         save_record(item)
-    if code == P.CANCELLED:
+    if code == ErrorCode.CANCELLED:
         st.say(f"cancelled: {text}")
     else:  # what the user can change reads differently from a backend that failed
         st.say(f"{'cannot do that' if code in REFUSALS else 'backend error'}: {text}", error=True)

@@ -11,8 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.spec import QUALITY, TEXTURE_SIZES, VIEW_MODES, JobSpec, quality_settings
+from ..shared.vocab import ErrorCode
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -21,7 +22,7 @@ EXIT_INTERRUPTED = 130
 class CliError(PromptMeshError):
     """A usage error found by the CLI itself (a bad output path, a missing file)."""
 
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
 
 def _quiet_libraries() -> None:
@@ -173,7 +174,7 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
     if args.views % prior.views_per_group:
         raise PromptMeshError(f"{args.model} is a multi-view prior: --views must be a multiple of {prior.views_per_group}",
-                              BAD_REQUEST)
+                              ErrorCode.BAD_REQUEST)
     grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
                        guidance_scale=GUIDANCE if args.guidance_scale is None else args.guidance_scale,
                        steps=args.steps, seed=args.seed)
@@ -451,7 +452,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         while deadline > 0:
             for msg in client.poll(0.5):
                 if msg.job == args.job and msg.type == "error":
-                    if msg.fields.get("code") == "CANCELLED":
+                    if msg.fields.get("code") == ErrorCode.CANCELLED:
                         print(f"cancelled {args.job}", file=sys.stderr)
                         return 0
                     raise CliError(msg.fields.get("message", "cannot cancel"))

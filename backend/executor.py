@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import zmq
 
 from ..shared import protocol as P
-from ..shared.errors import CANCELLED, DISK, INTERNAL, OOM, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, Mesh, proxy_arrays, remove_temporaries, write_json, write_npz
 from ..shared.spec import JobSpec
+from ..shared.vocab import ErrorCode
 
 log = logging.getLogger("promptmesh.executor")
 
@@ -43,7 +44,7 @@ class Executor(Protocol):
     def submit(self, job: str, spec: JobSpec, files: JobFiles) -> None: ...
 
     def cancel(self, job: str) -> None:
-        """Stop a submitted job; it then reports an error with code CANCELLED."""
+        """Stop a submitted job; it then reports an error with code ErrorCode.CANCELLED."""
 
     def close(self) -> None:
         """Stop the running jobs and the workers (the loop is going away)."""
@@ -160,7 +161,7 @@ def commit_result(job: str, mesh: Mesh, metadata: dict[str, Any], files: JobFile
 def failure(job: str, exc: BaseException) -> list[bytes]:
     """The frames of a job's `error` (the traceback goes to the log when it is a bug)."""
     code, message = classify(exc)
-    if code == INTERNAL:
+    if code == ErrorCode.INTERNAL:
         log.error("job %s failed: %s", job, "".join(traceback.format_exception(exc)))
     return event("error", job, {"code": code, "message": message})
 
@@ -181,16 +182,16 @@ def classify(exc: BaseException) -> tuple[str, str]:
     from .pipeline import Cancelled
 
     if isinstance(exc, Cancelled):
-        return CANCELLED, "cancelled while running"
+        return ErrorCode.CANCELLED, "cancelled while running"
     if isinstance(exc, PromptMeshError):
         return exc.code, str(exc)
     import torch
 
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return OOM, f"out of memory ({exc}); lower the resolution or the mesh resolution, or use fewer steps"
+        return ErrorCode.OOM, f"out of memory ({exc}); lower the resolution or the mesh resolution, or use fewer steps"
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        return DISK, f"cannot write the result: {exc.strerror} ({exc.filename or 'data directory'})"
-    return INTERNAL, f"{type(exc).__name__}: {exc}"
+        return ErrorCode.DISK, f"cannot write the result: {exc.strerror} ({exc.filename or 'data directory'})"
+    return ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
 def device_name(name: str) -> str:

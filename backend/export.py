@@ -24,8 +24,9 @@ import trimesh
 from PIL import Image
 
 from ..shared.blender_io import ROUGHNESS
-from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh, atomic_write, read_npz
+from ..shared.vocab import ErrorCode
 
 FORMATS = ("glb", "ply", "obj")
 
@@ -83,15 +84,15 @@ def read_mesh(path: str | Path) -> Mesh:
     if fmt == "npz":
         return read_npz(path)
     if fmt not in FORMATS:
-        raise PromptMeshError(f"cannot read {path.name}: expected .npz or one of {', '.join(FORMATS)}", BAD_REQUEST)
+        raise PromptMeshError(f"cannot read {path.name}: expected .npz or one of {', '.join(FORMATS)}", ErrorCode.BAD_REQUEST)
     tm = _load(path)
     if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
-        raise PromptMeshError(f"{path} holds no triangle mesh", BAD_REQUEST)
+        raise PromptMeshError(f"{path} holds no triangle mesh", ErrorCode.BAD_REQUEST)
     y_up = fmt in ("glb", "obj")
     uvs, texture = _texture_of(tm)
     colors = _vertex_colors(tm)
     if colors is None:
-        raise PromptMeshError(f"{path} holds no vertex colours", BAD_REQUEST)
+        raise PromptMeshError(f"{path} holds no vertex colours", ErrorCode.BAD_REQUEST)
     verts, normals = np.asarray(tm.vertices), np.asarray(tm.vertex_normals)
     return Mesh(
         vertices=(y_up_to_z_up(verts) if y_up else verts).astype(np.float32),

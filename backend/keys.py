@@ -10,7 +10,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.errors import PromptMeshError
+from ..shared.vocab import ErrorCode
 
 
 def generate(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:
@@ -21,7 +22,7 @@ def generate(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     existing = [p.name for p in (public, secret) if p.exists()]
     if existing and not force:
         raise PromptMeshError(f"{folder} already holds {' and '.join(existing)}: keep them, or pass --force to "
-                              "replace them (clients holding the old public key will be refused)", BAD_REQUEST)
+                              "replace them (clients holding the old public key will be refused)", ErrorCode.BAD_REQUEST)
     old = os.umask(0o077)  # a CLI command: no other thread is creating files meanwhile
     try:
         zmq.auth.create_certificates(str(folder), name)
@@ -36,7 +37,7 @@ def load_secret_pair(path: str | Path) -> tuple[bytes, bytes]:
     public, secret = _load(path)
     if secret is None:
         raise PromptMeshError(f"{path} holds only a public key: pass the secret key file (NAME.key_secret) "
-                              "written by `promptmesh keys generate`", BAD_REQUEST)
+                              "written by `promptmesh keys generate`", ErrorCode.BAD_REQUEST)
     return public, secret
 
 
@@ -48,7 +49,7 @@ def _load(path: str | Path) -> tuple[bytes, bytes | None]:
     try:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise PromptMeshError(f"cannot read the key file {path}: {exc}", BAD_REQUEST) from None
+        raise PromptMeshError(f"cannot read the key file {path}: {exc}", ErrorCode.BAD_REQUEST) from None
 
 
 def admin_keys(folder: Path) -> set[str]:

@@ -14,8 +14,9 @@ from scipy.sparse.linalg import spsolve
 from skimage.color import rgb2lab
 from skimage.measure import marching_cubes
 
-from ..shared.errors import MESH, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh
+from ..shared.vocab import ErrorCode
 from .cameras import BOUND_RADIUS
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -29,7 +30,7 @@ HIDDEN_DELTA_E = 30.0
 class MeshError(PromptMeshError):
     """Extraction gave no usable surface; the message says what to try."""
 
-    code = MESH
+    code = ErrorCode.MESH
 
 
 def auto_threshold(samples_per_ray: int = 64) -> float:

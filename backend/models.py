@@ -17,7 +17,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.errors import PromptMeshError
+from ..shared.vocab import ErrorCode
 
 EMBEDDED = "embedded"
 
@@ -76,7 +77,7 @@ def sd21_tokenizer() -> Path:
     if hit:
         return hit[1].parent
     raise PromptMeshError("Stable Diffusion 2.1's tokenizer is not in the Hugging Face cache: run `promptmesh models "
-                          "download sd21`, or pass --tokenizer FOLDER", BAD_REQUEST)
+                          "download sd21`, or pass --tokenizer FOLDER", ErrorCode.BAD_REQUEST)
 
 
 def needs_download(model: str) -> bool:
@@ -151,7 +152,7 @@ def download(model: str, on_bytes: ByteReport | None = None) -> str:
             errors.append(exc)
     first = errors[0]
     raise PromptMeshError(f"cannot download {model!r} from the Hugging Face Hub: {type(first).__name__}: "
-                          f"{str(first).splitlines()[0] if str(first) else ''}", BAD_REQUEST)
+                          f"{str(first).splitlines()[0] if str(first) else ''}", ErrorCode.BAD_REQUEST)
 
 
 def candidates(model: str) -> tuple[str, ...]:
@@ -180,4 +181,4 @@ class Offer:
             if folder.is_dir():
                 return str(folder)
         raise PromptMeshError(f"this server does not offer the model {name[:80]!r}; it offers: {', '.join(self.names())}",
-                              BAD_REQUEST)
+                              ErrorCode.BAD_REQUEST)

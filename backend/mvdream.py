@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..shared.errors import BAD_REQUEST, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import atomic_folder
+from ..shared.vocab import ErrorCode
 from .multiview import make_multiview
 
 UNET_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "cond_stage_model.model."
@@ -43,7 +44,7 @@ ORIGINAL_CONFIG: dict[str, Any] = {"model": {"params": {
 
 
 class ConversionError(PromptMeshError):
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

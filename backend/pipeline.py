@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..shared.errors import BAD_REQUEST, CANCELLED, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh
 from ..shared.spec import JobSpec
+from ..shared.vocab import ErrorCode
 from . import __version__
 from .guidance import Guidance, load_guidance
 from .mesh import MeshError, extract_mesh
@@ -40,7 +41,7 @@ from .trainer import Trainer
 class Cancelled(PromptMeshError):
     """The job was cancelled; raised from inside `run`."""
 
-    code = CANCELLED
+    code = ErrorCode.CANCELLED
 
 
 @dataclass
@@ -99,7 +100,7 @@ def cached_guidance(model: str, device: str) -> Guidance:
 class CheckpointMismatch(PromptMeshError):
     """The checkpoint belongs to another job, or to this job under another recipe."""
 
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
 
 def _check_resumable(path: Path, state: dict, spec: JobSpec, recipe: Recipe) -> None:

@@ -37,9 +37,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from ..shared.errors import CANCELLED, WORKER_LOST, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import JobFiles, Mesh
 from ..shared.spec import JobSpec
+from ..shared.vocab import ErrorCode
 from .executor import WAKE, commit_result, discard_partial_result, event, event_frames, failure
 
 log = logging.getLogger("promptmesh.ray")
@@ -177,7 +178,7 @@ class ClusterDriver:
         device = self.device if spec.device == "auto" else spec.device
         stream = self._task.options(**options, name=f"promptmesh-{job}-{attempt}").remote(
             job, {**spec.to_dict(), "device": device}, threads)
-        cancelled = event("error", job, {"code": CANCELLED, "message": "cancelled while running"})
+        cancelled = event("error", job, {"code": ErrorCode.CANCELLED, "message": "cancelled while running"})
         cancelled_at: float | None = None
         node = ""
         try:
@@ -209,7 +210,7 @@ class ClusterDriver:
                     return commit_result(job, Mesh.from_arrays(item[1]), meta, files)
         except TaskCancelledError:
             if not cancel.is_set():  # cancelled by someone else (ray CLI): say so
-                return event("error", job, {"code": CANCELLED, "message": "the Ray task was cancelled"})
+                return event("error", job, {"code": ErrorCode.CANCELLED, "message": "the Ray task was cancelled"})
             return cancelled
         except RayError as exc:
             if cancel.is_set():
@@ -218,7 +219,7 @@ class ClusterDriver:
             if attempt <= self.retries:
                 return None
             discard_partial_result(files)
-            return event("error", job, {"code": WORKER_LOST,
+            return event("error", job, {"code": ErrorCode.WORKER_LOST,
                                         "message": f"the Ray worker running the job was lost ({type(exc).__name__}: "
                                                    f"{reason}); submit it again"})
         except Exception as exc:
@@ -288,7 +289,7 @@ class RayExecutor:
     because a driver whose cluster goes away blocks in Ray's calls and is then ended by Ray (after
     60 s without its GCS): the server must outlive that. A relay thread here owns the bridge:
     it forwards the loop's commands to it and its events to the loop, and when the bridge dies it
-    fails the jobs it had (WORKER_LOST), reports no slots (queued jobs wait) and starts a new
+    fails the jobs it had (ErrorCode.WORKER_LOST), reports no slots (queued jobs wait) and starts a new
     bridge, which reconnects, with a growing pause between tries. The slots are the capacity the
     bridge last reported, none while its reports are late (the cluster does not answer) and none
     after a lost worker until the next report (so a queued job does not follow it into a cluster
@@ -341,7 +342,7 @@ class RayExecutor:
 
         def lose(reason: str) -> None:
             for job in list(in_flight):
-                to_loop.send_multipart(event("error", job, {"code": WORKER_LOST, "message": reason}))
+                to_loop.send_multipart(event("error", job, {"code": ErrorCode.WORKER_LOST, "message": reason}))
             in_flight.clear()
             self.slots, self.device_name = 0, "ray: cluster unreachable, reconnecting"
             to_loop.send(WAKE)
@@ -365,7 +366,7 @@ class RayExecutor:
                     if frames[0] == b"submit":
                         if bridge is None:
                             to_loop.send_multipart(event("error", job, {
-                                "code": WORKER_LOST, "message": "the Ray cluster is unreachable; submit it again"}))
+                                "code": ErrorCode.WORKER_LOST, "message": "the Ray cluster is unreachable; submit it again"}))
                             continue
                         in_flight[job] = frames
                     if job in in_flight and bridge is not None:
@@ -382,7 +383,7 @@ class RayExecutor:
                     header = msgpack.unpackb(frames[0])
                     if header.get("type") in ("done", "error"):
                         in_flight.pop(header.get("job"), None)
-                        if header.get("code") == WORKER_LOST:  # no more jobs until the cluster answers again
+                        if header.get("code") == ErrorCode.WORKER_LOST:  # no more jobs until the cluster answers again
                             self.slots = 0
                     to_loop.send_multipart(frames)
                 if bridge is not None and self.slots and time.monotonic() - last_report > LATE_REPORT_S:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..shared.errors import DISK, PromptMeshError
+from ..shared.errors import PromptMeshError
 from ..shared.result import JobFiles, jobs_root, new_job_id, remove_temporaries
 from ..shared.spec import JobSpec
+from ..shared.vocab import ErrorCode
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 SUMMARY_PROMPT_CHARS = 200
@@ -79,7 +80,7 @@ class Registry:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         except sqlite3.Error as exc:
             raise PromptMeshError(f"cannot open the job registry {path}: {exc} (is the data directory writable?)",
-                                  DISK) from None
+                                  ErrorCode.DISK) from None
 
     def close(self) -> None:
         with self._lock:

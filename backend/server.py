@@ -31,19 +31,10 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.client import is_loopback
-from ..shared.errors import (
-    BAD_REQUEST,
-    BUSY,
-    CANCELLED,
-    DISK,
-    FORBIDDEN,
-    INTERNAL,
-    NOT_FOUND,
-    QUEUE_FULL,
-    PromptMeshError,
-)
+from ..shared.errors import PromptMeshError
 from ..shared.protocol import Message
 from ..shared.result import JobFiles, read_npz
+from ..shared.vocab import ErrorCode
 from . import __version__
 from .executor import WAKE, Executor, InProcessExecutor
 from .keys import admin_keys
@@ -260,7 +251,7 @@ class Server:
             return
         except Exception as exc:  # a decoder bug must not stop the server either
             log.error("decoding a request failed: %s", traceback.format_exc())
-            self._error(client, BAD_REQUEST, f"undecodable message ({type(exc).__name__})")
+            self._error(client, ErrorCode.BAD_REQUEST, f"undecodable message ({type(exc).__name__})")
             return
         try:
             self.handlers[msg.type](client, msg)
@@ -268,10 +259,10 @@ class Server:
             self._error(client, exc.code, str(exc), msg.id, msg.job)
         except (sqlite3.Error, OSError) as exc:  # a full or read-only disk, a damaged file
             log.error("handling %s failed: %s", msg.type, exc)
-            self._error(client, DISK, f"the server cannot use its data directory: {exc}", msg.id, msg.job)
+            self._error(client, ErrorCode.DISK, f"the server cannot use its data directory: {exc}", msg.id, msg.job)
         except Exception as exc:  # a bug answering one request must not stop the server
             log.error("handling %s failed: %s", msg.type, traceback.format_exc())
-            self._error(client, INTERNAL, f"{type(exc).__name__}: {exc}", msg.id, msg.job)
+            self._error(client, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", msg.id, msg.job)
 
     def _on_hello(self, client: bytes, msg: Message) -> None:
         self._send(client, Message("welcome", msg.id, fields={
@@ -286,10 +277,10 @@ class Server:
 
     def _on_generate(self, client: bytes, msg: Message) -> None:
         if len(self.pending) >= self.max_queue:
-            raise PromptMeshError(f"the queue is full ({len(self.pending)} jobs waiting): try again later", QUEUE_FULL)
+            raise PromptMeshError(f"the queue is full ({len(self.pending)} jobs waiting): try again later", ErrorCode.QUEUE_FULL)
         if sum(self.owners.get(job) == client for job in self.pending) >= self.max_queue_per_client:
             raise PromptMeshError(f"you have {self.max_queue_per_client} jobs waiting, the most one client may queue: "
-                                  "wait for one to start, or cancel one", QUEUE_FULL)
+                                  "wait for one to start, or cancel one", ErrorCode.QUEUE_FULL)
         spec = msg.fields["spec"]
         spec.model = self.offer.resolve(spec.model)  # only what this server offers; never a client's path
         job = self.registry.add(spec, owner=self.keys.get(client))
@@ -303,18 +294,19 @@ class Server:
         key = self.keys.get(client)
         if job.owner is not None and key != job.owner and key not in self.admins:
             raise PromptMeshError(f"job {job.id} was submitted with another key: only that key or an admin key "
-                                  "(in the server's admins/ folder) may cancel it", FORBIDDEN)
+                                  "(in the server's admins/ folder) may cancel it", ErrorCode.FORBIDDEN)
         if job.id in self.pending:
             self.pending.remove(job.id)
-            self.registry.set_state(job.id, "cancelled", error_code=CANCELLED, error="cancelled while queued")
-            end = {"code": CANCELLED, "message": "cancelled while queued"}
+            self.registry.set_state(job.id, "cancelled", error_code=ErrorCode.CANCELLED, error="cancelled while queued")
+            end = {"code": ErrorCode.CANCELLED, "message": "cancelled while queued"}
             self._send(client, Message("error", msg.id, job.id, end))  # the answer to this request
             self._route(job.id, Message("error", "", job.id, end), skip=client)  # and the owner's event
         elif job.id in self.running:
             self.executor.cancel(job.id)
-            self.watchers.setdefault(job.id, set()).add(client)  # the executor's CANCELLED reaches it
+            self.watchers.setdefault(job.id, set()).add(client)  # the executor's ErrorCode.CANCELLED reaches it
         else:
-            self._error(client, BAD_REQUEST, f"job {job.id} is {job.state}; only queued or running jobs can be cancelled",
+            self._error(client, ErrorCode.BAD_REQUEST,
+                        f"job {job.id} is {job.state}; only queued or running jobs can be cancelled",
                         msg.id, job.id)
 
     def _on_status(self, client: bytes, msg: Message) -> None:
@@ -332,15 +324,15 @@ class Server:
     def _on_result(self, client: bytes, msg: Message) -> None:
         job = self._job(msg)
         if job.state != "done":
-            raise PromptMeshError(f"job {job.id} has no result: it is {job.state}", NOT_FOUND)
+            raise PromptMeshError(f"job {job.id} has no result: it is {job.state}", ErrorCode.NOT_FOUND)
         if self._backlog(client)[1]:
-            raise PromptMeshError("a result is still on its way to you: read it before asking for another", BUSY)
+            raise PromptMeshError("a result is still on its way to you: read it before asking for another", ErrorCode.BUSY)
         mesh = read_npz(JobFiles.of(self.registry.root, job.id).mesh)
         self._send(client, Message("result", msg.id, job.id, {"meta": job.meta}, mesh.arrays))
 
     def _on_prune(self, client: bytes, msg: Message) -> None:
         if self.auth is not None and self.keys.get(client) not in self.admins:
-            raise PromptMeshError("only an admin key (in the server's admins/ folder) may prune jobs", FORBIDDEN)
+            raise PromptMeshError("only an admin key (in the server's admins/ folder) may prune jobs", ErrorCode.FORBIDDEN)
         pruned = self.registry.prune(time.time() - msg.fields["days"] * 86400)
         log.info("pruned %d job(s) older than %g days", len(pruned), msg.fields["days"])
         self._send(client, Message("pruned", msg.id, fields={"jobs": len(pruned)}))
@@ -348,7 +340,7 @@ class Server:
     def _job(self, msg: Message) -> Job:
         job = self.registry.get(msg.job) if msg.job else None
         if job is None:
-            raise PromptMeshError(f"no job {msg.job}", NOT_FOUND)
+            raise PromptMeshError(f"no job {msg.job}", ErrorCode.NOT_FOUND)
         return job
 
     def _position(self, job: str) -> int | None:
@@ -373,7 +365,8 @@ class Server:
                 self.registry.set_state(job.id, "running")
             except (sqlite3.Error, OSError) as exc:  # the job cannot start; the next one may
                 log.error("cannot start job %s: %s", job_id, exc)
-                end = Message("error", "", job_id, {"code": DISK, "message": f"the server cannot record the job: {exc}"})
+                end = Message("error", "", job_id,
+                              {"code": ErrorCode.DISK, "message": f"the server cannot record the job: {exc}"})
                 self._record_end(job_id, end)
                 self._route(job_id, end)
                 continue
@@ -426,8 +419,8 @@ class Server:
             if msg.type == "done":
                 self.registry.set_state(job, "done", meta=msg.fields["meta"])
             else:
-                code = msg.fields.get("code", INTERNAL)
-                self.registry.set_state(job, "cancelled" if code == CANCELLED else "failed", error_code=code,
+                code = msg.fields.get("code", ErrorCode.INTERNAL)
+                self.registry.set_state(job, "cancelled" if code == ErrorCode.CANCELLED else "failed", error_code=code,
                                         error=msg.fields.get("message", ""))
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot record the end of job %s: %s", job, exc)

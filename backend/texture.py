@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh
+from ..shared.vocab import ErrorCode
 
 PADDING = 2  # texels between charts, so that bilinear filtering does not mix neighbours
 
@@ -25,7 +26,7 @@ PADDING = 2  # texels between charts, so that bilinear filtering does not mix ne
 class TextureError(PromptMeshError):
     """The UV atlas could not be made; the mesh is still whole, with its vertex colours."""
 
-    code = "MESH"
+    code = ErrorCode.MESH
 
 
 PART_FACES = 2_500  # faces per piece handed to xatlas (see _charts)

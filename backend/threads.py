@@ -22,13 +22,14 @@ from collections.abc import Callable
 
 import torch
 
-from ..shared.errors import DEVICE, PromptMeshError
+from ..shared.errors import PromptMeshError
+from ..shared.vocab import ErrorCode
 
 
 class DeviceError(PromptMeshError):
     """The requested device is not available."""
 
-    code = DEVICE
+    code = ErrorCode.DEVICE
 
 
 def resolve_device(name: str) -> torch.device:

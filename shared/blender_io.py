@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import BAD_REQUEST, PromptMeshError
+from .errors import PromptMeshError
+from .vocab import ErrorCode
 
 if TYPE_CHECKING:
     import bpy
@@ -30,7 +31,7 @@ EXPORT_FORMATS = ("fbx", "glb", "obj")
 class MeshImportError(PromptMeshError):
     """The arrays do not describe a usable triangle mesh."""
 
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
 
 def check_arrays(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> None:

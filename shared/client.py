@@ -15,8 +15,9 @@ from typing import Any
 import zmq
 
 from . import protocol as P
-from .errors import UNREACHABLE, PromptMeshError
+from .errors import PromptMeshError
 from .protocol import Message, ProtocolError
+from .vocab import ErrorCode
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -28,7 +29,7 @@ def is_loopback(endpoint: str) -> bool:
 class ClientError(PromptMeshError):
     """The server could not be reached or answered with an error (its code)."""
 
-    def __init__(self, message: str, code: str = UNREACHABLE) -> None:
+    def __init__(self, message: str, code: str = ErrorCode.UNREACHABLE) -> None:
         super().__init__(message, code)
 
 
@@ -100,7 +101,7 @@ class Client:
                 if msg.id == msg_id:
                     self._inbox.extend(arrived[:i] + arrived[i + 1:])
                     if msg.type == "error":
-                        raise ClientError(msg.fields.get("message", "error"), msg.fields.get("code", P.INTERNAL))
+                        raise ClientError(msg.fields.get("message", "error"), msg.fields.get("code", ErrorCode.INTERNAL))
                     return msg
             self._inbox.extend(arrived)
         raise ClientError(f"no answer from {self.endpoint} within {timeout:g} s: is `promptmesh serve` running there?")
@@ -109,5 +110,5 @@ class Client:
         welcome = self.request("hello", timeout=timeout, client="promptmesh-client", protocol=P.PROTOCOL_VERSION)
         if welcome.fields.get("protocol") != P.PROTOCOL_VERSION:
             raise ClientError(f"server speaks protocol {welcome.fields.get('protocol')}, this client {P.PROTOCOL_VERSION}",
-                              P.VERSION)
+                              ErrorCode.VERSION)
         return welcome

@@ -14,8 +14,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import BAD_REQUEST, CANCELLED, INTERNAL, NOT_FOUND, OOM, VERSION, PromptMeshError  # noqa: F401 (re-exported)
+from .errors import PromptMeshError
 from .spec import JobSpec, SpecError
+from .vocab import ErrorCode
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -35,7 +36,7 @@ class ProtocolError(PromptMeshError):
     """A malformed or invalid message; `code` is one of the codes in errors.py. `msg_id` is the
     request's id when it could be read, so the error answers that request."""
 
-    def __init__(self, message: str, field: str | None = None, code: str = BAD_REQUEST) -> None:
+    def __init__(self, message: str, field: str | None = None, code: str = ErrorCode.BAD_REQUEST) -> None:
         self.field, self.msg_id = field, ""
         super().__init__(f"{field}: {message}" if field else message, code)
 
@@ -113,7 +114,7 @@ def decode(frames: list[bytes], expect: tuple[str, ...] = CLIENT_TYPES) -> Messa
 def _decode_header(header: dict, frames: list[bytes], expect: tuple[str, ...]) -> Message:
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {show(version)} is not {PROTOCOL_VERSION}", "v", VERSION)
+        raise ProtocolError(f"protocol version {show(version)} is not {PROTOCOL_VERSION}", "v", ErrorCode.VERSION)
     kind = header.get("type")
     if not isinstance(kind, str) or kind not in expect:
         raise ProtocolError(f"unknown message type {show(kind)}; expected one of {', '.join(expect)}", "type")

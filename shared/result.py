@@ -20,7 +20,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import BAD_REQUEST, NOT_FOUND, PromptMeshError
+from .errors import PromptMeshError
+from .vocab import ErrorCode
 
 MESH_ARRAYS = ("vertices", "faces", "colors", "normals")
 TEXTURE_ARRAYS = ("uvs", "texture")  # optional, together: a baked base-colour texture
@@ -64,23 +65,23 @@ class Mesh:
         or the shapes disagree."""
         missing = [name for name in MESH_ARRAYS if name not in arrays]
         if missing:
-            raise PromptMeshError(f"the result lacks the array(s) {', '.join(missing)}", BAD_REQUEST)
+            raise PromptMeshError(f"the result lacks the array(s) {', '.join(missing)}", ErrorCode.BAD_REQUEST)
         v = np.asarray(arrays["vertices"], np.float32)
         f = np.asarray(arrays["faces"], np.int32)
         c = np.asarray(arrays["colors"], np.float32)
         n = np.asarray(arrays["normals"], np.float32)
         if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3 or c.shape != v.shape or n.shape != v.shape:
             raise PromptMeshError(f"inconsistent mesh arrays: vertices {v.shape}, faces {f.shape}, colors {c.shape}, "
-                                  f"normals {n.shape}", BAD_REQUEST)
+                                  f"normals {n.shape}", ErrorCode.BAD_REQUEST)
         if not any(name in arrays for name in TEXTURE_ARRAYS):
             return cls(v, f, c, n)
         if not all(name in arrays for name in TEXTURE_ARRAYS):
-            raise PromptMeshError("the result has one of uvs and texture without the other", BAD_REQUEST)
+            raise PromptMeshError("the result has one of uvs and texture without the other", ErrorCode.BAD_REQUEST)
         uv = np.asarray(arrays["uvs"], np.float32)
         tex = np.asarray(arrays["texture"])
         if uv.shape != (len(v), 2) or tex.dtype != np.uint8 or tex.ndim != 3 or tex.shape[2] != 3 or 0 in tex.shape:
             raise PromptMeshError(f"inconsistent texture arrays: uvs {uv.shape} for {len(v)} vertices, texture "
-                                  f"{tex.shape} {tex.dtype} (expected [H, W, 3] uint8)", BAD_REQUEST)
+                                  f"{tex.shape} {tex.dtype} (expected [H, W, 3] uint8)", ErrorCode.BAD_REQUEST)
         return cls(v, f, c, n, uv, tex)
 
 
@@ -193,7 +194,7 @@ class JobFiles:
     def of(cls, root: str | Path, job: str) -> JobFiles:
         """The job's folder under `root`; a string that is no job id is refused (never a path)."""
         if not isinstance(job, str) or not JOB_ID.fullmatch(job):
-            raise PromptMeshError(f"not a job id: {str(job)[:40]!r} (job ids are 16 hex digits)", NOT_FOUND)
+            raise PromptMeshError(f"not a job id: {str(job)[:40]!r} (job ids are 16 hex digits)", ErrorCode.NOT_FOUND)
         return cls(jobs_root(root) / job)
 
     @property

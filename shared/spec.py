@@ -10,7 +10,8 @@ import unicodedata
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .errors import BAD_REQUEST, PromptMeshError
+from .errors import PromptMeshError
+from .vocab import ErrorCode
 
 MAX_PROMPT_CHARS = 1000
 MAX_MODEL_CHARS = 512
@@ -77,7 +78,7 @@ def unknown_words(text: str, vocabulary: set[str] | list[str]) -> list[str]:
 class SpecError(PromptMeshError):
     """A job spec field is missing, of the wrong type or out of range."""
 
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field

@@ -20,6 +20,7 @@ from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.errors import PromptMeshError
 from promptmesh.shared.protocol import Message
 from promptmesh.shared.spec import JobSpec, SpecError
+from promptmesh.shared.vocab import ErrorCode
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -162,7 +163,7 @@ def test_a_cancelled_jobs_folder_is_removed(tmp_path, tiny_sd):
             running, queued = running_and_queued(c, tiny_sd)
             for job in (queued, running):
                 c.send("cancel", job)
-                assert wait_for(c, job, timeout=60)[-1].fields["code"] == P.CANCELLED
+                assert wait_for(c, job, timeout=60)[-1].fields["code"] == ErrorCode.CANCELLED
             time.sleep(0.5)
         assert not (tmp_path / "data" / "jobs" / queued).exists() and not (tmp_path / "data" / "jobs" / running).exists()
     finally:
@@ -304,9 +305,9 @@ def test_with_keys_only_the_owner_or_an_admin_may_cancel_a_job(tmp_path, tiny_sd
         assert clients["ben"].request("status", first).fields["jobs"][0]["state"] == "running"  # readable by all
         with pytest.raises(ClientError) as cancelled:  # a queued job's cancellation is the answer itself
             clients["anna"].request("cancel", second)
-        assert cancelled.value.code == P.CANCELLED
+        assert cancelled.value.code == ErrorCode.CANCELLED
         clients["boss"].send("cancel", first)
-        assert wait_for(clients["anna"], first, timeout=60)[-1].fields["code"] == P.CANCELLED
+        assert wait_for(clients["anna"], first, timeout=60)[-1].fields["code"] == ErrorCode.CANCELLED
     finally:
         for c in clients.values():
             c.close()
@@ -320,7 +321,7 @@ def test_clients_may_name_only_the_models_the_server_offers(server, tiny_sd):
         for probe in ("/root", str(tiny_sd), "../models/tiny-sd", "..", "someone/any-repo"):
             with pytest.raises(ClientError, match="does not offer") as info:
                 c.request("generate", spec={**small_spec(tiny_sd), "model": probe})
-            assert info.value.code == P.BAD_REQUEST
+            assert info.value.code == ErrorCode.BAD_REQUEST
             assert "tokenizer" not in str(info.value) and "exist" not in str(info.value)  # nothing about files
         job = c.request("generate", spec=small_spec(tiny_sd)).job  # by its folder's name
         assert wait_for(c, job)[-1].type == "done"

@@ -20,8 +20,9 @@ from promptmesh.backend.pipeline import (
     run,
 )
 from promptmesh.backend.recipe import Recipe, resolve
-from promptmesh.shared.errors import BAD_REQUEST, PromptMeshError
+from promptmesh.shared.errors import PromptMeshError
 from promptmesh.shared.spec import JobSpec
+from promptmesh.shared.vocab import ErrorCode
 
 
 def spec(tiny_sd, **kw):
@@ -101,7 +102,7 @@ def test_resume_under_another_recipe_is_refused_naming_the_setting(tiny_sd, tmp_
     with_steps(8)
     with pytest.raises(PromptMeshError, match=r"was made with a different recipe \(schedule\.steps: 6 -> 8\)") as err:
         run(job, checkpoint=ckpt, resume=True)
-    assert err.value.code == BAD_REQUEST
+    assert err.value.code == ErrorCode.BAD_REQUEST
     assert torch.load(ckpt, weights_only=False)["trainer"]["step"] == 2  # refused, left as it was
 
 

@@ -21,6 +21,7 @@ from helpers import ServerProcess, free_port, promptmesh, small_spec, wait_for
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.protocol import Message
+from promptmesh.shared.vocab import ErrorCode
 
 
 @pytest.fixture()
@@ -100,7 +101,7 @@ def test_malformed_messages_are_answered_and_the_server_survives(server, tiny_sd
         while s.poll(200):
             frames = s.recv_multipart()
             msg = P.decode(frames, P.SERVER_TYPES)
-            assert msg.type == "error" and msg.fields["code"] in (P.BAD_REQUEST, P.VERSION, P.NOT_FOUND)
+            assert msg.type == "error" and msg.fields["code"] in (ErrorCode.BAD_REQUEST, ErrorCode.VERSION, ErrorCode.NOT_FOUND)
             answers += 1
     for s in [*socks, big]:
         s.close()
@@ -126,7 +127,7 @@ def test_decode_turns_any_structured_garbage_into_protocol_errors(header, frames
     try:
         P.decode([msgpack.packb(header), *frames])
     except P.ProtocolError as exc:
-        assert exc.code in (P.BAD_REQUEST, P.VERSION)
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.VERSION)
 
 
 @pytest.mark.slow
@@ -171,7 +172,7 @@ def test_cancel_running_and_queued(server, tiny_sd):
             for m in c.poll(0.5):
                 if m.type == "error":
                     errors[m.job] = m.fields["code"]
-        assert errors == {queued: P.CANCELLED, running: P.CANCELLED}
+        assert errors == {queued: ErrorCode.CANCELLED, running: ErrorCode.CANCELLED}
         states = {j["job"]: j["state"] for j in c.request("status").fields["jobs"]}
         assert states[running] == states[queued] == "cancelled"
         assert c.request("ping").fields["busy"] is None
@@ -299,7 +300,7 @@ def test_messages_that_once_killed_the_server_get_error_replies_and_it_answers_p
             sock.send_multipart(frames)
             assert sock.poll(10_000), "no answer: the server died"
             reply = P.decode(sock.recv_multipart(), P.SERVER_TYPES)
-            assert reply.type == "error" and reply.fields["code"] in (P.BAD_REQUEST, P.VERSION)
+            assert reply.type == "error" and reply.fields["code"] in (ErrorCode.BAD_REQUEST, ErrorCode.VERSION)
             sent_id = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)["id"]
             assert reply.id == sent_id  # the error answers that request
             assert len(reply.fields["message"]) < 300
@@ -315,7 +316,7 @@ def test_an_invalid_request_is_answered_with_its_id_and_events_are_kept_for_poll
     with Client(server.endpoint) as c:
         with pytest.raises(ClientError) as info:
             c.request("generate", spec=small_spec(tiny_sd, steps=-3))
-        assert info.value.code == P.BAD_REQUEST and "spec.steps" in str(info.value)
+        assert info.value.code == ErrorCode.BAD_REQUEST and "spec.steps" in str(info.value)
         # A job that fails at once: its error event arrives while `request` waits for another
         # reply (status), and must still reach the next poll.
         (tiny_sd.parent / "broken").mkdir(exist_ok=True)  # offered by the server, but no model
@@ -360,7 +361,7 @@ def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_
                 else:
                     c.send("cancel", rng.choice(jobs[8:]))  # the answers are drained below
                 for msg in c.poll(0):
-                    if msg.type == "error" and msg.fields["code"] not in (P.CANCELLED, P.BAD_REQUEST):
+                    if msg.type == "error" and msg.fields["code"] not in (ErrorCode.CANCELLED, ErrorCode.BAD_REQUEST):
                         problems.append(f"cancel answered {msg.fields}")
 
     threads = [threading.Thread(target=hammer, args=(k,)) for k in range(3)]
@@ -387,10 +388,10 @@ def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_
     assert sum(counts) >= 1000, counts
     assert all(len(e) == 1 for e in ends.values()), ends  # exactly one terminal message per job
     for job, (end,) in ends.items():
-        assert final[job] == {"done": "done", P.CANCELLED: "cancelled"}[end], (job, end, final[job])
+        assert final[job] == {"done": "done", ErrorCode.CANCELLED: "cancelled"}[end], (job, end, final[job])
     assert all(ends[job] == ["done"] for job in jobs[:8])  # never the target of a cancel
     print(f"{sum(counts)} requests; {sum(e == ['done'] for e in ends.values())} done, "
-          f"{sum(e == [P.CANCELLED] for e in ends.values())} cancelled")
+          f"{sum(e == [ErrorCode.CANCELLED] for e in ends.values())} cancelled")
 
 
 def test_submit_wait_writes_the_coarse_proxies_a_job_sends_as_ply(server, tiny_sd, tmp_path):

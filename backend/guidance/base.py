@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...shared.errors import MODEL, PromptMeshError
+from ...shared.errors import PromptMeshError
+from ...shared.vocab import ErrorCode
 from ..cameras import OVERHEAD_ABOVE, Cameras, view_word
 from ..prompts import Cond, PromptEmbeddings, cat_cond, perp_neg_noise, perp_neg_weights
 from ..recipe import Objective, Recipe, ViewPrompts
@@ -18,7 +19,7 @@ from ..recipe import Objective, Recipe, ViewPrompts
 class ModelLoadError(PromptMeshError):
     """A model could not be found or loaded; the message says what is missing."""
 
-    code = MODEL
+    code = ErrorCode.MODEL
 
 
 HARD_VIEWS = ViewPrompts()  # DreamFusion's view word per camera

@@ -17,8 +17,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ...shared.errors import BAD_REQUEST, PromptMeshError
+from ...shared.errors import PromptMeshError
 from ...shared.spec import unknown_words
+from ...shared.vocab import ErrorCode
 from ..cameras import CameraRanges, Cameras
 from ..multiview import load_unet, views_per_group
 from .shapes import OBJECTS, PALETTE, SHAPES
@@ -35,7 +36,7 @@ TEXT_WIDTH = 64
 class UnknownWordsError(PromptMeshError):
     """The prompt uses words the embedded prior was never trained on."""
 
-    code = BAD_REQUEST
+    code = ErrorCode.BAD_REQUEST
 
     def __init__(self, unknown: list[str], subjects: list[str]) -> None:
         self.unknown = unknown

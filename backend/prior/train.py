@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ...shared.errors import BAD_REQUEST, PromptMeshError
+from ...shared.errors import PromptMeshError
 from ...shared.result import atomic_folder, atomic_write
+from ...shared.vocab import ErrorCode
 from ..cameras import Cameras, make_cameras
 from ..guidance.embedded import EmbeddedGuidance
 from ..multiview import make_multiview, single_views
@@ -111,7 +112,7 @@ def initial_model(config: TrainConfig) -> EmbeddedPrior:
         return model
     old, new = model.tokenizer.get_vocab(), build_tokenizer()
     if any(new.get_vocab().get(w) != i for w, i in old.items()):
-        raise PromptMeshError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch", BAD_REQUEST)
+        raise PromptMeshError(f"{config.init}'s vocabulary is not a prefix of today's: train from scratch", ErrorCode.BAD_REQUEST)
     model.tokenizer = new
     model.text_encoder.resize_token_embeddings(len(new))
     return model
@@ -145,17 +146,18 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     """Train (or resume) the prior; returns the EMA model, also saved under OUT/prior."""
     if config.views < 1 or config.batch_size % config.views or config.dataset_size % config.views:
         raise PromptMeshError(f"the batch size ({config.batch_size}) and the dataset size ({config.dataset_size}) must be "
-                              f"whole groups of {config.views} views", BAD_REQUEST)
+                              f"whole groups of {config.views} views", ErrorCode.BAD_REQUEST)
     if not 0.0 <= config.empty_caption_rate < 1.0:
         raise PromptMeshError(f"the empty-caption rate must be at least 0 and below 1, not {config.empty_caption_rate}",
-                              BAD_REQUEST)
+                              ErrorCode.BAD_REQUEST)
     bias = config.bias
     shares = {"uniform share": bias.uniform_share, "view-word rate": bias.view_word_rate, "object share": bias.object_share}
     for name, share in shares.items():
         if not 0.0 <= share <= 1.0:
-            raise PromptMeshError(f"the view bias's {name} must be between 0 and 1, not {share}", BAD_REQUEST)
+            raise PromptMeshError(f"the view bias's {name} must be between 0 and 1, not {share}", ErrorCode.BAD_REQUEST)
     if not bias.front_sigma > 0.0:
-        raise PromptMeshError(f"the view bias's front sigma must be above 0 degrees, not {bias.front_sigma}", BAD_REQUEST)
+        raise PromptMeshError(f"the view bias's front sigma must be above 0 degrees, not {bias.front_sigma}",
+                              ErrorCode.BAD_REQUEST)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
@@ -165,7 +167,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         changed = {k: (v, now.get(k)) for k, v in written.items() if v != now.get(k)}
         if changed:
             raise PromptMeshError(f"{ckpt_path} was written under other settings (written, now: {changed}): pass the "
-                                  "same options, or another --out to start over", BAD_REQUEST)
+                                  "same options, or another --out to start over", ErrorCode.BAD_REQUEST)
     datasets = {1: load_or_render_dataset(out, config, device=device)}
     if config.views > 1:
         datasets[config.views] = load_or_render_dataset(out, config, config.views, device)
