@@ -7,7 +7,8 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from .shared.spec import LIMITS, QUALITY, TEXTURE_SIZES, JobSpec, quality_settings
+from .shared.spec import LIMITS, TEXTURE_SIZES, JobSpec
+from .shared.vocab import Quality
 
 JOB_STATES = [
     ("SUBMITTING", "Submitting", "Sent to the backend, not yet accepted", "SORTTIME", 0),
@@ -44,7 +45,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What to make, e.g. 'a red cube'", maxlen=1000)
     negative: StringProperty(name="Negative", description="What to avoid", maxlen=1000)
     seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=0)
-    quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in QUALITY],
+    quality: EnumProperty(name="Quality", items=[(q.upper(), q.capitalize(), f"{q} preset") for q in Quality],
                           default="STANDARD", description="Steps and resolution, from the model's defaults")
     model: StringProperty(name="Model", default="embedded", search=offered_models, search_options={"SUGGESTION"},
                           description="A model the backend offers: embedded, sd21, sd15, or a folder in its models directory")
@@ -60,7 +61,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                            description="Decimate to at most this many faces; 0: the model's default (20,000)")
     refine_steps: IntProperty(name="Refine Steps", min=-1, max=int(LIMITS["refine_steps"][1]), default=-1,
                               description="Steps of the mesh refinement after the NeRF; 0: none; -1: the model's default")
-    texture_size: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default=str(JobSpec.texture_size),
+    texture_size: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default="1024",  # every shipped model's
                                description="Size of the base-colour texture baked from the colours (which stay too)")
     device: EnumProperty(name="Device", items=[("auto", "Auto", "The backend's choice"), ("cpu", "CPU", ""),
                                                  ("cuda", "CUDA", "")], default="auto")
@@ -74,10 +75,9 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     def to_spec(self) -> JobSpec:
         """The validated JobSpec (SpecError names the bad field)."""
         unset_is_zero = ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces")
-        fields = quality_settings(self.model.strip(), self.quality.lower(),
-                                  **{name: getattr(self, name) or None for name in unset_is_zero},
-                                  refine_steps=self.refine_steps if self.refine_steps >= 0 else None)
+        fields = {name: getattr(self, name) or None for name in unset_is_zero}
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed, model=self.model.strip(),
+                       quality=Quality(self.quality.lower()), refine_steps=self.refine_steps if self.refine_steps >= 0 else None,
                        preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
                        proxy_every=self.proxy_every if self.show_proxy else 0.0, **fields).validate()
 

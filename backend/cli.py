@@ -12,11 +12,13 @@ import tempfile
 from pathlib import Path
 
 from ..shared.errors import PromptMeshError
-from ..shared.spec import QUALITY, TEXTURE_SIZES, VIEW_MODES, JobSpec, quality_settings
-from ..shared.vocab import ErrorCode
+from ..shared.spec import TEXTURE_SIZES, JobSpec
+from ..shared.vocab import Device, ErrorCode, Quality, Stage, ViewPrompt
+from .models import EMBEDDED
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+WAITS = (Stage.LOADING, Stage.DOWNLOADING, Stage.MESHING)  # stages without steps: named when they start
 
 
 class CliError(PromptMeshError):
@@ -69,14 +71,14 @@ def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[st
 
 
 def _spec(args: argparse.Namespace) -> JobSpec:
-    """The job spec of the options: a quality preset first, then what was given explicitly."""
-    model = args.model or "embedded"
-    settings = quality_settings(model, args.quality, steps=args.steps, resolution=args.resolution,
-                                mesh_resolution=args.mesh_resolution, refine_steps=args.refine_steps)
+    """The job spec of the options: the backend applies the model's quality preset, then what
+    was given explicitly (an option left out is None: not given)."""
     return JobSpec(
-        prompt=args.prompt, negative=args.negative, seed=args.seed, guidance_scale=args.guidance_scale, model=model,
-        preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, views=args.views,
-        texture_size=args.texture_size, **settings,
+        prompt=args.prompt, negative=args.negative, seed=args.seed, guidance_scale=args.guidance_scale,
+        model=args.model or EMBEDDED, quality=args.quality, steps=args.steps, resolution=args.resolution,
+        mesh_resolution=args.mesh_resolution, refine_steps=args.refine_steps,
+        preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, view_prompt=args.view_prompt,
+        texture_size=args.texture_size,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -87,6 +89,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     spec = _spec(args)
     out, fmt = output_path(args.output, args.format, spec.prompt)
+    from .process import prepare_process
+
+    prepare_process()
     preview_dir = Path(args.preview_dir) if args.preview_dir else None
     if preview_dir is not None:
         preview_dir.mkdir(parents=True, exist_ok=True)
@@ -105,9 +110,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def on_event(event: object) -> None:
         nonlocal bar, fetched
-        if isinstance(event, StageEvent) and (event.stage in ("loading", "meshing", "downloading") and not event.total):
+        if isinstance(event, StageEvent) and (event.stage in WAITS and not event.total):
             print(f"{event.stage}...", file=sys.stderr)
-        elif isinstance(event, StageEvent) and event.stage == "downloading":
+        elif isinstance(event, StageEvent) and event.stage == Stage.DOWNLOADING:
             if fetched is None:
                 fetched = tqdm(total=event.total, desc="downloading", unit="B", unit_scale=True, dynamic_ncols=True)
             fetched.total = event.total
@@ -134,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.video:
         from .video import write_turntable
 
-        video = write_turntable(result.trainer, out.with_suffix(".mp4"))
+        video = write_turntable(result.nerf, out.with_suffix(".mp4"))
         meta["video"] = video.name
     write_json(meta, out.with_suffix(".json"))
     t = meta["timings"]
@@ -144,7 +149,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prior_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.data import ViewBias
     from .prior.train import TrainConfig, train
@@ -166,16 +170,15 @@ def cmd_prior_sample(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
 
     from ..shared.result import atomic_target
-    from .models import EMBEDDED
     from .prior import WEIGHTS_DIR
     from .prior.model import EmbeddedPrior
     from .prior.sample import GUIDANCE, sample_grid
 
     prior = EmbeddedPrior.from_pretrained(WEIGHTS_DIR if args.model == EMBEDDED else args.model)
-    if args.views % prior.views_per_group:
-        raise PromptMeshError(f"{args.model} is a multi-view prior: --views must be a multiple of {prior.views_per_group}",
+    if args.cameras % prior.views_per_group:
+        raise PromptMeshError(f"{args.model} is a multi-view prior: --cameras must be a multiple of {prior.views_per_group}",
                               ErrorCode.BAD_REQUEST)
-    grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.views, rows=args.rows,
+    grid = sample_grid(prior, " ".join(args.prompt.split()), views=args.cameras, rows=args.rows,
                        guidance_scale=GUIDANCE if args.guidance_scale is None else args.guidance_scale,
                        steps=args.steps, seed=args.seed)
     with atomic_target(args.output) as tmp:
@@ -412,19 +415,25 @@ def export_fbx(mesh, name: str, out: Path) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """The catalogue, and which models are in the local cache (no network needed)."""
+    """The catalogue, which models are in the local cache (no network needed), and what each
+    quality preset sets, from the model's card."""
+    from .guidance.loading import model_card
     from .models import CATALOGUE, cached_repo
 
     for m in CATALOGUE.values():
         where = cached_repo(m.alias)
         state = "ready" if where == "package" else (f"cached ({where})" if where else "not downloaded")
         print(f"{m.alias:<9} {state:<52} {m.size}\n          {m.description}; licence {m.licence}")
+        for quality, preset in model_card(m.alias).describe().items():
+            settings = ", ".join(f"{k} {v}" for k, v in preset["settings"].items()) or "the recipe as it is"
+            timed = "; ".join(f"{s:.0f} s on {device}" for device, s in preset["seconds"].items())
+            print(f"          {quality:<8} {settings}{f' ({timed})' if timed else ''}")
     return 0
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"  # this command is all about its progress
-    from .models import EMBEDDED, download
+    from .models import download
 
     if args.model == EMBEDDED:
         print("the embedded prior ships in the package: nothing to download", file=sys.stderr)
@@ -469,18 +478,19 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, help="render size in pixels, a multiple of 8")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=list(Device), default=Device.AUTO)
     g.add_argument("--preview-every", type=int, default=0)
-    g.add_argument("--mesh-resolution", type=int, help=f"marching cubes grid (32..256, default {JobSpec.mesh_resolution})")
-    g.add_argument("--quality", choices=QUALITY, default="standard",
-                   help="a preset of steps, resolution, mesh resolution and refinement (the add-on's); explicit options win")
+    g.add_argument("--mesh-resolution", type=int, help="marching cubes grid (32..256, default: the model's)")
+    g.add_argument("--quality", choices=list(Quality),
+                   help="the model's preset of steps, resolution, mesh resolution and refinement (default standard; "
+                   "`promptmesh models` lists what each sets); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces (default 20,000)")
     g.add_argument("--refine-steps", type=int, help="steps of the mesh refinement stage after the NeRF (sharper "
                    "surfaces; 0: none; default: the model's)")
-    g.add_argument("--texture-size", type=int, default=JobSpec.texture_size, metavar="PX",
+    g.add_argument("--texture-size", type=int, metavar="PX",
                    help=f"side of the baked base-colour texture: {', '.join(map(str, TEXTURE_SIZES[1:]))}, or 0 for "
-                   f"vertex colours only (default {JobSpec.texture_size})")
-    g.add_argument("--views", choices=VIEW_MODES, help="view-dependent prompts: the view word (hard), blended "
+                   "vertex colours only (default: the model's, 1024 for every shipped one)")
+    g.add_argument("--view-prompt", choices=list(ViewPrompt), help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")
 
@@ -641,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="samples.png")
     s.add_argument("--model", default="embedded", help="'embedded' or a folder written by `prior train` (a multi-view "
                    "prior draws each row as one object)")
-    s.add_argument("--views", type=int, default=8)
+    s.add_argument("--cameras", type=int, default=8, help="cameras around the object, one sample column each")
     s.add_argument("--rows", type=int, default=2)
     s.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance of the samples (default: 1, unguided: the shipped weights draw best so)")

@@ -30,6 +30,8 @@ class Model:
     repos: tuple[str, ...] = ()  # Hub ids in order of preference (mirrors); none: ships in the package
     licence: str = ""
     size: str = ""  # what SDS needs, estimated from the components' parameter counts in fp16
+    card: str = "stable-diffusion.json"  # its recipe and presets: a file of backend/recipes/ (the embedded
+    # prior's lives beside its weights)
 
 
 CATALOGUE = {m.alias: m for m in (

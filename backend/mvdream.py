@@ -22,6 +22,7 @@ from ..shared.errors import PromptMeshError
 from ..shared.result import atomic_folder
 from ..shared.vocab import ErrorCode
 from .multiview import make_multiview
+from .recipe import CARDS_DIR, ModelCard
 
 UNET_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "cond_stage_model.model."
 VIEWS = 4
@@ -148,5 +149,6 @@ def convert(checkpoint: Path, out: Path, tokenizer: Path, config: dict[str, Any]
         shutil.copytree(tokenizer, folder / "tokenizer")
         index = {"_class_name": "StableDiffusionPipeline", "_promptmesh": {"source": checkpoint.name, "views": VIEWS}}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        ModelCard.load(CARDS_DIR / "mvdream.json").save(folder)  # MVDream's published settings
 
     return atomic_folder(out, save)

@@ -1,18 +1,24 @@
-"""One recipe per prior: every setting a generation run needs, as one frozen dataclass tree.
+"""One recipe per prior: every setting a generation run needs, as one frozen dataclass tree,
+stored as data beside the prior's weights.
 
-Each guidance class declares its recipe (`Guidance.recipe`); `resolve` applies a job spec's
-overrides to it once, and the resolved recipe is what the trainer reads, what the result's
-metadata records and what a checkpoint must match to be resumed. `to_dict`/`from_dict`
-round-trip it through plain JSON data.
+A prior's `recipe.json` (a ModelCard: the recipe and the quality presets, as diffusers keeps a
+config.json beside its weights) is written by `prior train` and `models convert-mvdream` into
+the folders they make; the embedded weights carry one, and the catalogue's Stable Diffusion
+entries name one shipped in backend/recipes/. `resolve` applies a job's quality preset and then
+its explicit settings once; the resolved recipe is what the stages read, what the result's
+metadata records and what a checkpoint must match to be resumed.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
-from ..shared.spec import JobSpec
+from ..shared.result import atomic_write
+from ..shared.spec import OPTIONAL, JobSpec, SpecError
+from ..shared.vocab import Quality, ViewPrompt
 from .cameras import CameraRanges
 from .field import FieldConfig
 from .renderer import RenderConfig
@@ -92,12 +98,12 @@ class Objective:
 class MeshSettings:
     """Meshing of the final field; a spec's settings replace these."""
 
-    resolution: int = JobSpec.mesh_resolution
+    resolution: int = 128  # marching-cubes grid
     # Decimated to this many faces (None: not at all). The texture carries the colour, and the UV
     # unwrap (xatlas) took 25 s on the 61k faces of a 128^3 marching-cubes cube, 4 s on the same
     # cube decimated to 20k, whose judged IoU was unchanged (0.699).
     max_faces: int | None = 20_000
-    texture_size: int = JobSpec.texture_size  # the baked base-colour texture's side; 0: none
+    texture_size: int = 1024  # the baked base-colour texture's side; 0: none
 
 
 @dataclass(frozen=True)
@@ -107,16 +113,15 @@ class RefineSettings:
     steps: int = 0
     grid: int = 40  # cubes per side of the tetrahedral grid over the field's bound
     resolution: int = 64  # side of its renders, in pixels
-    # the low-noise half, as Magic3D-style refinement stages use (threestudio's 0.02-0.5), and half
-    # the learning rates of the first tuning: with the whole range and 3e-3/3e-2 the faces of
-    # cubes bent (IoU 0.94 -> 0.90); so every shape gains (bench/refine.py, README)
+    # the low-noise half, as Magic3D-style refinement stages use (threestudio's 0.02-0.5): the
+    # whole range, or twice these learning rates, bends the faces of cubes (bench/refine.py)
     t_range: tuple[float, float] = (0.02, 0.5)
     color_share: float = 0.2  # the last share of its steps refines the colour on the fixed shape
     lr_sdf: float = 1.5e-3  # SDF values are in scene units
     lr_offset: float = 1.5e-2  # offsets are tanh-squashed to half a cell
     lr_color: float = 1e-3
     # Adam scales each parameter's step by its own gradient, so the regularisers must be strong
-    # beside SDS's (guidance scale 20): at 0.5 and 0.1 the surface turned to noise in 50 steps.
+    # beside SDS's: at 0.5 and 0.1 the surface turns to noise within 50 steps.
     normal_weight: float = 2000.0  # 1 - cos between the normals of faces sharing an edge, mean
     laplacian_weight: float = 50.0  # squared uniform Laplacian in grid cells, mean (it rounds edges: 500 cost the cube 0.05 IoU)
     sigma: float = 0.5  # pixels of the rasteriser's antialiased outline
@@ -136,7 +141,7 @@ class Recipe:
     shading: ShadingConfig = ShadingConfig()
     background: str = "mlp"  # "white" (fixed) or "mlp" (learnt from the ray direction)
     mesh: MeshSettings = MeshSettings()
-    views: ViewPrompts = ViewPrompts()
+    view_prompts: ViewPrompts = ViewPrompts()
     refine: RefineSettings = RefineSettings()
     objective: Objective = Objective()
 
@@ -157,29 +162,94 @@ class Recipe:
         ]
 
 
-VIEW_MODE_SETTINGS = {  # the job spec's `views` (shared.spec.VIEW_MODES) as ViewPrompts switches
-    "hard": {"words": True, "interpolate": False, "perp_neg": False},
-    "interpolated": {"words": True, "interpolate": True, "perp_neg": False},
-    "perp-neg": {"words": True, "interpolate": True, "perp_neg": True},
-    "camera": {"words": False, "interpolate": False, "perp_neg": False},
+VIEW_PROMPT_SETTINGS = {  # a job's `view_prompt` as ViewPrompts switches
+    ViewPrompt.HARD: {"words": True, "interpolate": False, "perp_neg": False},
+    ViewPrompt.INTERPOLATED: {"words": True, "interpolate": True, "perp_neg": False},
+    ViewPrompt.PERP_NEG: {"words": True, "interpolate": True, "perp_neg": True},
+    ViewPrompt.CAMERA: {"words": False, "interpolate": False, "perp_neg": False},
 }
+RECIPE_FILE = "recipe.json"
+CARDS_DIR = Path(__file__).with_name("recipes")  # the cards of models that carry none (Hub repositories)
 
 
-def resolve(recipe: Recipe, spec: JobSpec) -> Recipe:
-    """The recipe a job runs with: the spec's settings replace the prior's where they are given."""
+@dataclass(frozen=True)
+class ModelCard:
+    """A prior's recipe and what each quality preset changes, as stored beside its weights.
 
-    def pick(value: T | None, default: T) -> T:
-        return default if value is None else value
+    `presets` maps a Quality to the job settings it sets (JobSpec field names; the standard
+    preset is the recipe itself); `seconds` records measured time per object, by device type
+    then preset, with `measured_on` saying where: the add-on shows it before a job is sent."""
+
+    recipe: Recipe
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    measured_on: str = ""
+
+    def __post_init__(self) -> None:
+        for quality, settings in self.presets.items():
+            if quality not in set(Quality):
+                raise ValueError(f"unknown quality preset {quality!r}: use {', '.join(Quality)}")
+            unknown = set(settings) - set(OPTIONAL)
+            if unknown:
+                raise ValueError(f"the {quality} preset sets {', '.join(sorted(unknown))}: "
+                                 f"presets set only {', '.join(OPTIONAL)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
+                "measured_on": self.measured_on}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        return cls(Recipe.from_dict(data["recipe"]), data.get("presets", {}), data.get("seconds", {}),
+                   data.get("measured_on", ""))
+
+    @classmethod
+    def load(cls, path: Path) -> ModelCard:
+        """From a folder's recipe.json or a card file; a ValueError names the file at fault."""
+        file = path / RECIPE_FILE if path.is_dir() else path
+        try:
+            return cls.from_dict(json.loads(file.read_text()))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{file} is not a readable model card: {exc}") from exc
+
+    def save(self, folder: Path) -> None:
+        """Beside the weights in `folder`, as diffusers writes config.json."""
+        atomic_write(folder / RECIPE_FILE, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+
+    def preset(self, quality: str | None) -> dict[str, Any]:
+        """The job settings `quality` sets (None: the standard preset)."""
+        if quality is None:
+            return {}
+        if quality not in set(Quality):
+            raise SpecError("quality", f"must be one of {', '.join(Quality)}, got {quality!r}")
+        return dict(self.presets.get(quality, {}))
+
+    def describe(self) -> dict[str, Any]:
+        """What each preset means, for clients: {quality: {settings, seconds by device}}."""
+        return {q.value: {"settings": self.preset(q), "seconds": {d: s[q.value] for d, s in self.seconds.items() if q.value in s}}
+                for q in Quality}
+
+
+def resolve(card: ModelCard, spec: JobSpec) -> Recipe:
+    """The recipe a job runs with: the card's recipe, then the job's quality preset, then the
+    settings the job gives explicitly (None: not given)."""
+    recipe = card.recipe
+    given = {name: getattr(spec, name) for name in OPTIONAL}
+    settings = {**card.preset(spec.quality), **{k: v for k, v in given.items() if v is not None}}
+
+    def pick(name: str, default: T) -> T:
+        return settings.get(name, default)
 
     return replace(
         recipe,
-        schedule=replace(recipe.schedule, steps=pick(spec.steps, recipe.schedule.steps)),
-        guidance_scale=pick(spec.guidance_scale, recipe.guidance_scale),
-        resolution=pick(spec.resolution, recipe.resolution),
-        mesh=MeshSettings(pick(spec.mesh_resolution, recipe.mesh.resolution), pick(spec.max_faces, recipe.mesh.max_faces),
-                          spec.texture_size),
-        views=recipe.views if spec.views is None else replace(recipe.views, **VIEW_MODE_SETTINGS[spec.views]),
-        refine=replace(recipe.refine, steps=pick(spec.refine_steps, recipe.refine.steps)),
+        schedule=replace(recipe.schedule, steps=pick("steps", recipe.schedule.steps)),
+        guidance_scale=pick("guidance_scale", recipe.guidance_scale),
+        resolution=pick("resolution", recipe.resolution),
+        mesh=MeshSettings(pick("mesh_resolution", recipe.mesh.resolution), pick("max_faces", recipe.mesh.max_faces),
+                          pick("texture_size", recipe.mesh.texture_size)),
+        view_prompts=(recipe.view_prompts if spec.view_prompt is None
+                      else replace(recipe.view_prompts, **VIEW_PROMPT_SETTINGS[ViewPrompt(spec.view_prompt)])),
+        refine=replace(recipe.refine, steps=pick("refine_steps", recipe.refine.steps)),
     )
 
 

@@ -1,5 +1,5 @@
-"""Where torch runs: the device a job or a training asks for, how many CPU threads torch uses,
-chosen from measured step times, and how freed CPU memory is kept for reuse.
+"""Where torch runs: the device a job or a training asks for, and how many CPU threads torch
+uses, chosen from measured step times.
 
 On a quiet 2-core machine two threads make an SDS step faster (64 against 89 ms for the
 embedded default); with one other CPU-bound process beside it (Blender, a second job) the same
@@ -13,10 +13,8 @@ looking stays a few percent.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import statistics
-import sys
 from collections import deque
 from collections.abc import Callable
 
@@ -40,29 +38,6 @@ def resolve_device(name: str) -> torch.device:
         raise DeviceError("CUDA was requested but no CUDA device is available; use --device cpu")
     return torch.device(name)
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed memory for the next step instead of returning it to the kernel.
-
-    A CPU step allocates and frees tens of MB (the hash grid's gradient buffers, 23 MB for the
-    finest level alone). With glibc's defaults much of it goes back to the kernel and faults in
-    again the next step: bench/sds_speed.py on tiny SD took 0.87-1.0M page faults, 0.15M with
-    these settings, and its step 3-5 % less time, at the same peak RSS. Allocations up to 32 MB
-    (glibc's largest allowed mmap threshold) come from the heap; up to 256 MB of free heap is kept.
-    A no-op off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl)
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
-
 PROBE_STEPS = 4  # steps a probe of the other thread count runs when it is not clearly worse
 CLEARLY_WORSE = 2.0  # a probe step this many times the baseline ends the probe at once
 CLEARLY_BETTER = 0.9  # a probe must beat the baseline by this much to switch (step times drift and jitter)
@@ -85,6 +60,9 @@ class FixedThreads:
     def step(self, seconds: float) -> None:
         pass
 
+    def restart(self) -> None:
+        pass
+
 
 class ThreadTuner:
     """Call `step(seconds)` after each optimisation step; it sets torch's thread count."""
@@ -100,6 +78,14 @@ class ThreadTuner:
         self.until_probe = first_probe
         self.probe: list[float] | None = None  # step times at the other count, while probing
         self.baseline = 0.0
+
+    def restart(self) -> None:
+        """Step times change with the stage: measure afresh, keeping the current count."""
+        if self.probe is not None:
+            self.set_threads(self.threads)
+            self.probe = None
+        self.recent.clear()
+        self.until_probe = self.wait
 
     @property
     def other(self) -> int:

@@ -9,14 +9,14 @@ import numpy as np
 
 from ..shared.result import atomic_target
 from .cameras import orbit_cameras
-from .trainer import Trainer
+from .stages import NeRFModel
 
 
-def write_turntable(trainer: Trainer, path: str | Path, frames: int = 48, size: int = 128, fps: int = 24) -> Path:
+def write_turntable(nerf: NeRFModel, path: str | Path, frames: int = 48, size: int = 128, fps: int = 24) -> Path:
     """Render `frames` views around the object and write them to `path` (.mp4 or .gif)."""
     path = Path(path)
     cams = orbit_cameras(frames)
-    rgba = np.concatenate([trainer.render_rgba(cams[i : i + 8], size) for i in range(0, frames, 8)])
+    rgba = np.concatenate([nerf.render_rgba(cams[i : i + 8], size) for i in range(0, frames, 8)])
     rgb = rgba[..., :3]
     with atomic_target(path) as tmp:
         if path.suffix.lower() == ".gif":

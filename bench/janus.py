@@ -1,7 +1,7 @@
 """The Janus benchmark: objects with a front, generated with each way of telling the prior the view.
 
 For every object (mug, chair, arrow, duck) x colour x seed and every configuration (a job
-spec `views` setting; "default" is the model's own; "blind" is DreamFusion's hard view words
+spec `view_prompt` setting; "default" is the model's own; "blind" is DreamFusion's hard view words
 with the embedded prior always told it sees the front, as a prior without a camera input
 trained on front-leaning photos would assume: an ablation, patched in here, not a product
 setting), runs `pipeline.run` and judges the mesh
@@ -54,7 +54,7 @@ def generate_and_judge(config: str, name: str, color: str, seed: int, steps: int
     embedded.camera_features = _front_camera_features if config == BLIND else camera_features  # type: ignore[assignment]
     t0 = time.perf_counter()
     spec = JobSpec(prompt=f"a {color} {name}", seed=seed, steps=steps, model=model,
-                   views="hard" if config == BLIND else None if config == DEFAULT else config)
+                   view_prompt="hard" if config == BLIND else None if config == DEFAULT else config)
     try:
         mesh = run(spec).mesh
         verdict = judge_janus(mesh, name)

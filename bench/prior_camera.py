@@ -28,7 +28,7 @@ from figures import report  # noqa: E402
 from prior_samples import silhouette  # noqa: E402
 
 from promptmesh.backend.cameras import make_cameras  # noqa: E402
-from promptmesh.backend.guidance.embedded import EmbeddedGuidance  # noqa: E402
+from promptmesh.backend.guidance.loading import model_card  # noqa: E402
 from promptmesh.backend.prior import WEIGHTS_DIR  # noqa: E402
 from promptmesh.backend.prior.data import render_primitives  # noqa: E402
 from promptmesh.backend.prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features  # noqa: E402
@@ -36,7 +36,7 @@ from promptmesh.backend.prior.sample import sample  # noqa: E402
 from promptmesh.backend.prior.shapes import FEATURE_AZIMUTH, OBJECTS, PALETTE  # noqa: E402
 from promptmesh.backend.prompts import view_prompt  # noqa: E402
 
-RANGES = EmbeddedGuidance.recipe.cameras
+RANGES = model_card("embedded").recipe.cameras
 TIMESTEPS = (200, 500, 800, 950)
 CASES = ("camera right", "camera told front", "words right", "words told front")
 

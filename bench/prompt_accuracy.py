@@ -22,16 +22,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pool import run_all  # noqa: E402
 
 from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
-from promptmesh.shared.spec import QUALITY, quality_settings  # noqa: E402
+from promptmesh.shared.vocab import Quality  # noqa: E402
 
 
-def generate_and_judge(shape: str, color: str, seed: int, model: str, settings: dict[str, int]) -> tuple:
+def generate_and_judge(shape: str, color: str, seed: int, model: str, settings: dict[str, Any]) -> tuple:
     """One row: (shape, colour, seed, judged shape, judged colour, IoU with the judged shape,
     seconds, IoU with the prompted shape, the mesh's mean colour as sRGB hex)."""
     from promptmesh.backend.mesh import MeshError
@@ -54,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
-    p.add_argument("--quality", choices=QUALITY, default="standard", help="the preset generate --quality applies")
+    p.add_argument("--quality", choices=list(Quality), default=Quality.STANDARD, help="the model's preset, as generate --quality")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--colors", default=",".join(PALETTE))
@@ -62,8 +63,8 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=None, help="the refinement stage's steps (default: the model's)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
-    settings = quality_settings(args.model, args.quality, steps=args.steps, refine_steps=args.refine_steps)
-    print(f"model {args.model}, quality {args.quality}: {settings or 'the recipe defaults'}")
+    settings = {"quality": args.quality, "steps": args.steps, "refine_steps": args.refine_steps}  # None: the preset's
+    print(f"model {args.model}, quality {args.quality}, explicitly: steps {args.steps}, refine steps {args.refine_steps}")
     jobs = [
         (shape, color, seed, args.model, settings)
         for shape in args.shapes.split(",") for color in args.colors.split(",")

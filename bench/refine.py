@@ -49,7 +49,7 @@ def nerf_then_refine(shape: str, color: str, seed: int, refine_steps: int) -> tu
     from promptmesh.backend.mesh import MeshError
     from promptmesh.backend.pipeline import run
     from promptmesh.backend.prior.judge import judge_mesh
-    from promptmesh.backend.refine import Refiner
+    from promptmesh.backend.stages import DMTetModel
     from promptmesh.shared.spec import JobSpec
 
     def judged(mesh: Mesh, seconds: float) -> tuple:
@@ -59,15 +59,16 @@ def nerf_then_refine(shape: str, color: str, seed: int, refine_steps: int) -> tu
     t0 = time.perf_counter()
     result = run(JobSpec(prompt=f"a {color} {shape}", seed=seed, refine_steps=0, texture_size=0))  # geometry only
     before = judged(result.mesh, time.perf_counter() - t0)
-    trainer = result.trainer
-    trainer.recipe = replace(trainer.recipe, refine=replace(trainer.recipe.refine, steps=refine_steps))
+    nerf = result.nerf
+    ctx = nerf.ctx
+    ctx.recipe = replace(ctx.recipe, refine=replace(ctx.recipe.refine, steps=refine_steps))
     t1 = time.perf_counter()
     try:
-        refiner = Refiner(trainer, trainer.surface_density())
+        refiner = DMTetModel(ctx, nerf, nerf.surface_density())
         while refiner.step < refine_steps:
             refiner.train_step()
         with torch.no_grad():
-            after = judged(refiner.mesh(trainer.recipe.mesh.max_faces), time.perf_counter() - t1)
+            after = judged(refiner.mesh(), time.perf_counter() - t1)
     except MeshError:
         after = ("(none)", "(none)", 0.0, float("nan"), time.perf_counter() - t1)
     return shape, color, seed, before, after

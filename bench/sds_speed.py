@@ -23,9 +23,10 @@ from figures import report  # noqa: E402
 
 from promptmesh.backend.cameras import sample_cameras  # noqa: E402
 from promptmesh.backend.guidance import load_guidance  # noqa: E402
+from promptmesh.backend.process import prepare_process  # noqa: E402
 from promptmesh.backend.recipe import resolve  # noqa: E402
 from promptmesh.backend.renderer import render  # noqa: E402
-from promptmesh.backend.trainer import Trainer  # noqa: E402
+from promptmesh.backend.stages import JobContext, NeRFModel  # noqa: E402
 from promptmesh.shared.spec import JobSpec  # noqa: E402
 
 
@@ -45,10 +46,11 @@ def main() -> None:
         from tiny_sd import save_tiny_stable_diffusion
 
         model = str(save_tiny_stable_diffusion(Path(tempfile.mkdtemp()) / "tiny-sd"))
+    prepare_process()
     guidance = load_guidance(model)
     emb = guidance.embed_prompt("a red cube")
-    recipe = resolve(guidance.recipe, JobSpec("a red cube", resolution=args.resolution))
-    trainer = Trainer(guidance, emb, recipe, seed=0, device=torch.device("cpu"))
+    recipe = resolve(guidance.card, JobSpec("a red cube", resolution=args.resolution))
+    trainer = NeRFModel(JobContext.create(guidance, emb, recipe, 0, torch.device("cpu")), seed=0)
     # Start at `--at` of the schedule (all hash-grid levels active by half of it), so the steps
     # timed are typical of the run rather than of its coarse beginning.
     trainer.step = int(args.at * recipe.schedule.steps)
@@ -59,7 +61,7 @@ def main() -> None:
     for _ in range(args.steps):
         trainer.train_step()
     report("train_step", (time.perf_counter() - t0) / args.steps * 1000, "ms")
-    # glibc handing a step's freed buffers back to the kernel shows as minor faults (threads.keep_freed_memory)
+    # glibc handing a step's freed buffers back to the kernel shows as minor faults (process.keep_freed_memory)
     report("page_faults_per_step", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps, "faults")
     fwd = gd = bwd = 0.0
     samples = 0

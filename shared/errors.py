@@ -14,9 +14,9 @@ from .vocab import ErrorCode
 class PromptMeshError(Exception):
     """An error for the user: one clear line, no traceback; `code` travels on the wire."""
 
-    code: ErrorCode = ErrorCode.INTERNAL
+    code: str = ErrorCode.INTERNAL  # an ErrorCode; a client may also carry a code a newer server sent
 
-    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code

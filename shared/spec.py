@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import PromptMeshError
-from .vocab import ErrorCode
+from .vocab import Device, ErrorCode, Quality, ViewPrompt
 
 MAX_PROMPT_CHARS = 1000
 MAX_MODEL_CHARS = 512
@@ -28,26 +28,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "texture_size": (0, 4096),
 }
 TEXTURE_SIZES = (0, 64, 128, 256, 512, 1024, 2048, 4096)  # 0: no texture, vertex colours only
-DEVICES = ("auto", "cpu", "cuda")
-# view word; blended view prompts; blended + Perp-Neg; no view word (the camera alone, for a prior that takes it)
-VIEW_MODES = ("hard", "interpolated", "perp-neg", "camera")
-# Quality presets: what each changes from the model's defaults (None = the model's default).
-QUALITY = ("draft", "standard", "high")
-_PRESETS = {
-    "embedded": {"draft": {"steps": 600}, "standard": {}, "high": {"steps": 2400, "mesh_resolution": 192, "refine_steps": 300}},
-    "diffusion": {"draft": {"steps": 1500, "resolution": 64}, "standard": {},
-                  "high": {"steps": 10000, "resolution": 128, "mesh_resolution": 192}},
-}
-
-
-def quality_settings(model: str, quality: str, **given: Any) -> dict[str, Any]:
-    """The spec fields a quality preset sets for `model` ('embedded' or a diffusion model), with
-    the fields `given` explicitly winning (None: not given). The CLI, the add-on and the benches
-    merge the same way; a field neither sets keeps JobSpec's default."""
-    if quality not in QUALITY:
-        raise SpecError("quality", f"must be one of {', '.join(QUALITY)}, got {quality!r}")
-    preset = _PRESETS["embedded" if model == "embedded" else "diffusion"][quality]
-    return {**preset, **{name: value for name, value in given.items() if value is not None}}
+# Fields a job may leave unset (None): the model's recipe, after the job's quality preset, decides.
+OPTIONAL = ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces", "refine_steps", "texture_size")
 
 
 INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (zero-width, bidi), surrogate, private, unassigned
@@ -87,7 +69,8 @@ class SpecError(PromptMeshError):
 
 @dataclass
 class JobSpec:
-    """What to generate. None means "the prior's default" for steps, resolution and scale."""
+    """What to generate. None, in Python and on the wire, means "not given": the model's recipe
+    and the quality preset decide (backend/recipe.py resolve)."""
 
     prompt: str
     negative: str = ""
@@ -100,15 +83,17 @@ class JobSpec:
     # Seconds between coarse 3D proxies of the object (never more often than 20x their cost);
     # 0, the default, sends none: the clients that show them (the add-on, submit --proxy-dir) ask.
     proxy_every: float = 0.0
-    mesh_resolution: int = 128
+    mesh_resolution: int | None = None
     max_faces: int | None = None
-    device: str = "auto"
+    device: str = Device.AUTO
     # How the view enters the prompt (backend/recipe.py ViewPrompts): None is the prior's default.
-    views: str | None = None
+    view_prompt: str | None = None
     # Steps of the mesh refinement stage after the NeRF (0: none); None is the prior's default.
     refine_steps: int | None = None
     # Side in pixels of the baked base-colour texture (a power of two, 64..4096); 0: vertex colours only.
-    texture_size: int = 1024
+    texture_size: int | None = None
+    # The model's quality preset (its recipe.json says what each sets); None: standard.
+    quality: str | None = None
 
     def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
@@ -124,13 +109,13 @@ class JobSpec:
                 raise SpecError(name, f"has {len(getattr(self, name))} characters; at most {MAX_PROMPT_CHARS} allowed")
         if not self.model.strip() or len(self.model) > MAX_MODEL_CHARS:
             raise SpecError("model", f"must be 'embedded', a Hub id or a folder (1 to {MAX_MODEL_CHARS} characters)")
-        if self.device not in DEVICES:
-            raise SpecError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.views is not None and self.views not in VIEW_MODES:
-            raise SpecError("views", f"must be one of {', '.join(VIEW_MODES)}, got {str(self.views)[:40]!r}")
+        for name, words in (("device", Device), ("view_prompt", ViewPrompt), ("quality", Quality)):
+            value = getattr(self, name)
+            if (value is not None or name == "device") and value not in set(words):
+                raise SpecError(name, f"must be one of {', '.join(words)}, got {str(value)[:40]!r}")
         for name, (lo, hi) in LIMITS.items():
             value = getattr(self, name)
-            if value is None and name in ("steps", "resolution", "guidance_scale", "max_faces", "refine_steps"):
+            if value is None and name in OPTIONAL:
                 continue
             want_int = name not in ("guidance_scale", "proxy_every")
             ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
@@ -140,7 +125,7 @@ class JobSpec:
                 raise SpecError(name, f"must be between {lo} and {hi}, got {value}")
         if self.resolution is not None and self.resolution % 8:
             raise SpecError("resolution", f"must be a multiple of 8, got {self.resolution}")
-        if self.texture_size not in TEXTURE_SIZES:
+        if self.texture_size is not None and self.texture_size not in TEXTURE_SIZES:
             raise SpecError("texture_size", f"must be 0 (off) or a power of two from 64 to 4096, got {self.texture_size}")
         return self
 

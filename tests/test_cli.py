@@ -113,20 +113,26 @@ def test_models_lists_the_catalogue_and_what_is_cached_without_the_network(tmp_p
     assert "not downloaded" in rows["sd15"] and "stabilityai" not in proc.stdout
 
 
-def test_quality_presets_set_the_spec_and_explicit_options_win():
+def test_quality_presets_come_from_the_models_card_and_explicit_options_win():
+    """The CLI sends the quality word and only what was given; the backend resolves the model's
+    preset (its card), then the explicit options."""
     from promptmesh.backend.cli import _spec, build_parser
+    from promptmesh.backend.guidance.loading import model_card
+    from promptmesh.backend.recipe import resolve
 
-    def spec(*argv):
-        return _spec(build_parser().parse_args(["generate", "a red cube", *argv]))
+    def recipe(*argv):
+        spec = _spec(build_parser().parse_args(["generate", "a red cube", *argv]))
+        return resolve(model_card(spec.model), spec)
 
-    assert spec().steps is None and spec().mesh_resolution == 128  # standard: the model's own defaults
-    assert spec("--quality", "draft").steps == 600
-    assert spec("--quality", "draft", "--steps", "700").steps == 700
-    high = spec("--quality", "high")
-    assert (high.steps, high.mesh_resolution, high.refine_steps) == (2400, 192, 300)
-    assert spec("--quality", "high", "--refine-steps", "0").refine_steps == 0
-    assert spec().refine_steps is None  # the model's own: none for the embedded prior
-    assert spec("--quality", "high", "--mesh-resolution", "64").mesh_resolution == 64
-    assert (spec().texture_size, spec("--texture-size", "0").texture_size) == (1024, 0)
-    sd = spec("--quality", "draft", "--model", "sd21")
-    assert (sd.steps, sd.resolution) == (1500, 64)
+    standard = recipe()
+    assert (standard.schedule.steps, standard.mesh.resolution, standard.refine.steps, standard.mesh.texture_size) == (
+        1000, 128, 0, 1024)  # the embedded card's own recipe
+    assert recipe("--quality", "draft").schedule.steps == 600
+    assert recipe("--quality", "draft", "--steps", "700").schedule.steps == 700
+    high = recipe("--quality", "high")
+    assert (high.schedule.steps, high.mesh.resolution, high.refine.steps) == (2400, 192, 300)
+    assert recipe("--quality", "high", "--refine-steps", "0").refine.steps == 0
+    assert recipe("--quality", "high", "--mesh-resolution", "64").mesh.resolution == 64
+    assert recipe("--texture-size", "0").mesh.texture_size == 0
+    sd = recipe("--quality", "draft", "--model", "sd21")
+    assert (sd.schedule.steps, sd.resolution) == (1500, 64)

@@ -79,7 +79,7 @@ def test_the_converted_folder_is_a_four_view_denoiser_with_the_camera(converted)
 def test_a_generation_with_the_converted_model_scores_groups_of_four_views_with_one_timestep_each(converted):
     _, folder = converted
     guidance = load_guidance(str(folder))
-    assert guidance.views_per_group == 4 and guidance.recipe.views.words is False  # the camera tells the view
+    assert guidance.views_per_group == 4 and guidance.recipe.view_prompts.words is False  # the camera tells the view
     seen = []
     predict = guidance.predict_noise
     guidance.predict_noise = lambda noisy, t, cond, cams: seen.append((t.clone(), cams.azimuth.clone())) or predict(

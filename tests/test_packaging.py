@@ -112,8 +112,10 @@ def test_wheel_holds_only_the_promptmesh_namespace_and_the_weights(wheel):
     weights = sorted("promptmesh/backend/prior/weights/" + p.relative_to(ROOT / "backend/prior/weights").as_posix()
                      for p in (ROOT / "backend" / "prior" / "weights").rglob("*") if p.is_file())
     assert [w for w in weights if w.endswith(".safetensors")], "no embedded prior weights in the source tree"
-    missing = [w for w in weights if w not in names]
-    assert not missing, f"prior weights missing from the wheel: {missing}"
+    cards = [f"promptmesh/backend/recipes/{p.name}" for p in (ROOT / "backend" / "recipes").glob("*.json")]
+    assert "promptmesh/backend/prior/weights/recipe.json" in weights and cards
+    missing = [w for w in [*weights, *cards] if w not in names]
+    assert not missing, f"prior weights or model cards missing from the wheel: {missing}"
     for package in ("promptmesh/backend", "promptmesh/shared"):
         assert f"{package}/__init__.py" in names
     sources = [p.relative_to(ROOT).as_posix() for d in ("backend", "shared") for p in (ROOT / d).rglob("*.py")

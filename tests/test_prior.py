@@ -32,6 +32,7 @@ from promptmesh.backend.prior.shapes import (
     object_sdf,
     sdf,
 )
+from promptmesh.backend.prior.train import RECIPE
 
 
 def test_a_red_sphere_renders_as_a_red_disc_of_the_right_radius():
@@ -68,7 +69,7 @@ def test_a_batch_of_mixed_subjects_renders_each_image_as_it_renders_alone():
 
 
 def test_batches_are_deterministic_and_captioned_like_sds_prompts():
-    recipe = EmbeddedGuidance.recipe
+    recipe = RECIPE
     a = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
     b = make_batch(16, 32, torch.Generator().manual_seed(5), recipe)
     assert torch.equal(a.images, b.images) and a.prompts == b.prompts
@@ -86,7 +87,7 @@ def test_captions_are_drawn_afresh_so_every_image_trains_both_guidance_branches(
     """Classifier-free guidance drops captions per step: dropped once per image in the dataset,
     the unconditional branch would learn from a tenth of the images and the rest never go
     uncaptioned."""
-    batch = make_batch(64, 8, torch.Generator().manual_seed(3), EmbeddedGuidance.recipe)
+    batch = make_batch(64, 8, torch.Generator().manual_seed(3), RECIPE)
     g = torch.Generator().manual_seed(4)
     draws = [draw_captions(batch.prompts, batch.cameras, 1, g, 0.1, 0.3) for _ in range(200)]
     empty = torch.tensor([[c == "" for c in d] for d in draws])  # [draws, images]
@@ -95,7 +96,7 @@ def test_captions_are_drawn_afresh_so_every_image_trains_both_guidance_branches(
     named = torch.tensor([[c.endswith(" view") for c in d] for d in draws])
     assert named.any(0).all() and (~named & ~empty).any(0).all()  # and with and without its view
     assert {c for d in draws for c in d} <= set(possible_captions(set(batch.prompts)))  # all tokenized up front
-    groups = make_batch(16, 8, torch.Generator().manual_seed(3), EmbeddedGuidance.recipe, views=4)
+    groups = make_batch(16, 8, torch.Generator().manual_seed(3), RECIPE, views=4)
     for captions in (draw_captions(groups.prompts, groups.cameras, 4, g, 0.5, 1.0) for _ in range(20)):
         assert all(len(set(captions[i : i + 4])) == 1 for i in range(0, 16, 4))  # one caption a group
         assert not any(c.endswith(" view") for c in captions)
@@ -107,7 +108,7 @@ def test_training_views_lean_to_the_front_as_the_bias_says():
     assert (az < 180).all()
     assert 0.80 < (az <= 60).float().mean() < 0.86  # the documented 83 %
     assert 0.02 < (az >= 135).float().mean() < 0.06  # and 4 % from behind
-    batch = make_batch(256, 8, torch.Generator().manual_seed(1), EmbeddedGuidance.recipe, bias)
+    batch = make_batch(256, 8, torch.Generator().manual_seed(1), RECIPE, bias)
     captions = draw_captions(batch.prompts, batch.cameras, 1, torch.Generator().manual_seed(2), 0.1, bias.view_word_rate)
     named = sum(c.endswith(" view") for c in captions) / len(captions)
     assert 0.2 < named < 0.4  # view words in about 30 % of the captions (27 % with a tenth empty)
@@ -126,7 +127,7 @@ def test_only_mirror_symmetric_subjects_may_be_flipped_in_training():
 
 
 def test_camera_features_map_the_recipe_ranges_to_unit_range():
-    ranges = EmbeddedGuidance.recipe.cameras
+    ranges = RECIPE.cameras
     ends = lambda i: torch.tensor([float(ranges.distance[i]), float(ranges.fovy[i])])  # noqa: E731
     lo, hi = ends(0), ends(1)
     mid = (lo + hi) / 2

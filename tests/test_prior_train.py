@@ -17,8 +17,8 @@ from promptmesh.backend.pipeline import run
 from promptmesh.backend.prior.data import ViewBias, make_batch
 from promptmesh.backend.prior.model import EmbeddedPrior, camera_features
 from promptmesh.backend.prior.sample import sample, sample_grid
-from promptmesh.backend.prior.train import TrainConfig, draw_batch, learning_rate, train
-from promptmesh.backend.recipe import Recipe, resolve
+from promptmesh.backend.prior.train import RECIPE, TrainConfig, draw_batch, learning_rate, train
+from promptmesh.backend.recipe import CARDS_DIR, ModelCard, Recipe, resolve
 from promptmesh.shared.errors import PromptMeshError
 from promptmesh.shared.spec import JobSpec
 
@@ -30,7 +30,7 @@ def weights(prior: EmbeddedPrior) -> torch.Tensor:
 
 
 def test_multiview_batches_are_groups_of_one_subject_a_quarter_turn_apart():
-    batch = make_batch(12, 16, torch.Generator().manual_seed(2), EmbeddedGuidance.recipe, views=4)
+    batch = make_batch(12, 16, torch.Generator().manual_seed(2), RECIPE, views=4)
     cams = batch.cameras
     for g in range(3):
         s = slice(4 * g, 4 * g + 4)
@@ -43,11 +43,11 @@ def test_multiview_batches_are_groups_of_one_subject_a_quarter_turn_apart():
     # every view of a group is a different picture of it
     assert all(not torch.equal(batch.images[0], batch.images[k]) for k in (1, 2, 3))
     with pytest.raises(ValueError, match="whole groups"):
-        make_batch(6, 16, torch.Generator(), EmbeddedGuidance.recipe, views=4)
+        make_batch(6, 16, torch.Generator(), RECIPE, views=4)
 
 
 def test_a_training_batch_gives_each_group_one_timestep_and_each_view_its_own_noise():
-    batch = make_batch(16, 8, torch.Generator().manual_seed(0), EmbeddedGuidance.recipe, views=4)
+    batch = make_batch(16, 8, torch.Generator().manual_seed(0), RECIPE, views=4)
     data = {"images": (batch.images * 255).round().to(torch.uint8), "prompts": batch.prompts,
             "cameras": torch.stack([batch.cameras.elevation, batch.cameras.azimuth, batch.cameras.distance,
                                     torch.rad2deg(batch.cameras.fovy)], -1)}
@@ -138,7 +138,7 @@ def test_a_multiview_run_writes_a_prior_that_loads_and_guides_in_groups(multivie
     assert attn1 and all(isinstance(p, MultiViewAttnProcessor) for p in attn1)
     guidance = load_guidance(str(multiview_prior))
     assert isinstance(guidance, EmbeddedGuidance) and guidance.views_per_group == 4
-    assert not guidance.recipe.views.words  # the camera tells the view, as in its training captions
+    assert not guidance.recipe.view_prompts.words  # the camera tells the view, as in its training captions
     # rows of samples are drawn as whole groups, shown in orbit order
     grid = sample_grid(prior, "a red mug", views=8, rows=1, steps=2)
     assert grid.shape == (32, 8 * 32, 3)
@@ -155,7 +155,7 @@ def test_single_views_makes_a_multiview_unet_denoise_each_entry_alone(multiview_
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(n, 3, 32, 32, generator=g), torch.full((n,), 400)
     states, pooled = prior.encode_text(["a red mug"] * n)
-    cams = camera_features(orbit_groups(4, 4)[0], EmbeddedGuidance.recipe.cameras)
+    cams = camera_features(orbit_groups(4, 4)[0], RECIPE.cameras)
     with torch.no_grad():
         joint = prior.predict_noise(x, t, states, pooled, cams)
         with single_views(prior.unet):
@@ -184,7 +184,8 @@ def test_a_generation_with_the_multiview_prior_renders_whole_groups_and_records_
         assert azimuth.shape == (8,)
         assert torch.allclose((azimuth[:4] - azimuth[0]) % 360, torch.tensor([0.0, 90.0, 180.0, 270.0]), atol=1e-3)
     recorded = Recipe.from_dict(result.metadata["recipe"])
-    assert recorded == resolve(EmbeddedGuidance.multiview_recipe, job) and not recorded.views.words
+    assert recorded == resolve(ModelCard.load(multiview_prior), job) and not recorded.view_prompts.words
+    assert ModelCard.load(multiview_prior).recipe == ModelCard.load(CARDS_DIR / "embedded-multiview.json").recipe
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -10,12 +10,12 @@ import trimesh
 
 from promptmesh.backend.cameras import Cameras
 from promptmesh.backend.guidance.embedded import EmbeddedGuidance
+from promptmesh.backend.guidance.loading import model_card
 from promptmesh.backend.prior.judge import judge_mesh
 from promptmesh.backend.raster import project, rasterize
 from promptmesh.backend.recipe import RefineSettings
-from promptmesh.backend.refine import Refiner
 from promptmesh.backend.shading import ShadingConfig
-from promptmesh.backend.trainer import Trainer
+from promptmesh.backend.stages import DMTetModel, JobContext, NeRFModel
 
 HALF = 0.4  # the target: an axis-aligned cube of side 0.8
 
@@ -48,17 +48,18 @@ class SilhouetteGuidance(EmbeddedGuidance):
 
 
 def test_refinement_moves_the_surface_towards_the_target():
-    guidance = SilhouetteGuidance()
+    guidance = SilhouetteGuidance(model_card("embedded"))
     recipe = replace(guidance.recipe, shading=ShadingConfig(albedo=1.0, textureless=0.0),  # flat red, as the target
                      refine=RefineSettings(steps=80, grid=24, resolution=48, color_share=0.0, lr_sdf=2e-3,
                                            lr_offset=2e-2, normal_weight=0.1, laplacian_weight=0.0))
-    trainer = Trainer(guidance, guidance.embed_prompt("a red cube"), recipe, 0, torch.device("cpu"))
-    trainer.field = SphereField()  # type: ignore[assignment]
-    refiner = Refiner(trainer, 25.0)  # the level where the ball's density is half
-    before = refiner.mesh(None)
+    ctx = JobContext.create(guidance, guidance.embed_prompt("a red cube"), recipe, 0, torch.device("cpu"))
+    nerf = NeRFModel(ctx, 0)
+    nerf.field = SphereField()  # type: ignore[assignment]
+    refiner = DMTetModel(ctx, nerf, 25.0)  # the level where the ball's density is half
+    before = refiner.extract(None)
     for _ in range(recipe.refine.steps):
         refiner.train_step()
-    after = refiner.mesh(None)
+    after = refiner.extract(None)
     iou_before, iou_after = judge_mesh(before).ious["cube"], judge_mesh(after).ious["cube"]
     assert iou_after > iou_before + 0.04, (iou_before, iou_after)
     assert np.allclose(after.colors, [0.8, 0.1, 0.1], atol=1e-6)

@@ -8,9 +8,10 @@ import torch
 from promptmesh.backend.cameras import make_cameras, view_word
 from promptmesh.backend.guidance import ModelLoadError, load_guidance
 from promptmesh.backend.guidance.base import Guidance
+from promptmesh.backend.guidance.loading import model_card
 from promptmesh.backend.guidance.stable_diffusion import StableDiffusionGuidance
 from promptmesh.backend.recipe import Objective, resolve
-from promptmesh.backend.trainer import Trainer
+from promptmesh.backend.stages import JobContext, NeRFModel
 from promptmesh.shared.spec import JobSpec
 
 
@@ -153,7 +154,7 @@ def test_the_half_precision_path_runs_end_to_end_in_bfloat16_on_the_cpu(tiny_sd)
     """What CUDA runs in fp16 (VAE and UNet in half precision, SDS arithmetic in fp32), shaken
     out on the CPU in bfloat16: every tensor on the right dtype, a finite gradient that reaches
     the render."""
-    g = StableDiffusionGuidance(str(tiny_sd), dtype=torch.bfloat16)
+    g = StableDiffusionGuidance(model_card(str(tiny_sd)), str(tiny_sd), dtype=torch.bfloat16)
     assert next(g.unet.parameters()).dtype == torch.bfloat16 and g.alphas_cumprod.dtype == torch.float32
     emb = g.embed_prompt("a red cube")
     images = torch.rand(1, 3, 16, 16, requires_grad=True)
@@ -336,15 +337,15 @@ def test_fused_adam_makes_the_unfused_update_up_to_float_rounding(tiny_sd):
     """The recipe's `fused_adam` (on for Stable Diffusion, off for the embedded prior) changes
     the speed of the update, not the update: a few steps agree to rounding."""
     guidance = load_guidance(str(tiny_sd))
-    base = resolve(guidance.recipe, JobSpec("a red cube", steps=6, resolution=32))
+    base = resolve(guidance.card, JobSpec("a red cube", steps=6, resolution=32))
 
-    def flat(trainer: Trainer) -> torch.Tensor:
+    def flat(trainer: NeRFModel) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in trainer.field.parameters()])
 
     runs = []
     for fused in (True, False):
-        trainer = Trainer(guidance, guidance.embed_prompt("a red cube"),
-                          replace(base, optim=replace(base.optim, fused_adam=fused)), 0, torch.device("cpu"))
+        recipe = replace(base, optim=replace(base.optim, fused_adam=fused))
+        trainer = NeRFModel(JobContext.create(guidance, guidance.embed_prompt("a red cube"), recipe, 0, torch.device("cpu")), 0)
         start = flat(trainer)
         for _ in range(3):
             trainer.train_step()

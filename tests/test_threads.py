@@ -59,7 +59,7 @@ def test_one_core_never_probes():
 FAULTS = """
 import ctypes, resource, sys, torch
 from promptmesh.backend.field import FieldConfig, NeRFField
-from promptmesh.backend.threads import M_TRIM_THRESHOLD, keep_freed_memory
+from promptmesh.backend.process import M_TRIM_THRESHOLD, keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 else:  # the trap: a trim threshold alone freezes glibc's mmap threshold at 128 KB

@@ -13,7 +13,7 @@ from ...shared.errors import PromptMeshError
 from ...shared.vocab import ErrorCode
 from ..cameras import OVERHEAD_ABOVE, Cameras, view_word
 from ..prompts import Cond, PromptEmbeddings, cat_cond, perp_neg_noise, perp_neg_weights
-from ..recipe import Objective, Recipe, ViewPrompts
+from ..recipe import ModelCard, Objective, Recipe, ViewPrompts
 
 
 class ModelLoadError(PromptMeshError):
@@ -44,10 +44,10 @@ def weight_hashes(folder: Path, components: tuple[str, ...] = ()) -> dict[str, s
 
 class Guidance(nn.Module):
     """A frozen diffusion prior. Subclasses map renders to its input space, encode text and
-    predict noise; `sds_grad` and `sds_loss` are the same for all of them. `recipe` holds the
-    generation settings that suit the prior."""
+    predict noise; `sds_grad` and `sds_loss` are the same for all of them. `card` holds the
+    generation settings that suit the prior (its recipe.json)."""
 
-    recipe: Recipe
+    card: ModelCard
     views_per_group: int = 1  # > 1: a multi-view prior, denoising that many views of one object together
     alphas_cumprod: torch.Tensor
     weights: dict  # where the weights came from: {"source", "revision", "sha256": {file: digest}}
@@ -70,6 +70,11 @@ class Guidance(nn.Module):
         for text in (prompt, negative):
             self.check_prompt(text)
         return PromptEmbeddings(prompt, negative, self.encode_text)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe the prior was made for (the cameras and lighting it saw in training)."""
+        return self.card.recipe
 
     @property
     def device(self) -> torch.device:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,8 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..cameras import Cameras, mvdream_cameras
 from ..models import CATALOGUE, cached_file
 from ..multiview import load_unet, views_per_group
-from ..recipe import Objective, Recipe, RefineSettings, Schedule, ViewPrompts
-from ..shading import ShadingConfig
+from ..recipe import ModelCard
 from .base import Guidance, ModelLoadError, weight_hashes
 
 DEFAULT_MODEL_ID = CATALOGUE["sd21"].repos[0]
@@ -95,24 +93,10 @@ class StableDiffusionGuidance(Guidance):
     """SDS against Stable Diffusion: renders are upsampled to the UNet's native size (512 for
     SD 2.1-base), VAE-encoded, and scored by the frozen UNet (fp16 and no grad on CUDA)."""
 
-    recipe = Recipe(
-        schedule=Schedule(steps=5000, t_range=(0.02, 0.98), t_max_end=0.98, field_levels_start=8),
-        guidance_scale=100.0, resolution=64,
-        shading=ShadingConfig(albedo=0.1, textureless=0.2, ambient=0.1), background="mlp",
-        # The refinement renders at the UNet's own 512 px (Magic3D's fine stage); off by default:
-        # untuned here, where no GPU runs Stable Diffusion (--refine-steps turns it on).
-        refine=RefineSettings(resolution=512, grid=64),
-    )
-
-    # A multi-view prior (MVDream: `promptmesh models convert-mvdream`) is told the camera, so
-    # its prompt has no view word; MVDream's guidance scale (50), t annealed to [0.02, 0.5] and
-    # its x0-reconstruction objective with the spread rescaled half-way (its published defaults).
-    multiview_recipe = replace(recipe, guidance_scale=50.0, views=ViewPrompts(words=False),
-                               schedule=replace(recipe.schedule, t_max_end=0.5), objective=Objective("x0", 0.5))
-
-    def __init__(self, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu",
+    def __init__(self, card: ModelCard, model: str = DEFAULT_MODEL_ID, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.card = card
         device = torch.device(device)
         # Half precision on CUDA (fp16 LayerNorm has no CPU kernel); the SDS arithmetic stays fp32.
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -140,8 +124,6 @@ class StableDiffusionGuidance(Guidance):
                 model, subfolder="unet", torch_dtype=self.dtype, local_files_only=local_only, variant=_variant(folder, "unet")
             )
             self.views_per_group = views_per_group(self.unet)
-            if self.views_per_group > 1:
-                self.recipe = self.multiview_recipe
             self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype, local_files_only=local_only,
                                                      variant=_variant(folder, "vae"))
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)

@@ -7,8 +7,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from ..cameras import Cameras, orbit_groups, view_word
-from ..guidance.embedded import EmbeddedGuidance
 from ..prompts import view_prompt
+from ..recipe import ModelCard
+from . import WEIGHTS_DIR
 from .model import IMAGE_SIZE, EmbeddedPrior, camera_features
 
 # DDIM samples of the shipped weights are best unguided (bench/prior_samples.py, 360 samples):
@@ -35,7 +36,7 @@ def sample(
     captions = ([view_prompt(prompt, v) for v in view_word(cameras.elevation, cameras.azimuth)] if view_words
                 else [prompt] * n)
     states, pooled = prior.encode_text([""] * n + captions)
-    cams = camera_features(cameras, EmbeddedGuidance.recipe.cameras).repeat(2, 1)
+    cams = camera_features(cameras, ModelCard.load(WEIGHTS_DIR).recipe.cameras).repeat(2, 1)
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ import copy
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,12 +23,16 @@ from ...shared.errors import PromptMeshError
 from ...shared.result import atomic_folder, atomic_write
 from ...shared.vocab import ErrorCode
 from ..cameras import Cameras, make_cameras
-from ..guidance.embedded import EmbeddedGuidance
 from ..multiview import make_multiview, single_views
+from ..recipe import CARDS_DIR, ModelCard
+from . import WEIGHTS_DIR
 from .data import MIRROR_SYMMETRIC, SUBJECTS, ViewBias, draw_captions, make_batch, possible_captions
 from .model import IMAGE_SIZE, EmbeddedPrior, build_tokenizer, camera_features
 
-RECIPE = EmbeddedGuidance.recipe  # the prior learns the views and lighting SDS will show it
+CARD = ModelCard.load(WEIGHTS_DIR)
+RECIPE = CARD.recipe  # the prior learns the views and lighting SDS will show it
+# A multi-view prior learns the view from its camera alone (its captions name none): its card.
+MULTIVIEW_CARD = ModelCard.load(CARDS_DIR / "embedded-multiview.json")
 RENDER_CHUNK = 2048  # images drawn and rendered at a time (the draws depend on it: one value everywhere)
 LOG_EVERY = 50  # steps between writes of loss.csv
 # What a checkpoint written before a setting existed trained under, where no value of the
@@ -142,6 +146,13 @@ def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, gene
     return a.sqrt() * x + (1 - a).sqrt() * noise, captions, cameras, t, noise
 
 
+def save_with_card(prior: EmbeddedPrior, folder: Path, views: int) -> None:
+    """The weights and, beside them, the card SDS reads (recipe.json): a prior's recipe is the one
+    it was trained under; no time has been measured for new weights."""
+    prior.save_pretrained(folder)
+    replace(CARD if views == 1 else MULTIVIEW_CARD, seconds={}, measured_on="").save(folder)
+
+
 def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.device | str = "cpu") -> EmbeddedPrior:
     """Train (or resume) the prior; returns the EMA model, also saved under OUT/prior."""
     if config.views < 1 or config.batch_size % config.views or config.dataset_size % config.views:
@@ -245,7 +256,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "generator": generator.get_state(), "step": step, "config": asdict(config)}
             atomic_write(ckpt_path, functools.partial(torch.save, state))
-            atomic_folder(out / "prior", ema.save_pretrained)
+            atomic_folder(out / "prior", lambda folder: save_with_card(ema, folder, config.views))
     bar.close()
     log.close()
     return ema

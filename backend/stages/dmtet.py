@@ -1,13 +1,12 @@
-"""The refinement stage after the NeRF (Magic3D's and NeMo's DMTet stage): an explicit surface
-on a deformable tetrahedral grid, initialised from the NeRF's density and optimised with the
-same SDS guidance through the rasteriser, at a higher render resolution; then the colour alone
-on the fixed geometry. Marching cubes of a NeRF rounds every edge (its density is smooth over
-a few field cells); a mesh optimised as a mesh keeps the flat faces and corners the prior
-draws.
+"""The mesh stage after the NeRF (Magic3D's and NeMo's DMTet stage): an explicit surface on a
+deformable tetrahedral grid, initialised from the NeRF's density and optimised with the same
+distillation through the rasteriser, at a higher render resolution; then the colour alone on
+the fixed geometry. Marching cubes of a NeRF rounds every edge (its density is smooth over a
+few field cells); a mesh optimised as a mesh keeps the flat faces and corners the prior draws.
 
-Colour comes from the NeRF field's own albedo at the surface points (the field stays the
-colour model; in the geometry phase it is frozen and looked up at detached points, so that
-shape moves only for the silhouette and the shading the prior sees).
+Colour comes from the NeRF model's albedo at the surface points (the NeRF stays the colour
+model; while shaping it is looked up without gradients at detached points, so that the shape
+moves only for the silhouette and the shading the prior sees).
 """
 
 from __future__ import annotations
@@ -17,13 +16,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..shared.result import Mesh
-from .cameras import Cameras, orbit_cameras, ray_bundle, sample_views
-from .dmtet import TetGrid, marching_tets
-from .mesh import MeshError, finish_mesh
-from .raster import face_normals, mesh_edges, project, rasterize, vertex_normals
-from .shading import shade
-from .trainer import Trainer
+from ...shared.result import Mesh
+from ...shared.vocab import Stage
+from ..cameras import Cameras, orbit_cameras, ray_bundle
+from ..dmtet import TetGrid, marching_tets
+from ..mesh import MeshError, finish_mesh
+from ..raster import face_normals, mesh_edges, project, rasterize, vertex_normals
+from ..shading import shade
+from .context import JobContext
+from .loop import PROXY_MAX_FACES, rgba_uint8
+from .nerf import NeRFModel
 
 
 def initial_sdf(density: np.ndarray, level: float, cell: float) -> np.ndarray:
@@ -52,31 +54,35 @@ def _spread(x: torch.Tensor, covered: torch.Tensor, reach: int = 2) -> torch.Ten
     return torch.where(covered[..., None], x, filled)
 
 
-class Refiner:
+class DMTetModel:
     """Owns the tetrahedral grid's SDF and offsets, and the optimisers of both phases."""
 
-    def __init__(self, trainer: Trainer, threshold: float | None) -> None:
-        """`threshold`: the density of the NeRF's surface (Trainer.surface_density)."""
-        self.trainer, self.settings = trainer, trainer.recipe.refine
-        device, field = trainer.device, trainer.field
+    stage = Stage.REFINING
+
+    def __init__(self, ctx: JobContext, nerf: NeRFModel, threshold: float | None) -> None:
+        """`threshold`: the density of the NeRF's surface (NeRFModel.surface_density)."""
+        self.ctx, self.nerf, self.settings = ctx, nerf, ctx.recipe.refine
         # a margin of two cells, so that a surface at the field's bound still closes
         res = self.settings.grid
-        self.grid = TetGrid.cube(res, field.radius * res / (res - 4), device)
+        self.grid = TetGrid.cube(res, nerf.field.radius * res / (res - 4), ctx.device)
         with torch.no_grad():
-            density = torch.cat([field.density(c) for c in self.grid.vertices.split(65536)])
+            density = torch.cat([nerf.field.density(c) for c in self.grid.vertices.split(65536)])
         level = float(threshold) if threshold is not None else float(density.max()) * 0.5
         density_grid = density.view(res + 1, res + 1, res + 1).cpu().numpy().astype(np.float64)
         if not (density_grid > level).any():
             raise MeshError("the NeRF stage left no surface to refine: run more --steps or change the --seed")
         sdf = initial_sdf(density_grid, level, self.grid.cell)
-        self.sdf = torch.nn.Parameter(torch.from_numpy(sdf).reshape(-1).to(device))
+        self.sdf = torch.nn.Parameter(torch.from_numpy(sdf).reshape(-1).to(ctx.device))
         self.offset = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
         s = self.settings
+        fused = ctx.recipe.optim.fused_adam
         self.shape_optimizer = torch.optim.Adam([{"params": [self.sdf], "lr": s.lr_sdf},
-                                                 {"params": [self.offset], "lr": s.lr_offset}],
-                                                fused=trainer.recipe.optim.fused_adam)
-        self.color_optimizer: torch.optim.Optimizer | None = None  # made when the colour phase starts
+                                                 {"params": [self.offset], "lr": s.lr_offset}], fused=fused)
+        self.steps = s.steps
         self.geometry_steps = round(s.steps * (1 - s.color_share))
+        # The colour phase, if any, tunes the NeRF's colour model on the fixed surface.
+        self.color_optimizer = (torch.optim.Adam(nerf.field.parameters(), lr=s.lr_color, fused=fused)
+                                if self.geometry_steps < self.steps else None)
         self.step = 0
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -97,7 +103,6 @@ class Refiner:
         """[B, 3, H, W] display colour over the background, and [B, 1, H, W] alpha. While `shaping`,
         the colour is looked up without gradients one cell inside the surface: the field's colour is
         trained only where its density is, and the surface may lie up to half a cell outside."""
-        t = self.trainer
         frags = rasterize(project(vertices, cameras, size, size), faces, size, size, self.settings.sigma, edges)
         covered = frags.face >= 0
         points = frags.interpolate(vertices, faces)
@@ -106,13 +111,13 @@ class Refiner:
         if covered.any():
             with torch.set_grad_enabled(torch.is_grad_enabled() and not shaping):
                 inset = self.grid.cell if shaping else 0.0
-                albedo = albedo.index_put((covered,), t.field(points[covered] - inset * normals[covered])[1])
+                albedo = albedo.index_put((covered,), self.nerf.albedo(points[covered] - inset * normals[covered]))
         albedo, normals = _spread(albedo, covered), _spread(normals, covered)
         alpha = frags.alpha[..., None]
         light = cameras.light_dir[:, None, None, :].expand_as(normals)
-        color = shade(shading, albedo * alpha, alpha, normals, light, t.recipe.shading.ambient)
+        color = shade(shading, albedo * alpha, alpha, normals, light, self.ctx.recipe.shading.ambient)
         _, dirs = ray_bundle(cameras, size, size)
-        color = color + (1 - alpha) * t.background(dirs.reshape(-1, 3)).view_as(color)
+        color = color + (1 - alpha) * self.nerf.background(dirs.reshape(-1, 3)).view_as(color)
         return color.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
 
     def regularisers(self, vertices: torch.Tensor, faces: torch.Tensor,
@@ -131,21 +136,17 @@ class Refiner:
         return s.normal_weight * consistency + s.laplacian_weight * (laplacian**2).sum(-1).mean() / self.grid.cell**2
 
     def train_step(self) -> float:
-        """One SDS step on the shape (first phase) or on the colour (second phase); the loss."""
-        t, s = self.trainer, self.settings
-        r = t.recipe
+        """One distillation step on the shape (first phase) or on the colour (second phase); the loss."""
+        ctx, s = self.ctx, self.settings
         shaping = self.step < self.geometry_steps
         if not shaping and self._fixed is None:
             with torch.no_grad():
                 self._fixed = self.surface()
-            self.color_optimizer = torch.optim.Adam(t.field.parameters(), lr=s.lr_color, fused=r.optim.fused_adam)
-        cameras = sample_views(t.guidance.views_per_group, t.generator, r.cameras).to(t.device)
-        t.field.requires_grad_(not shaping)
+        cameras = ctx.sample_cameras()
         vertices, faces = self.surface()
         edges = mesh_edges(faces)
-        rgb, _ = self.render(vertices, faces, cameras, s.resolution, r.shading.sample(t.generator), shaping, edges)
-        loss = t.guidance.sds_loss(rgb, t.embeddings, cameras, r.guidance_scale, s.t_range, t.generator, r.views,
-                                    r.objective)
+        rgb, _ = self.render(vertices, faces, cameras, s.resolution, ctx.recipe.shading.sample(ctx.generator), shaping, edges)
+        loss = ctx.distill(rgb, cameras, s.t_range)
         if shaping:
             loss = loss + self.regularisers(vertices, faces, edges)
         optimizer = self.shape_optimizer if shaping or self.color_optimizer is None else self.color_optimizer
@@ -159,15 +160,38 @@ class Refiner:
     def preview(self, size: int = 64) -> np.ndarray:
         """An RGBA uint8 render of the current mesh from an orbiting camera."""
         vertices, faces = self.surface()
-        cameras = orbit_cameras(1, start_azimuth=(self.step * 7.0) % 360.0).to(self.trainer.device)
+        cameras = orbit_cameras(1, start_azimuth=(self.step * 7.0) % 360.0).to(self.ctx.device)
         rgb, alpha = self.render(vertices, faces, cameras, size, "lambertian", True)
-        rgba = torch.cat([rgb, alpha], 1).clamp(0, 1)[0].permute(1, 2, 0)
-        return (rgba * 255).round().to(torch.uint8).cpu().numpy()
+        return rgba_uint8(rgb, alpha)[0]
 
     @torch.no_grad()
-    def mesh(self, max_faces: int | None) -> Mesh:
+    def extract(self, max_faces: int | None) -> Mesh:
         """The refined surface as a coloured Mesh (floaters dropped, decimated to `max_faces`)."""
         vertices, faces = self.surface()
-        field = self.trainer.field
-        return finish_mesh(vertices.cpu().numpy(), faces.cpu().numpy(), lambda x: field(x)[1], max_faces,
-                           device=self.trainer.device, background=self.trainer.solid_background)
+        return finish_mesh(vertices.cpu().numpy(), faces.cpu().numpy(), self.nerf.albedo, max_faces,
+                           device=self.ctx.device, background=self.nerf.solid_background)
+
+    def proxy(self) -> Mesh:
+        return self.extract(PROXY_MAX_FACES)
+
+    def mesh(self) -> Mesh:
+        return self.extract(self.ctx.recipe.mesh.max_faces)
+
+    def state_dict(self) -> dict:
+        """The colour phase's fixed surface is rebuilt from the SDF and offsets, which it no longer moves."""
+        return {"step": self.step, "sdf": self.sdf.detach().clone(), "offset": self.offset.detach().clone(),
+                "shape_optimizer": self.shape_optimizer.state_dict(),
+                "color_optimizer": None if self.color_optimizer is None else self.color_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.sdf.copy_(state["sdf"])
+            self.offset.copy_(state["offset"])
+        self.shape_optimizer.load_state_dict(state["shape_optimizer"])
+        if self.color_optimizer is not None:
+            self.color_optimizer.load_state_dict(state["color_optimizer"])
+        self.step = state["step"]
+        self._fixed = None
+        if self.step > self.geometry_steps:
+            with torch.no_grad():
+                self._fixed = self.surface()

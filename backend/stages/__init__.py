@@ -1,0 +1,10 @@
+"""A job's stages. Each is a model in nerfstudio's sense, owning its parameters, optimiser
+state, render, loss and checkpoint state; loop.py runs any of them, and what a job shares
+travels in a JobContext."""
+
+from .context import JobContext
+from .dmtet import DMTetModel
+from .loop import Checkpointer, StageModel, run_stage
+from .nerf import NeRFModel
+
+__all__ = ["Checkpointer", "DMTetModel", "JobContext", "NeRFModel", "StageModel", "run_stage"]

@@ -1,0 +1,37 @@
+"""What every stage of one job shares, passed explicitly: the prior, the prompt's embeddings,
+the resolved recipe, the job's one random generator and the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cameras import Cameras, sample_views
+from ..guidance.base import Guidance
+from ..prompts import PromptEmbeddings
+from ..recipe import Recipe
+
+
+@dataclass
+class JobContext:
+    guidance: Guidance
+    embeddings: PromptEmbeddings
+    recipe: Recipe
+    generator: torch.Generator  # every random draw of the job, so a seed repeats the job
+    device: torch.device
+
+    @classmethod
+    def create(cls, guidance: Guidance, embeddings: PromptEmbeddings, recipe: Recipe, seed: int,
+               device: torch.device) -> JobContext:
+        return cls(guidance, embeddings, recipe, torch.Generator().manual_seed(seed), device)
+
+    def sample_cameras(self) -> Cameras:
+        """A training batch of cameras (a whole group for a multi-view prior)."""
+        return sample_views(self.guidance.views_per_group, self.generator, self.recipe.cameras).to(self.device)
+
+    def distill(self, images: torch.Tensor, cameras: Cameras, t_range: tuple[float, float]) -> torch.Tensor:
+        """The score-distillation loss of renders seen from `cameras`: the one call every stage makes."""
+        r = self.recipe
+        return self.guidance.sds_loss(images, self.embeddings, cameras, r.guidance_scale, t_range, self.generator, r.view_prompts,
+                                      r.objective)
