@@ -10,11 +10,15 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..shared.errors import PromptMeshError
 from ..shared.spec import TEXTURE_SIZES, JobSpec
 from ..shared.vocab import Device, ErrorCode, Quality, Stage, ViewPrompt
 from .models import EMBEDDED
+
+if TYPE_CHECKING:
+    from .stages import Surface
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -89,6 +93,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     spec = _spec(args)
     out, fmt = output_path(args.output, args.format, spec.prompt)
+    return _run_and_write(args, spec, out, fmt)
+
+
+def cmd_texture(args: argparse.Namespace) -> int:
+    """Paint a given mesh from a prompt: its geometry, place and size stay as they are."""
+    from .export import read_surface
+    from .stages import Surface
+
+    surface = Surface.checked(*read_surface(args.mesh))
+    spec = _spec(args)
+    out, fmt = output_path(args.output, args.format, f"{Path(args.mesh).stem} {spec.prompt}")
+    for warning in surface.warnings:
+        print(f"note: {warning}", file=sys.stderr)
+    return _run_and_write(args, spec, out, fmt, surface)
+
+
+def _run_and_write(args: argparse.Namespace, spec: JobSpec, out: Path, fmt: str, surface: Surface | None = None) -> int:
+    """Run the job with a progress bar (previews and a checkpoint beside `out`) and write the mesh
+    and its sidecar JSON."""
     from .process import prepare_process
 
     prepare_process()
@@ -133,10 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     checkpoint = out.with_name(out.stem + ".ckpt.pt")
     result = run(spec, on_event, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                 threads=args.threads)
+                 threads=args.threads, surface=surface)
     write_mesh(result.mesh, out, fmt)
     meta = {**result.metadata, "file": out.name, "format": fmt}
-    if args.video:
+    if getattr(args, "video", False) and result.nerf is not None:
         from .video import write_turntable
 
         video = write_turntable(result.nerf, out.with_suffix(".mp4"))
@@ -495,6 +518,12 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
                    "none, the prior's camera input alone (camera); default: the model's")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (OUT.ckpt.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
+    p.add_argument("--threads", type=threads, default="auto", help=THREADS_HELP)
+
+
 def threads(value: str) -> int | str:
     """--threads: "auto" or a positive count."""
     if value == "auto":
@@ -532,10 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_options(g)
     g.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
-    g.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (OUT.ckpt.pt)")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
-    g.add_argument("--threads", type=threads, default="auto", help=THREADS_HELP)
+    _run_options(g)
     g.set_defaults(func=cmd_generate)
+
+    tx = sub.add_parser("texture", help="paint a given mesh from a prompt (its geometry stays as it is)")
+    tx.add_argument("mesh", help="the mesh to paint: GLB/glTF, OBJ, PLY, STL, ... (its UVs are kept if it has them)")
+    tx.add_argument("-o", "--output", help="output file (default: the mesh's name and the prompt's words .glb)")
+    tx.add_argument("--format", choices=("glb", "ply", "obj"), help="file format (default: from -o, else glb)")
+    _generation_options(tx)
+    tx.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
+    _run_options(tx)
+    tx.set_defaults(func=cmd_texture)
 
     srv = sub.add_parser("serve", help="run the job server")
     srv.add_argument("--bind", default="tcp://127.0.0.1:5555")

@@ -103,6 +103,24 @@ def read_mesh(path: str | Path) -> Mesh:
     )
 
 
+def read_surface(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(vertices [V, 3] in our axes, faces [F, 3], UVs [V, 2] or None) of any mesh file trimesh
+    reads (GLB/glTF, OBJ, PLY, STL, OFF...), for painting; colours and materials are ignored.
+    glTF and OBJ are Y up, the rest taken as Z up (as write_mesh writes them)."""
+    path = Path(path)
+    try:
+        tm = _load(path)
+    except Exception as exc:  # trimesh raises many kinds for a damaged or foreign file
+        raise PromptMeshError(f"cannot read {path.name} as a mesh: {exc}", ErrorCode.BAD_REQUEST) from exc
+    if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
+        raise PromptMeshError(f"{path} holds no triangle mesh", ErrorCode.BAD_REQUEST)
+    y_up = path.suffix.lower() in (".glb", ".gltf", ".obj")
+    verts = np.asarray(tm.vertices, np.float64)
+    uv = getattr(tm.visual, "uv", None)
+    return ((y_up_to_z_up(verts) if y_up else verts).astype(np.float32), np.asarray(tm.faces, np.int64),
+            None if uv is None else np.asarray(uv, np.float32)[:, :2])
+
+
 def _load(path: Path) -> trimesh.Trimesh | None:
     """The file's mesh. A scene of one mesh at its origin (the GLB write_mesh writes) is taken as
     it is: trimesh's merging of a scene's meshes (force="mesh") drops the vertex colours of a

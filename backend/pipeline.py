@@ -1,10 +1,10 @@
-"""One generation: `run(spec, on_event) -> Result`, shared by the CLI and the job server.
+"""One job: `run(spec, on_event) -> Result`, shared by the CLI and the job server.
 
 Loading (the prior, its card resolved once against the spec) -> the stages, each a model run
-by the one stage loop (stages/loop.py): the NeRF, then the mesh (DMTet) stage when the recipe
-has refinement steps -> meshing (the last stage's surface, then its base-colour texture) ->
-done. A checkpoint holds every stage's state so far; cancellation is a threading.Event
-checked every step.
+by the one stage loop (stages/loop.py): for a prompt, the NeRF, then the mesh (DMTet) stage when
+the recipe has refinement steps; for a given mesh (`surface`), the texture stage -> meshing (the
+last stage's surface, then its base-colour texture) -> done. A checkpoint holds every stage's
+state so far; cancellation is a threading.Event checked every step.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from . import __version__
 from .guidance import Guidance, load_guidance
 from .models import download, needs_download
 from .recipe import resolve
-from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, run_stage
+from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, Surface, TextureModel, run_stage
 from .stages.events import Cancelled, Event, PreviewEvent, ProxyEvent, ResultEvent, StageEvent, StepEvent
 from .stages.loop import PROXY_MAX_FACES, PROXY_RESOLUTION, CheckpointMismatch, LoopSettings, ProxyClock
-from .texture import TextureError, bake
+from .texture import ColorAt, TextureError, bake
 from .threads import FixedThreads, ThreadTuner, resolve_device
 
 # The public face of generation: the entry point, its result and its events.
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class Result:
     mesh: Mesh
     metadata: dict[str, Any]
-    nerf: NeRFModel = field(repr=False)  # the first stage's field: turntables render it
+    nerf: NeRFModel | None = field(repr=False)  # the NeRF stage's field (turntables render it); None when texturing
 
 
 @lru_cache(maxsize=1)
@@ -52,14 +52,14 @@ def cached_guidance(model: str, device: str) -> Guidance:
     return load_guidance(model, device)
 
 
-def textured(mesh: Mesh, size: int) -> tuple[Mesh, list[str]]:
-    """The mesh with its baked base-colour texture (`size` 0: none), and warnings. A failed
-    bake (xatlas crashes on some meshes) keeps the vertex-coloured mesh: the job still ends
-    with its result, and says why it has no texture."""
+def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Mesh, list[str]]:
+    """The mesh with its baked base-colour texture (`size` 0: none; of `color_at`, else of the
+    vertex colours), and warnings. A failed bake (xatlas crashes on some meshes) keeps the
+    vertex-coloured mesh: the job still ends with its result, and says why it has no texture."""
     if not size:
         return mesh, []
     try:
-        return bake(mesh, size), []
+        return bake(mesh, size, color_at), []
     except TextureError as exc:
         warning = f"no texture, the mesh keeps its vertex colours: {exc}"
         log.warning("%s", warning)
@@ -83,9 +83,10 @@ def run(
     checkpoint_every: int = 100,
     resume: bool = False,
     threads: int | str | None = None,
+    surface: Surface | None = None,
 ) -> Result:
     """Optimise a NeRF for `spec.prompt` (and refine its surface when the recipe says so) and
-    extract the mesh. `threads`: a CPU thread count, "auto" (chosen from step times as the
+    extract the mesh; or, given a `surface`, paint it. `threads`: a CPU thread count, "auto" (chosen from step times as the
     machine's load changes: backend/threads.py) or None (torch's setting as it is). Seeded runs
     repeat exactly at a fixed count."""
     spec.validate()
@@ -101,13 +102,18 @@ def run(
     ctx = JobContext.create(guidance, guidance.embed_prompt(spec.prompt, spec.negative), recipe, spec.seed, device)
     saver = None if checkpoint is None else Checkpointer(checkpoint, spec.to_dict(), recipe, checkpoint_every)
     saved = saver.load(device) if saver is not None and resume else None
-    nerf = NeRFModel(ctx, spec.seed)
-    stages: list[Callable[[], StageModel]] = [lambda: nerf]
-    if recipe.refine.steps:
-        stages.append(lambda: DMTetModel(ctx, nerf, nerf.surface_density()))
+    stages: list[Callable[[], StageModel]]
+    nerf = None
+    if surface is not None:
+        stages = [lambda: TextureModel(ctx, surface, spec.seed)]
+    else:
+        nerf = NeRFModel(ctx, spec.seed)
+        stages = [lambda: nerf]
+        if recipe.refine.steps:
+            stages.append(lambda: DMTetModel(ctx, nerf, nerf.surface_density()))
     timings["load_seconds"] = time.perf_counter() - t0
 
-    total = recipe.schedule.steps + recipe.refine.steps
+    total = recipe.schedule.steps + (recipe.refine.steps if surface is None else 0)
     loop = LoopSettings(on_event, cancel, spec.preview_every, ProxyClock(spec.proxy_every), thread_setting(threads, device),
                         saver, time.perf_counter())
     done: list[StageModel] = []
@@ -129,15 +135,16 @@ def run(
     mesh = done[-1].mesh()
     timings["mesh_seconds"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    mesh, warnings = textured(mesh, recipe.mesh.texture_size)
+    mesh, warnings = textured(mesh, recipe.mesh.texture_size, getattr(done[-1], "color_at", None))
     timings["texture_seconds"] = time.perf_counter() - t3
     timings["total_seconds"] = time.perf_counter() - t0
     metadata = {
         "prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed, "model": spec.model, "quality": spec.quality,
-        "steps": recipe.schedule.steps, "refine_steps": recipe.refine.steps, "resolution": recipe.resolution,
-        "guidance_scale": recipe.guidance_scale,
+        "stages": [m.stage for m in done], "steps": recipe.schedule.steps, "refine_steps": recipe.refine.steps,
+        "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
-        "texture_size": 0 if mesh.texture is None else len(mesh.texture), "warnings": warnings,
+        "texture_size": 0 if mesh.texture is None else len(mesh.texture),
+        "warnings": [*(surface.warnings if surface is not None else ()), *warnings],
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from, "threads": torch.get_num_threads(), "weights": guidance.weights,
     }

@@ -11,6 +11,7 @@ their box size. No torch here: `promptmesh export` loads this module beside Blen
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -139,18 +140,28 @@ def dilate(image: np.ndarray, covered: np.ndarray) -> np.ndarray:
     return image[index[0], index[1]]
 
 
-def bake(mesh: Mesh, size: int) -> Mesh:
-    """The mesh with UVs and a size x size sRGB texture of its vertex colours (vertices split at
-    the atlas's seams; positions, normals and vertex colours copied to the split vertices)."""
-    vmap, faces, uvs = atlas(mesh, size)
+ColorAt = Callable[[np.ndarray], np.ndarray]  # surface points [N, 3] -> sRGB colours [N, 3] in [0, 1]
+
+
+def bake(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> Mesh:
+    """The mesh with a size x size sRGB texture: of `color_at` at each texel's surface point, or
+    else of its vertex colours. A mesh with UVs keeps them; one without gets xatlas's (vertices
+    split at the atlas's seams; positions, normals and vertex colours copied to the split ones)."""
+    if mesh.uvs is not None:
+        vmap, faces, uvs = np.arange(len(mesh.vertices)), mesh.faces, mesh.uvs
+    else:
+        vmap, faces, uvs = atlas(mesh, size)
     face_of, weights = rasterize_uv(uvs, faces, size)
-    colors = mesh.colors[vmap]
+    vertices, colors = mesh.vertices[vmap], mesh.colors[vmap]
     covered = face_of >= 0
-    corner = colors[faces[face_of[covered]]]  # [n, 3 corners, 3]
+    corners = faces[face_of[covered]]  # [n, 3]
     image = np.zeros((size, size, 3), np.float32)
-    image[covered] = (weights[covered, :, None] * corner).sum(1)
+    if color_at is None:
+        image[covered] = (weights[covered, :, None] * colors[corners]).sum(1)
+    else:
+        image[covered] = color_at((weights[covered, :, None] * vertices[corners]).sum(1))
     texture = np.round(np.clip(dilate(image, covered), 0, 1) * 255).astype(np.uint8)
-    return Mesh(mesh.vertices[vmap], faces, colors, mesh.normals[vmap], uvs=uvs, texture=texture)
+    return Mesh(vertices, faces, colors, mesh.normals[vmap], uvs=uvs, texture=texture)
 
 
 if __name__ == "__main__":  # the child process of `atlas`: MESH.npz ATLAS.npz SIZE

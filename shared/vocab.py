@@ -33,6 +33,7 @@ class Stage(StrEnum):
     DOWNLOADING = "downloading"
     OPTIMISING = "optimising"  # the NeRF stage
     REFINING = "refining"  # the mesh (DMTet) stage
+    TEXTURING = "texturing"  # a colour model on a given, fixed mesh
     MESHING = "meshing"  # surface extraction and the texture bake
     DONE = "done"
 

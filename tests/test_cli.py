@@ -27,6 +27,7 @@ from helpers import promptmesh
         (["generate", "a red cube", "--device", "cuda", "--steps", "1"], "CUDA"),
         (["generate", "a red cube", "-o", "x.fbx"], "promptmesh export"),
         (["export", "no-such-thing", "-o", "x.fbx"], "neither a mesh file nor a job id"),
+        (["texture", "no-such-mesh.ply", "a red cube"], "cannot read no-such-mesh.ply as a mesh"),
         (["export", "0" * 16, "-o", "x.fbx"], "no finished job"),
     ],
 )

@@ -6,5 +6,6 @@ from .context import JobContext
 from .dmtet import DMTetModel
 from .loop import Checkpointer, StageModel, run_stage
 from .nerf import NeRFModel
+from .texture import Surface, TextureModel
 
-__all__ = ["Checkpointer", "DMTetModel", "JobContext", "NeRFModel", "StageModel", "run_stage"]
+__all__ = ["Checkpointer", "DMTetModel", "JobContext", "NeRFModel", "StageModel", "Surface", "TextureModel", "run_stage"]

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from ...shared.result import Mesh
 from ...shared.vocab import Stage
-from ..cameras import Cameras, orbit_cameras, ray_bundle
+from ..cameras import Cameras, orbit_cameras
 from ..dmtet import TetGrid, marching_tets
 from ..mesh import MeshError, finish_mesh
-from ..raster import face_normals, mesh_edges, project, rasterize, vertex_normals
-from ..shading import shade
+from ..raster import face_normals, mesh_edges
 from .context import JobContext
 from .loop import PROXY_MAX_FACES, rgba_uint8
 from .nerf import NeRFModel
+from .surface import render_surface
 
 
 def initial_sdf(density: np.ndarray, level: float, cell: float) -> np.ndarray:
@@ -41,17 +40,6 @@ def initial_sdf(density: np.ndarray, level: float, cell: float) -> np.ndarray:
     near = (level - density) / np.maximum(slope, 1e-6)
     band = 1.5 * cell
     return np.where(np.abs(far) <= band, np.clip(near, -band, band), far).astype(np.float32)
-
-
-def _spread(x: torch.Tensor, covered: torch.Tensor, reach: int = 2) -> torch.Tensor:
-    """[B, H, W, C] values of covered pixels carried to the uncovered pixels within `reach`
-    (their neighbours' mean), where the antialiased outline mixes them with the background."""
-    weight = covered[:, None].to(x.dtype)
-    k = 2 * reach + 1
-    total = F.avg_pool2d(x.permute(0, 3, 1, 2) * weight, k, 1, reach)
-    count = F.avg_pool2d(weight, k, 1, reach)
-    filled = (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1)
-    return torch.where(covered[..., None], x, filled)
 
 
 class DMTetModel:
@@ -103,22 +91,9 @@ class DMTetModel:
         """[B, 3, H, W] display colour over the background, and [B, 1, H, W] alpha. While `shaping`,
         the colour is looked up without gradients one cell inside the surface: the field's colour is
         trained only where its density is, and the surface may lie up to half a cell outside."""
-        frags = rasterize(project(vertices, cameras, size, size), faces, size, size, self.settings.sigma, edges)
-        covered = frags.face >= 0
-        points = frags.interpolate(vertices, faces)
-        normals = F.normalize(frags.interpolate(vertex_normals(vertices, faces), faces), dim=-1)
-        albedo = torch.zeros_like(points)
-        if covered.any():
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not shaping):
-                inset = self.grid.cell if shaping else 0.0
-                albedo = albedo.index_put((covered,), self.nerf.albedo(points[covered] - inset * normals[covered]))
-        albedo, normals = _spread(albedo, covered), _spread(normals, covered)
-        alpha = frags.alpha[..., None]
-        light = cameras.light_dir[:, None, None, :].expand_as(normals)
-        color = shade(shading, albedo * alpha, alpha, normals, light, self.ctx.recipe.shading.ambient)
-        _, dirs = ray_bundle(cameras, size, size)
-        color = color + (1 - alpha) * self.nerf.background(dirs.reshape(-1, 3)).view_as(color)
-        return color.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
+        return render_surface(vertices, faces, cameras, size, shading, self.nerf.albedo, self.nerf.background,
+                              self.ctx.recipe.shading.ambient, self.settings.sigma, edges,
+                              inset=self.grid.cell if shaping else 0.0, albedo_grad=not shaping)
 
     def regularisers(self, vertices: torch.Tensor, faces: torch.Tensor,
                      edges_beside: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -14,9 +14,24 @@ from ..background import MLPBackground, SolidBackground
 from ..cameras import Cameras, orbit_cameras, ray_bundle
 from ..field import NeRFField
 from ..mesh import extract_mesh
+from ..recipe import Schedule
 from ..renderer import OccupancyGrid, render
 from .context import JobContext
 from .loop import PROXY_MAX_FACES, PROXY_RESOLUTION, rgba_uint8
+
+
+def active_levels(levels: int, schedule: Schedule, step: int) -> int:
+    """Coarse to fine: more hash-grid levels switch on as the run goes."""
+    start = min(schedule.field_levels_start, levels)
+    progress = step / max(1, schedule.steps * schedule.coarse_to_fine_until)
+    return min(levels, start + int(math.floor(progress * (levels - start + 1))))
+
+
+def annealed_t_range(schedule: Schedule, step: int) -> tuple[float, float]:
+    """The noise levels drawn at `step`: t_max anneals from the schedule's range to t_max_end."""
+    lo, hi = schedule.t_range
+    frac = step / max(1, schedule.steps)
+    return lo, max(lo, hi + (schedule.t_max_end - hi) * frac)
 
 
 class NeRFModel:
@@ -47,18 +62,10 @@ class NeRFModel:
         self._update_schedule()
 
     def _update_schedule(self) -> None:
-        """Coarse to fine: more hash-grid levels switch on as the run goes."""
-        levels, schedule = self.field.config.levels, self.ctx.recipe.schedule
-        start = min(schedule.field_levels_start, levels)
-        progress = self.step / max(1, schedule.steps * schedule.coarse_to_fine_until)
-        self.field.encoding.active_levels = min(levels, start + int(math.floor(progress * (levels - start + 1))))
+        self.field.encoding.active_levels = active_levels(self.field.config.levels, self.ctx.recipe.schedule, self.step)
 
     def t_range(self) -> tuple[float, float]:
-        """The noise levels drawn now: t_max anneals from the schedule's range to t_max_end."""
-        schedule = self.ctx.recipe.schedule
-        lo, hi = schedule.t_range
-        frac = self.step / max(1, schedule.steps)
-        return lo, max(lo, hi + (schedule.t_max_end - hi) * frac)
+        return annealed_t_range(self.ctx.recipe.schedule, self.step)
 
     def train_step(self) -> float:
         """One distillation step on a random batch of views; returns the loss."""
