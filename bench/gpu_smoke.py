@@ -54,7 +54,7 @@ def main() -> int:
     spec = JobSpec(prompt=args.prompt, model=args.model, steps=args.steps, device="cuda", preview_every=50)
     result = run(spec, on_event)
     write_mesh(result.mesh, out / "mesh.glb")
-    write_turntable(result.trainer, out / "turntable.mp4")
+    write_turntable(result.nerf, out / "turntable.mp4")
     per_step = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
     print(f"promptmesh {__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}, {platform.platform()}")
     print(f"model {args.model} ({result.metadata['weights']['source']} @ {result.metadata['weights']['revision']})")

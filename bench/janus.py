@@ -29,7 +29,7 @@ from pool import run_all  # noqa: E402
 
 from promptmesh.backend.prior.model import camera_features  # noqa: E402
 from promptmesh.backend.prior.shapes import OBJECTS  # noqa: E402
-from promptmesh.shared.spec import VIEW_MODES  # noqa: E402
+from promptmesh.shared.vocab import ViewPrompt  # noqa: E402
 
 DEFAULT, BLIND = "default", "blind"
 
@@ -66,7 +66,7 @@ def generate_and_judge(config: str, name: str, color: str, seed: int, steps: int
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--configs", default=",".join([BLIND, *VIEW_MODES, DEFAULT]))
+    p.add_argument("--configs", default=",".join([BLIND, *ViewPrompt, DEFAULT]))
     p.add_argument("--objects", default=",".join(OBJECTS))
     p.add_argument("--colors", default="red,blue")
     p.add_argument("--seeds", type=int, default=3)
