@@ -63,10 +63,22 @@ def addon(bpy, addon_zip):
 def prefs(bpy, addon):
     p = bpy.context.preferences.addons[MODULE].preferences
     yield p
-    addon[1].release()
+    sys.modules[f"{MODULE}.session"].release()  # the module of now: a test may have re-enabled the add-on
     st = bpy.context.window_manager.promptmesh
     st.jobs.clear()
-    st.active_job, st.status, st.connection = "", "", "OFFLINE"
+    st.active_job, st.status, st.connection, st.preview_step = "", "", "OFFLINE", 0
+    settings = bpy.context.scene.promptmesh
+    for name in settings.bl_rna.properties.keys():
+        if name not in ("rna_type", "name", "model_choice"):
+            settings.property_unset(name)
+
+
+def given(settings, **values) -> None:
+    """Set Advanced fields as the artist does: Auto off, the value typed in."""
+    for name, value in values.items():
+        if hasattr(settings, f"auto_{name}"):
+            setattr(settings, f"auto_{name}", False)
+        setattr(settings, name, value)
 
 
 def pump_until(session, done, timeout: float) -> float:
@@ -151,22 +163,47 @@ def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
         assert bpy.ops.promptmesh.generate.poll()
 
 
-def test_the_advanced_panel_settings_reach_the_job_spec(bpy, addon, prefs):
-    """Refine Steps -1 is the model's default (None in the spec), 0 turns the stage off; the
-    texture size and the other zero-means-default fields arrive as the backend expects them."""
+def test_fields_take_only_what_the_backend_takes_and_auto_means_not_given(bpy, addon, prefs):
+    """The limits are the backend's own (shared/spec.py, vendored): values outside snap to them; an
+    Auto toggle is JobSpec's None (the quality preset and the model decide); the negative prompt
+    is not checked against the prior's words; nothing keyframes; the redo panel shows no raw fields."""
+    _, session = addon
+    spec_module = sys.modules[f"{MODULE}.shared.spec"]
+    limits = spec_module.LIMITS
     settings = bpy.context.scene.promptmesh
     settings.prompt = PROMPT
+    spec = settings.to_spec()
+    assert all(getattr(settings, f"auto_{name}") for name in ("steps", "resolution", "guidance_scale", "max_faces"))
+    assert (spec.steps, spec.resolution, spec.guidance_scale, spec.max_faces) == (None, None, None, None)
+    assert spec.refine_steps is None and spec.mesh_resolution == spec_module.JobSpec.mesh_resolution
+    settings.resolution = 50
+    assert settings.resolution == 48  # the nearest multiple of 8
+    settings.resolution = 3
+    assert settings.resolution == limits["resolution"][0]
+    settings.resolution = 100000
+    assert settings.resolution == limits["resolution"][1]
+    settings.mesh_resolution, settings.max_faces, settings.steps = 1, 99, 0
+    assert settings.mesh_resolution == limits["mesh_resolution"][0] and settings.max_faces == limits["max_faces"][0]
+    assert settings.steps == limits["steps"][0]
+    given(settings, refine_steps=0, max_faces=5000, resolution=72)
+    spec = settings.to_spec()  # every value the fields can hold passes the backend's own check
+    assert (spec.refine_steps, spec.max_faces, spec.resolution, spec.steps) == (0, 5000, 72, None)
+    settings.auto_refine_steps = True
+    assert settings.to_spec().refine_steps is None
+    settings.texture_size = "0"
+    assert settings.to_spec().texture_size == 0
+
+    session._vocabularies["embedded"] = {"a", "red", "sphere"}  # as an embedded backend's welcome tells
     try:
-        assert settings.to_spec().refine_steps is None and settings.to_spec().max_faces is None
-        settings.refine_steps, settings.max_faces = 0, 5000
-        assert (settings.to_spec().refine_steps, settings.to_spec().max_faces) == (0, 5000)
-        settings.refine_steps = 300
-        assert settings.to_spec().refine_steps == 300
-        settings.texture_size = "0"
-        assert settings.to_spec().texture_size == 0
+        settings.negative = "blurry, low detail"
+        assert session.prompt_problem(settings) is None and bpy.ops.promptmesh.generate.poll()
+        settings.prompt = "a blurry sphere"
+        assert "blurry" in session.prompt_problem(settings) and not bpy.ops.promptmesh.generate.poll()
     finally:
-        for name in ("refine_steps", "max_faces", "texture_size"):
-            settings.property_unset(name)
+        session._vocabularies.clear()
+    assert not any(p.is_animatable for p in settings.bl_rna.properties if p.identifier != "rna_type")
+    for op in (bpy.ops.promptmesh.import_job, bpy.ops.promptmesh.cancel, bpy.ops.promptmesh.open_folder):
+        assert op.get_rna_type().properties["job"].is_hidden
 
 
 @pytest.mark.slow
@@ -176,8 +213,8 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.seed, settings.quality = PROMPT, 0, "DRAFT"
-        settings.steps, settings.preview_every, settings.mesh_resolution = 160, 10, 48
+        settings.prompt, settings.seed, settings.lock_seed, settings.quality = PROMPT, 0, True, "DRAFT"
+        given(settings, steps=160, preview_every=10, mesh_resolution=48)
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         progress, previews, stages, etas, full = [], [], [], set(), []
@@ -327,7 +364,8 @@ def test_backend_down_gives_a_clear_status_within_the_timeout(bpy, addon, prefs)
     seconds = pump_until(session, lambda: st.connection == "OFFLINE", timeout=5)
     assert seconds < prefs.timeout + 1.0
     assert st.status_is_error and prefs.endpoint in st.status and "promptmesh serve" in st.status
-    assert st.jobs[-1].state == "FAILED" and session.session() is None and session.pump() is None
+    assert st.jobs[-1].state == "FAILED" and session.session() is None
+    assert session.pump() > 0 and session.session() is None  # the timer goes on; no second try of its own
 
 
 def test_the_badge_follows_a_backend_that_dies_and_comes_back(bpy, addon, prefs, tmp_path):
@@ -406,7 +444,8 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
         assert {"embedded", "sd21", "sd15"} <= set(properties.offered_models(None, bpy.context, ""))
         assert properties.offered_models(None, bpy.context, "SD") == ["sd21", "sd15"]
 
-        bpy.context.scene.promptmesh.prompt, bpy.context.scene.promptmesh.steps = PROMPT, 5000
+        bpy.context.scene.promptmesh.prompt = PROMPT
+        given(bpy.context.scene.promptmesh, steps=5000)
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         pump_until(session, lambda: st.jobs[-1].state == "RUNNING" and st.jobs[-1].step > 0, timeout=120)
         assert bpy.ops.promptmesh.cancel() == {"FINISHED"}
@@ -513,8 +552,9 @@ def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, 
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.model, settings.steps, settings.resolution = "a red cube", tiny_sd.name, 600, 16
-        settings.mesh_resolution, settings.device, settings.import_when_done = 32, "cpu", True
+        settings.prompt, settings.model = "a red cube", tiny_sd.name
+        given(settings, steps=600, resolution=16, mesh_resolution=32)
+        settings.device, settings.import_when_done = "cpu", True
         settings.show_proxy, settings.proxy_every = True, 0.5
         bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
