@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..shared.errors import PromptMeshError
 from ..shared.spec import QUALITY, TEXTURE_SIZES, VIEW_MODES, JobSpec, quality_settings
-from ..shared.vocab import ErrorCode
+from ..shared.vocab import ErrorCode, JobState, MessageType
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -188,14 +188,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     _quiet_libraries()
-    from .executor import Executor, InProcessExecutor
+    from .executors import Executor, InProcessExecutor
     from .models import Offer
     from .server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     executor: Executor
     if args.executor == "ray":
-        from .ray_executor import RayExecutor
+        from .executors.ray_relay import RayExecutor
 
         executor = RayExecutor(args.ray_address, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
                                retries=args.retries, device=args.device, log_dir=Path(args.data_dir))
@@ -267,14 +267,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CliError("--proxy-dir needs --wait: the proxies arrive while the job runs")
         Path(args.proxy_dir).mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
-        accepted = client.request("generate", spec=spec.to_dict(), timeout=args.timeout)
+        accepted = client.request(MessageType.GENERATE, spec=spec.to_dict(), timeout=args.timeout)
         job = accepted.job
         print(job)
         if not args.wait:
             return 0
         _wait_for_job(client, job, args)
         if args.output:
-            path = _write_result(client.request("result", job, timeout=60), Path(args.output))
+            path = _write_result(client.request(MessageType.RESULT, job, timeout=60), Path(args.output))
             print(f"wrote {path}", file=sys.stderr)
         return 0
 
@@ -292,18 +292,20 @@ def _write_proxy(msg, folder: Path) -> Path:
                         lambda f: mesh.export(f, file_type="ply"))
 
 
-def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 5.0) -> None:
-    """Show the job's progress until it is done; CliError if it failed or was cancelled. After
-    `resync_s` seconds without a word of it, ask `status`: a restarted server or a dropped
-    connection does not leave us waiting for a `done` that will never come."""
+def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 30.0) -> None:
+    """Show the job's progress until it ends; CliError if it failed or was cancelled. The client
+    watches the job again after any reconnection, so its end arrives as an event; after
+    `resync_s` seconds without a word of it, `status` is asked as well."""
     import time
 
     from tqdm import tqdm
 
+    from ..shared.vocab import Stage
+
     def ended(kind: str, code: str | None, message: str) -> None:
         bar.close()
-        if kind != "done":
-            raise CliError(f"job {job} {'was cancelled' if code == 'CANCELLED' else 'failed'}: {message}")
+        if kind != MessageType.DONE:
+            raise CliError(f"job {job} {'was cancelled' if code == ErrorCode.CANCELLED else 'failed'}: {message}")
 
     bar = tqdm(desc=f"job {job}", unit="it", dynamic_ncols=True, file=sys.stderr)
     heard = time.monotonic()
@@ -312,20 +314,31 @@ def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 
             if msg.job != job:
                 continue
             heard = time.monotonic()
-            if msg.type == "proxy" and args.proxy_dir:
+            f = msg.fields
+            if msg.type == MessageType.PROXY and args.proxy_dir:
                 _write_proxy(msg, Path(args.proxy_dir))
-            elif msg.type == "progress" and msg.fields.get("total"):
-                bar.total = msg.fields["total"]
-                bar.update(msg.fields["step"] - bar.n)
-                bar.set_postfix(stage=msg.fields["stage"], refresh=False)
-            elif msg.type in ("done", "error"):
-                return ended(msg.type, msg.fields.get("code"), msg.fields.get("message", ""))
+            elif msg.type == MessageType.PROGRESS and f.get("stage") == Stage.DOWNLOADING and f.get("total_bytes"):
+                _show(bar, f["done_bytes"], f["total_bytes"], Stage.DOWNLOADING, "B")
+            elif msg.type == MessageType.PROGRESS and f.get("total"):
+                _show(bar, f["step"], f["total"], f["stage"], "it")
+            elif msg.type in (MessageType.DONE, MessageType.ERROR) and not msg.id:
+                return ended(msg.type, f.get("code"), f.get("message", ""))
         if time.monotonic() - heard > resync_s:
-            (summary,) = client.request("status", job, timeout=args.timeout).fields["jobs"]
+            (summary,) = client.request(MessageType.STATUS, job, timeout=args.timeout).fields["jobs"]
             heard = time.monotonic()
-            if summary["state"] in ("done", "failed", "cancelled"):
-                return ended("done" if summary["state"] == "done" else "error", summary.get("error_code"),
-                             summary.get("error") or "")
+            if JobState(summary["state"]).final:
+                return ended(MessageType.DONE if summary["state"] == JobState.DONE else MessageType.ERROR,
+                             summary.get("error_code"), summary.get("error") or "")
+
+
+def _show(bar, done: int, total: int, stage: str, unit: str) -> None:
+    """Move the terminal's bar; bytes while downloading, steps after."""
+    if bar.unit != unit:
+        bar.reset(total)
+        bar.unit, bar.unit_scale = unit, unit == "B"
+    bar.total = total
+    bar.update(done - bar.n)
+    bar.set_postfix(stage=stage, refresh=False)
 
 
 def printable(text: object) -> str:
@@ -338,12 +351,12 @@ def printable(text: object) -> str:
 def cmd_jobs(args: argparse.Namespace) -> int:
     if args.prune is not None:
         with _client(args) as client:
-            pruned = client.request("prune", timeout=max(args.timeout, 60), days=args.prune).fields["jobs"]
+            pruned = client.request(MessageType.PRUNE, timeout=max(args.timeout, 60), days=args.prune).fields["jobs"]
         print(f"removed {pruned} job(s) that ended more than {args.prune:g} days ago, with their results",
               file=sys.stderr)
         return 0
     with _client(args) as client:
-        reply = client.request("status", timeout=args.timeout, limit=args.limit).fields
+        reply = client.request(MessageType.STATUS, timeout=args.timeout, limit=args.limit).fields
     jobs = reply["jobs"]
     for j in jobs:
         took = f"{j['finished'] - j['started']:.0f}s" if j.get("finished") and j.get("started") else "-"
@@ -358,7 +371,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     output_path(args.output, None, "mesh")
     with _client(args) as client:
-        path = _write_result(client.request("result", args.job, timeout=max(args.timeout, 60)), Path(args.output))
+        path = _write_result(client.request(MessageType.RESULT, args.job, timeout=max(args.timeout, 60)), Path(args.output))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -446,18 +459,32 @@ def cmd_models_convert_mvdream(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """A queued job's cancellation is the reply itself; a running job's reply is `cancelling`,
+    and its end follows as an event (it may still be `done` if it finished first)."""
+    import time
+
+    from ..shared.client import ClientError
+
     with _client(args) as client:
-        client.send("cancel", args.job)
-        deadline = args.timeout
-        while deadline > 0:
+        try:
+            client.request(MessageType.CANCEL, args.job, timeout=args.timeout)
+        except ClientError as exc:
+            if exc.code != ErrorCode.CANCELLED:
+                raise
+            print(f"cancelled {args.job}", file=sys.stderr)
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
             for msg in client.poll(0.5):
-                if msg.job == args.job and msg.type == "error":
-                    if msg.fields.get("code") == ErrorCode.CANCELLED:
-                        print(f"cancelled {args.job}", file=sys.stderr)
-                        return 0
-                    raise CliError(msg.fields.get("message", "cannot cancel"))
-            deadline -= 0.5
-    raise CliError(f"no confirmation of the cancellation of {args.job} within {args.timeout:g} s")
+                if msg.job != args.job or msg.type not in (MessageType.DONE, MessageType.ERROR):
+                    continue
+                if msg.type == MessageType.DONE:
+                    raise CliError(f"job {args.job} finished before it could be cancelled")
+                if msg.fields.get("code") == ErrorCode.CANCELLED:
+                    print(f"cancelled {args.job}", file=sys.stderr)
+                    return 0
+                raise CliError(printable(msg.fields.get("message", "cannot cancel")))
+    raise CliError(f"the server is cancelling {args.job}, but it had not stopped within {args.timeout:g} s")
 
 
 def _generation_options(g: argparse.ArgumentParser) -> None:

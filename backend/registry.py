@@ -1,11 +1,13 @@
-"""The job registry: one SQLite database (WAL) in the data directory, plus a folder per job."""
+"""The job registry: one SQLite database (WAL) in the data directory, plus a folder per job.
+
+The server's request loop is its only user (the executors write job folders, never rows), so
+it takes no lock: one thread at a time (the one that builds the server, then its loop's)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,10 @@ from typing import Any
 from ..shared.errors import PromptMeshError
 from ..shared.result import JobFiles, jobs_root, new_job_id, remove_temporaries
 from ..shared.spec import JobSpec
-from ..shared.vocab import ErrorCode
+from ..shared.vocab import ErrorCode, JobState
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
 SUMMARY_PROMPT_CHARS = 200
+ENDED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,7 +45,7 @@ SELECT = f"SELECT {COLUMNS} FROM jobs"
 class Job:
     id: str
     seq: int
-    state: str
+    state: JobState
     spec: JobSpec
     created: float
     started: float | None
@@ -64,14 +66,14 @@ class Job:
 
 
 class Registry:
-    """Thread-safe access to the jobs table; job folders are laid out by shared.result.JobFiles."""
+    """The jobs table; job folders are laid out by shared.result.JobFiles."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         jobs_root(self.root).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         path = self.root / "registry.sqlite3"
         try:
+            # check_same_thread off: the server is built in one thread and may be served from another
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -83,8 +85,7 @@ class Registry:
                                   ErrorCode.DISK) from None
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles.of(self.root, job_id)
@@ -95,75 +96,68 @@ class Registry:
         for folder in jobs_root(self.root).iterdir():
             if folder.is_dir():
                 remove_temporaries(folder)
-        with self._lock:
-            rows = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'running'")]
-            self._db.execute(
-                "UPDATE jobs SET state='failed', finished=?, error_code='INTERNAL', "
-                "error='the server stopped while this job was running' WHERE state='running'", (time.time(),)
-            )
+        rows = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING,))]
+        self._db.execute("UPDATE jobs SET state=?, finished=?, error_code=?, error=? WHERE state=?",
+                         (JobState.FAILED, time.time(), ErrorCode.INTERNAL, "the server stopped while this job was running",
+                          JobState.RUNNING))
         return rows
 
     def add(self, spec: JobSpec, owner: str | None = None) -> Job:
         job_id = new_job_id()
         self.files(job_id).folder.mkdir(parents=True, exist_ok=True)  # first: a row always has its folder
-        with self._lock:
-            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            self._db.execute(
-                "INSERT INTO jobs (id, seq, state, spec, created, owner) VALUES (?, ?, 'queued', ?, ?, ?)",
-                (job_id, seq, json.dumps(spec.to_dict()), time.time(), owner),
-            )
-            row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+        self._db.execute(
+            "INSERT INTO jobs (id, seq, state, spec, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, seq, JobState.QUEUED, json.dumps(spec.to_dict()), time.time(), owner),
+        )
+        row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
         return _job(row)
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
+        row = self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
     def overview(self, limit: int) -> tuple[list[Job], int]:
         """Up to `limit` jobs, the live ones (running, queued) first in FIFO order, then the most
         recently created others; and how many jobs there are in all."""
-        with self._lock:
-            rows = self._db.execute(
-                f"{SELECT} ORDER BY state IN ('running', 'queued') DESC, "
-                "CASE WHEN state IN ('running', 'queued') THEN seq ELSE -seq END LIMIT ?", (limit,)).fetchall()
-            total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        live = (JobState.RUNNING, JobState.QUEUED)
+        rows = self._db.execute(
+            f"{SELECT} ORDER BY state IN (?, ?) DESC, CASE WHEN state IN (?, ?) THEN seq ELSE -seq END LIMIT ?",
+            (*live, *live, limit)).fetchall()
+        total = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         return [_job(r) for r in rows], total
 
     def queued(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(f"{SELECT} WHERE state = 'queued' ORDER BY seq").fetchall()
+        rows = self._db.execute(f"{SELECT} WHERE state = ? ORDER BY seq", (JobState.QUEUED,)).fetchall()
         return [_job(r) for r in rows]
 
     def prune(self, older_than: float) -> list[str]:
         """Forget the jobs that ended before `older_than` (a time.time()): rows and folders."""
-        with self._lock:
-            ids = [r[0] for r in self._db.execute(
-                "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished < ?", (older_than,))]
-            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
+                                              (*ENDED, older_than))]
+        self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
         for job_id in ids:
             shutil.rmtree(self.files(job_id).folder, ignore_errors=True)
         return ids
 
     def requeue(self, job_id: str) -> None:
         """A running job back to the queue, in its old place (its sequence number)."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET state='queued', started=NULL WHERE id=? AND state='running'", (job_id,))
+        self._db.execute("UPDATE jobs SET state=?, started=NULL WHERE id=? AND state=?",
+                         (JobState.QUEUED, job_id, JobState.RUNNING))
 
-    def set_state(self, job_id: str, state: str, *, error_code: str | None = None, error: str | None = None,
+    def set_state(self, job_id: str, state: JobState | str, *, error_code: str | None = None, error: str | None = None,
                   meta: dict[str, Any] | None = None) -> None:
         """Record a job's new state; a job that ends without a result loses its (empty) folder."""
-        assert state in STATES
+        state = JobState(state)  # ValueError for a word that is not a state
         now = time.time()
-        with self._lock:
-            if state == "running":
-                self._db.execute("UPDATE jobs SET state=?, started=? WHERE id=?", (state, now, job_id))
-            else:
-                self._db.execute(
-                    "UPDATE jobs SET state=?, finished=?, error_code=?, error=?, meta=COALESCE(?, meta) WHERE id=?",
-                    (state, now, error_code, error, json.dumps(meta) if meta is not None else None, job_id),
-                )
-        if state in ("failed", "cancelled"):
+        if state == JobState.RUNNING:
+            self._db.execute("UPDATE jobs SET state=?, started=? WHERE id=?", (state, now, job_id))
+        else:
+            self._db.execute(
+                "UPDATE jobs SET state=?, finished=?, error_code=?, error=?, meta=COALESCE(?, meta) WHERE id=?",
+                (state, now, error_code, error, json.dumps(meta) if meta is not None else None, job_id),
+            )
+        if state in (JobState.FAILED, JobState.CANCELLED):
             try:
                 self.files(job_id).folder.rmdir()
             except OSError:  # not empty (a server from before kept files), or already gone
@@ -172,5 +166,5 @@ class Registry:
 
 def _job(row: tuple) -> Job:
     id_, seq, state, spec, created, started, finished, code, error, meta, owner = row
-    return Job(id_, seq, state, JobSpec(**json.loads(spec)), created, started, finished, code, error,
+    return Job(id_, seq, JobState(state), JobSpec(**json.loads(spec)), created, started, finished, code, error,
                json.loads(meta) if meta else None, owner)

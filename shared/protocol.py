@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import PromptMeshError
 from .spec import JobSpec, SpecError
-from .vocab import ErrorCode
+from .vocab import ErrorCode, MessageType
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -26,11 +26,12 @@ MAX_STATUS_LIMIT = 500
 MAX_PRUNE_DAYS = 36500  # jobs a client may ask `status` for at once
 DTYPES = ("uint8", "int32", "uint32", "float16", "float32")
 
-CLIENT_TYPES = ("hello", "ping", "generate", "cancel", "status", "result", "prune")
-SERVER_TYPES = ("welcome", "pong", "accepted", "progress", "preview", "proxy", "done", "result", "error", "status",
-                "pruned")
-
-
+T = MessageType
+CLIENT_TYPES = (T.HELLO, T.PING, T.GENERATE, T.CANCEL, T.STATUS, T.RESULT, T.PRUNE, T.WATCH, T.MODELS)
+SERVER_TYPES = (T.WELCOME, T.PONG, T.ACCEPTED, T.CANCELLING, T.WATCHING, T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.RESULT,
+                T.ERROR, T.STATUS, T.PRUNED, T.MODELS)
+JOB_EVENTS = (T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.ERROR)  # what a job's listeners hear of it
+ENDS = (T.DONE, T.ERROR)  # a job's last event
 
 class ProtocolError(PromptMeshError):
     """A malformed or invalid message; `code` is one of the codes in errors.py. `msg_id` is the
@@ -156,9 +157,9 @@ def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
 
 def _validate_client(msg: Message) -> None:
     """Per-type checks of what a client may send; unknown fields are refused."""
-    allowed: dict[str, tuple[str, ...]] = {"hello": ("client", "protocol"), "ping": (), "cancel": (), "status": ("limit",),
-                                           "result": (), "prune": ("days",)}
-    if msg.type == "generate":
+    allowed: dict[str, tuple[str, ...]] = {T.HELLO: ("client", "protocol"), T.PING: (), T.CANCEL: (), T.STATUS: ("limit",),
+                                           T.RESULT: (), T.PRUNE: ("days",), T.WATCH: (), T.MODELS: ()}
+    if msg.type == T.GENERATE:
         try:
             msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
         except SpecError as exc:
@@ -170,17 +171,17 @@ def _validate_client(msg: Message) -> None:
         extra = set(msg.fields) - set(allowed[msg.type])
     if extra:  # keys may be text or (empty) bytes: sort their texts
         raise ProtocolError("is not a known field", min(show(k) for k in extra))
-    if msg.type in ("cancel", "result") and msg.job is None:
+    if msg.type in (T.CANCEL, T.RESULT, T.WATCH) and msg.job is None:
         raise ProtocolError("is required", "job")
     if msg.arrays:
         raise ProtocolError("clients send no arrays", "arrays")
-    if msg.type == "hello" and "client" in msg.fields:
+    if msg.type == T.HELLO and "client" in msg.fields:
         _str(msg.fields["client"], "client", 128)
-    if msg.type == "prune":
+    if msg.type == T.PRUNE:
         days = msg.fields.get("days")
         if not isinstance(days, (int, float)) or isinstance(days, bool) or not 0 <= days <= MAX_PRUNE_DAYS:
             raise ProtocolError(f"must be a number of days from 0 to {MAX_PRUNE_DAYS}, got {show(days)}", "days")
-    if msg.type == "status" and "limit" in msg.fields:
+    if msg.type == T.STATUS and "limit" in msg.fields:
         limit = msg.fields["limit"]
         if type(limit) is not int or not 1 <= limit <= MAX_STATUS_LIMIT:
             raise ProtocolError(f"must be an integer from 1 to {MAX_STATUS_LIMIT}, got {show(limit)}", "limit")

@@ -35,6 +35,8 @@ class Stage(StrEnum):
     REFINING = "refining"  # the mesh (DMTet) stage
     MESHING = "meshing"  # surface extraction and the texture bake
     DONE = "done"
+    STARTING = "starting"  # a farm job reached its worker (its progress names the node)
+    RETRYING = "retrying"  # a farm job lost its worker and runs again
 
 
 class ErrorCode(StrEnum):
@@ -90,3 +92,31 @@ class Device(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class MessageType(StrEnum):
+    """The `type` of a wire message; docs/protocol.md says which side sends which, and the reply
+    each request gets."""
+
+    # client -> server
+    HELLO = "hello"
+    PING = "ping"
+    GENERATE = "generate"
+    CANCEL = "cancel"
+    STATUS = "status"  # also the server's reply
+    RESULT = "result"  # also the server's reply
+    PRUNE = "prune"
+    WATCH = "watch"
+    MODELS = "models"  # also the server's reply
+    # server -> client
+    WELCOME = "welcome"
+    PONG = "pong"
+    ACCEPTED = "accepted"
+    CANCELLING = "cancelling"
+    WATCHING = "watching"
+    PRUNED = "pruned"
+    PROGRESS = "progress"
+    PREVIEW = "preview"
+    PROXY = "proxy"
+    DONE = "done"
+    ERROR = "error"

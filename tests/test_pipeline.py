@@ -169,7 +169,7 @@ def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_pat
 
 def run_job_in(folder, job_spec) -> tuple:
     """A job run as the server's worker runs it: (its terminal message, its files)."""
-    from promptmesh.backend.executor import run_job
+    from promptmesh.backend.executors.jobs import run_job
     from promptmesh.shared.protocol import SERVER_TYPES, decode
     from promptmesh.shared.result import JobFiles
 

@@ -17,7 +17,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import ServerProcess, free_port, promptmesh, small_spec, wait_for
+from helpers import ServerProcess, free_port, promptmesh, running_and_queued, small_spec, wait_for
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.protocol import Message
@@ -164,15 +164,13 @@ def test_cancel_running_and_queued(server, tiny_sd):
         assert status[queued]["position"] == 1
         # wait until the first job is optimising
         wait_for(c, running, until=("progress",))
-        c.send("cancel", queued)
-        c.send("cancel", running)
-        errors = {}
-        deadline = time.monotonic() + 60
-        while len(errors) < 2 and time.monotonic() < deadline:
-            for m in c.poll(0.5):
-                if m.type == "error":
-                    errors[m.job] = m.fields["code"]
-        assert errors == {queued: ErrorCode.CANCELLED, running: ErrorCode.CANCELLED}
+        with pytest.raises(ClientError) as info:  # a queued job's end is the reply itself
+            c.request("cancel", queued)
+        assert info.value.code == ErrorCode.CANCELLED
+        ack = c.request("cancel", running)  # at once, with the request's id; the end follows
+        assert ack.type == "cancelling" and ack.job == running
+        end = wait_for(c, running, timeout=60)[-1]
+        assert end.type == "error" and end.fields["code"] == ErrorCode.CANCELLED and end.id == ""
         states = {j["job"]: j["state"] for j in c.request("status").fields["jobs"]}
         assert states[running] == states[queued] == "cancelled"
         assert c.request("ping").fields["busy"] is None
@@ -328,41 +326,77 @@ def test_an_invalid_request_is_answered_with_its_id_and_events_are_kept_for_poll
 
 
 @pytest.mark.slow
-def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_consistent(server, tiny_sd):
-    """One client submits 16 short jobs; three others send thousands of ping, status and cancel
-    requests meanwhile. Every answer must be consistent with one serial history."""
+def test_requests_hammered_by_several_clients_while_jobs_run_are_each_answered_once(server, tiny_sd):
+    """One client submits 16 short jobs; three others send thousands of ping, status, cancel and
+    result requests meanwhile (up to 20 unanswered each). Every request id must be answered
+    exactly once, by the reply its type gets, consistent with one serial history; a running
+    job's canceller hears its end once; each job ends once for its submitter."""
     import threading
 
     owner = Client(server.endpoint)
     jobs = [owner.request("generate", spec=small_spec(tiny_sd, seed=i, steps=2)).job for i in range(16)]
     problems: list[str] = []
-    counts = [0, 0, 0]
+    totals: dict[str, int] = {}
     stop = threading.Event()
+
+    def check(kind: str | None, msg: Message) -> None:
+        code = msg.fields.get("code")
+        if kind == "ping" and msg.type == "pong":
+            if not (isinstance(msg.fields["queue"], int) and msg.fields["busy"] in (None, *jobs)):
+                problems.append(f"pong {msg.fields}")
+        elif kind == "status" and msg.type == "status":
+            summaries = msg.fields["jobs"]
+            running = [s for s in summaries if s["state"] == "running"]
+            positions = [s["position"] for s in summaries if s["state"] == "queued"]
+            if len(running) > 1 or positions != list(range(len(running), len(running) + len(positions))):
+                problems.append(f"status: {len(running)} running, queue positions {positions}")
+            if any(s["position"] is not None for s in summaries if s["state"] != "queued"):
+                problems.append("a job that is not queued has a queue position")
+        elif kind == "cancel" and (msg.type == "cancelling" or code in (ErrorCode.CANCELLED, ErrorCode.BAD_REQUEST)):
+            pass
+        elif kind == "result" and (msg.type == "result" or code in (ErrorCode.NOT_FOUND, ErrorCode.BUSY)):
+            pass
+        else:
+            problems.append(f"{kind} answered {msg.type} {msg.fields.get('code')}")
 
     def hammer(k: int) -> None:
         rng = random.Random(k)
+        sent: dict[str, str] = {}  # request id -> its type
+        answers: dict[str, int] = {}
+        acked: set[str] = set()  # running jobs this client cancelled
+        ends: dict[str, int] = {}
+
+        def take(messages: list[Message]) -> None:
+            for msg in messages:
+                if msg.id:
+                    answers[msg.id] = answers.get(msg.id, 0) + 1
+                    check(sent.get(msg.id), msg)
+                    if msg.type == "cancelling":
+                        acked.add(msg.job)
+                elif msg.type in ("done", "error"):
+                    ends[msg.job] = ends.get(msg.job, 0) + 1
+
         with Client(server.endpoint) as c:
-            while not stop.is_set() and counts[k] < 1500:
-                kind = rng.choice(("ping", "status", "status", "cancel"))
-                counts[k] += 1
-                if kind == "ping":
-                    pong = c.request("ping")
-                    if not (isinstance(pong.fields["queue"], int) and pong.fields["busy"] in (None, *jobs)):
-                        problems.append(f"pong {pong.fields}")
-                elif kind == "status":
-                    summaries = c.request("status").fields["jobs"]
-                    running = [s for s in summaries if s["state"] == "running"]
-                    queued = [s for s in summaries if s["state"] == "queued"]
-                    positions = [s["position"] for s in queued]
-                    if len(running) > 1 or positions != list(range(len(running), len(running) + len(queued))):
-                        problems.append(f"status: {len(running)} running, queue positions {positions}")
-                    if any(s["position"] is not None for s in summaries if s["state"] != "queued"):
-                        problems.append("a job that is not queued has a queue position")
-                else:
-                    c.send("cancel", rng.choice(jobs[8:]))  # the answers are drained below
-                for msg in c.poll(0):
-                    if msg.type == "error" and msg.fields["code"] not in (ErrorCode.CANCELLED, ErrorCode.BAD_REQUEST):
-                        problems.append(f"cancel answered {msg.fields}")
+            while not stop.is_set() and len(sent) < 1500:
+                kind = rng.choice(("ping", "status", "status", "cancel", "result"))
+                job = rng.choice(jobs[8:]) if kind == "cancel" else rng.choice(jobs) if kind == "result" else None
+                sent[c.send(kind, job)] = kind
+                take(c.poll(0))
+                while len(sent) - len(answers) >= 20 and not stop.is_set():
+                    take(c.poll(0.1))
+            deadline = time.monotonic() + 60
+            while len(answers) < len(sent) and time.monotonic() < deadline:
+                take(c.poll(0.2))
+            deadline = time.monotonic() + 60
+            while any(ends.get(job, 0) == 0 for job in acked) and time.monotonic() < deadline:
+                take(c.poll(0.2))
+            take(c.poll(1.0))  # a second answer or end would arrive now
+        missing = [i for i in sent if i not in answers]
+        if missing or any(n != 1 for n in answers.values()) or set(answers) - set(sent):
+            problems.append(f"client {k}: {len(missing)} unanswered, {sum(n > 1 for n in answers.values())} answered twice")
+        if any(ends.get(job) != 1 for job in acked):
+            problems.append(f"client {k}: the end of a job it cancelled arrived {[ends.get(j) for j in acked]} times")
+        totals[f"client {k}"] = len(sent)
 
     threads = [threading.Thread(target=hammer, args=(k,)) for k in range(3)]
     for t in threads:
@@ -385,12 +419,12 @@ def test_status_ping_and_cancel_hammered_by_several_clients_while_jobs_run_stay_
             t.join()
         owner.close()
     assert not problems, problems[:5]
-    assert sum(counts) >= 1000, counts
+    assert sum(totals.values()) >= 1000, totals
     assert all(len(e) == 1 for e in ends.values()), ends  # exactly one terminal message per job
     for job, (end,) in ends.items():
         assert final[job] == {"done": "done", ErrorCode.CANCELLED: "cancelled"}[end], (job, end, final[job])
     assert all(ends[job] == ["done"] for job in jobs[:8])  # never the target of a cancel
-    print(f"{sum(counts)} requests; {sum(e == ['done'] for e in ends.values())} done, "
+    print(f"{sum(totals.values())} requests, each answered once; {sum(e == ['done'] for e in ends.values())} done, "
           f"{sum(e == [ErrorCode.CANCELLED] for e in ends.values())} cancelled")
 
 
@@ -417,3 +451,96 @@ def test_a_slow_client_gets_only_the_newest_proxy(server, tiny_sd):
     assert all(m.arrays["vertices"].dtype == np.float16 and m.arrays["colors"].dtype == np.uint8 for m in proxies)
     assert [m.fields["step"] for m in proxies] == sorted(m.fields["step"] for m in proxies)
     assert events.index(proxies[-1]) < len(events) - 1  # never after `done`
+
+
+def test_a_fresh_client_watching_a_running_job_gets_its_progress_previews_and_done(server, tiny_sd):
+    """The submitter's connection drops mid-job; a new connection watches the job by its id."""
+    with Client(server.endpoint) as first:
+        job = first.request("generate", spec=small_spec(tiny_sd, steps=60, preview_every=5)).job
+        wait_for(first, job, until=("progress",))
+    with Client(server.endpoint) as second:
+        reply = second.request("watch", job)
+        assert reply.type == "watching" and reply.job == job
+        assert reply.fields["summary"]["job"] == job and reply.fields["summary"]["state"] == "running"
+        events = wait_for(second, job, timeout=120)
+        assert events[-1].type == "done" and events[-1].id == "" and events[-1].job == job
+        kinds = {m.type for m in events if m.job == job}
+        assert {"progress", "preview"} <= kinds
+        steps = [m.fields["step"] for m in events if m.type == "progress" and m.fields["stage"] == "optimising"]
+        assert steps == sorted(steps) and steps[-1] == 60
+        assert job not in second.following  # ended: not watched again after a reconnection
+
+
+def test_watching_an_ended_job_sends_its_end_at_once_and_an_unknown_job_is_not_found(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        done = c.request("generate", spec=small_spec(tiny_sd)).job
+        meta = wait_for(c, done)[-1].fields["meta"]
+        (tiny_sd.parent / "broken").mkdir(exist_ok=True)  # offered, but no model: fails at once
+        failed = c.request("generate", spec=small_spec(tiny_sd.parent / "broken")).job
+        assert wait_for(c, failed)[-1].type == "error"
+    with Client(server.endpoint) as c:
+        assert c.request("watch", done).fields["summary"]["state"] == "done"
+        end = wait_for(c, done, timeout=10)[-1]
+        assert end.type == "done" and end.fields["meta"] == meta
+        assert c.request("watch", failed).fields["summary"]["state"] == "failed"
+        end = wait_for(c, failed, timeout=10)[-1]
+        assert end.type == "error" and end.fields["code"] == ErrorCode.MODEL
+        with pytest.raises(ClientError) as info:
+            c.request("watch", "0" * 16)
+        assert info.value.code == ErrorCode.NOT_FOUND
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_a_client_that_reconnects_after_a_server_restart_hears_the_end_of_its_jobs(tmp_path, tiny_sd, how):
+    """The same Client object across the restart: it watches its jobs again by itself. Killed, the
+    server marks the running job failed and runs the queued one; stopped with SIGINT, it puts the
+    running job back in the queue: its progress reaches the client again, which cancels it."""
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    c = Client(srv.endpoint)
+    try:
+        c.hello()
+        running, queued = running_and_queued(c, tiny_sd)
+        srv.stop(how)
+        srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, bind=srv.endpoint)
+        if how == signal.SIGKILL:
+            end = wait_for(c, running, timeout=60)[-1]
+            assert end.type == "error" and "stopped" in end.fields["message"]
+        else:
+            wait_for(c, running, until=("progress",), timeout=120)  # running again, and heard again
+            assert c.request("cancel", running).type == "cancelling"
+            assert wait_for(c, running, timeout=60)[-1].fields["code"] == ErrorCode.CANCELLED
+        assert wait_for(c, queued, timeout=120)[-1].type == "done"
+        assert not c.following
+    finally:
+        c.close()
+        srv.stop(signal.SIGINT)
+
+
+def test_models_lists_what_the_server_offers_with_labels_and_the_default(server, tiny_sd):
+    with Client(server.endpoint) as c:
+        reply = c.request("models")
+        assert reply.type == "models" and reply.fields["device"] == "cpu"
+        entries = {m["name"]: m for m in reply.fields["models"]}
+        assert list(entries) == c.hello().fields["models"]  # every offered model, in the offer's order
+        assert [name for name, m in entries.items() if m["default"]] == ["embedded"]
+        assert entries["sd21"]["label"] == "Stable Diffusion 2.1 base" and entries[tiny_sd.name]["label"] == tiny_sd.name
+        assert all(set(m) == {"name", "label", "default"} for m in entries.values())
+
+
+def test_download_progress_carries_bytes_not_steps():
+    from promptmesh.backend.executors.jobs import event_frames
+    from promptmesh.backend.pipeline import StageEvent, StepEvent
+
+    download = P.decode(event_frames("j", StageEvent("downloading", 3 << 20, 2 << 30)), P.SERVER_TYPES)
+    assert download.type == "progress" and download.fields == {"stage": "downloading", "done_bytes": 3 << 20,
+                                                               "total_bytes": 2 << 30}
+    step = P.decode(event_frames("j", StepEvent(5, 10, 0.5, 0.1)), P.SERVER_TYPES)
+    assert step.fields["step"] == 5 and step.fields["total"] == 10 and "done_bytes" not in step.fields
+
+
+def test_every_request_type_has_a_handler_and_every_reply_type_is_decodable():
+    from promptmesh.backend.server.handlers import HANDLERS
+
+    assert set(HANDLERS) == set(P.CLIENT_TYPES)
+    assert {"cancelling", "watching", "models"} <= set(P.SERVER_TYPES)
