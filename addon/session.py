@@ -21,7 +21,6 @@ from typing import Any
 import bpy
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import backend_process, proxy
 from .preferences import preferences
@@ -53,8 +52,6 @@ REPEAT_S = 1.0  # a second Generate of the same settings within this is a double
 SLOW_LINK_BPS = 250_000  # a result's time-out allows this slow a link
 NOMINAL_BPS = 10_000_000  # how fast the fetch bar moves when a result is large
 LARGE_RESULT = 1_000_000  # results above this many bytes show their size and time while fetching
-HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                    zmq.EVENT_HANDSHAKE_FAILED_AUTH}
 
 
 @dataclass
@@ -75,13 +72,7 @@ class Session:
         self.endpoint, self.timeout = endpoint, timeout
         self.encrypted = server_key is not None
         self.client = Client(endpoint, server_key, client_keys)
-        # ZeroMQ reconnects by itself; its monitor tells when the connection drops and returns,
-        # so the badge changes at once and the add-on says hello again (and re-attaches), and
-        # when a CURVE handshake fails, which ZeroMQ would otherwise retry in silence for ever.
-        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-        for event in HANDSHAKE_FAILED:
-            events |= event
-        self.monitor = self.client.socket.get_monitor_socket(events)
+        self.shook = False  # a handshake succeeded on this connection
         self.lost = False
         self.quiet = False  # started by the add-on itself: no alarm when nobody answers
         self.can_watch = True  # the backend understands `watch` (an older one answers BAD_REQUEST)
@@ -98,15 +89,13 @@ class Session:
         self.pending[msg_id] = Pending(kind, now, job or "", now + self.timeout + extra_s)
         return msg_id
 
-    def connection_events(self) -> list[int]:
-        events = []
-        while self.monitor.poll(0):
-            events.append(recv_monitor_message(self.monitor)["event"])
-        return events
+    def watch(self, job: str) -> None:
+        """Follow a job's events on this connection (the client watches it again after each reconnection)."""
+        msg_id = self.client.watch(job) if self.can_watch else self.client.send("status", job)
+        now = time.monotonic()
+        self.pending[msg_id] = Pending("watch" if self.can_watch else "status", now, job, now + self.timeout)
 
     def close(self) -> None:
-        self.client.socket.disable_monitor()
-        self.monitor.close(linger=0)
         self.client.close()  # LINGER 0, then the context is terminated
 
 
@@ -405,10 +394,13 @@ def _pump() -> float:
 
 
 def watch_connection(st: PROMPTMESH_PG_state, sess: Session) -> bool:
-    """The badge follows the connection; after a drop, hello again (its welcome re-attaches).
-    False when the session was closed (a failed handshake)."""
-    for event in sess.connection_events():
-        if event in HANDSHAKE_FAILED:
+    """The badge follows the connection (the client's monitor, ZeroMQ reconnects by itself);
+    after a drop, hello again: its welcome re-attaches the live jobs. False when the session
+    was closed: a connection that drops before any handshake succeeded is a handshake refused
+    (CURVE keys that do not match, or encryption on one side only), which ZeroMQ would retry in
+    silence for ever."""
+    for event in sess.client.connection_events():
+        if event == zmq.EVENT_DISCONNECTED and not sess.shook:
             handshake_failed(st, sess)
             return False
         if event == zmq.EVENT_DISCONNECTED and st.connection == "ONLINE":
@@ -416,9 +408,11 @@ def watch_connection(st: PROMPTMESH_PG_state, sess: Session) -> bool:
             st.connection = "CONNECTING"
             st.say(f"lost the backend at {sess.endpoint}: reconnecting", error=True)
             proxy.remove()  # a proxy the backend can no longer update; re-attaching brings it back
-        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and sess.lost:
-            sess.lost = False
-            sess.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            sess.shook = True
+            if sess.lost:
+                sess.lost = False
+                sess.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
     return True
 
 
@@ -450,8 +444,9 @@ def resync(st: PROMPTMESH_PG_state, sess: Session) -> None:
 
 
 def fetch(sess: Session, item: Any) -> None:
-    """Ask for a finished job's mesh, with a time-out that grows with its size (a slow link)."""
-    sess.send("result", item.job, extra_s=item.expect_bytes / SLOW_LINK_BPS)
+    """Ask for a finished job's mesh (once at a time), with a time-out that grows with its size (a slow link)."""
+    if not any(p.kind == "result" and p.job == item.job for p in sess.pending.values()):
+        sess.send("result", item.job, extra_s=item.expect_bytes / SLOW_LINK_BPS)
 
 
 def fetch_progress(st: PROMPTMESH_PG_state, sess: Session) -> None:
@@ -526,9 +521,9 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
     if isinstance(vocabularies, dict):
         _vocabularies.update({str(k): set(map(str, v)) for k, v in vocabularies.items() if isinstance(v, list)})
     sess.send("models")
-    for item in st.jobs:  # re-attach to jobs that went on while we were away
-        if item.job and item.state in ("QUEUED", "RUNNING"):
-            sess.send("watch" if sess.can_watch else "status", item.job)
+    for item in st.jobs:  # re-attach to jobs that went on while we were away (the client re-watches its own)
+        if item.job and item.state in ("QUEUED", "RUNNING") and item.job not in sess.client.following:
+            sess.watch(item.job)
         elif item.job and item.state == "FETCHING":
             fetch(sess, item)
 
@@ -552,12 +547,7 @@ def on_watch_reply(st: PROMPTMESH_PG_state, sess: Session, msg: Message, pending
     if item is None:
         return
     if msg.type != "error":
-        jobs = msg.fields.get("jobs")
-        for summary in jobs if isinstance(jobs, list) else [{"job": pending.job, **msg.fields}]:
-            apply_summary(st, sess, summary)
-        active = st.job(st.active_job)
-        if item.state == "RUNNING" and (active is None or active.state != "RUNNING"):
-            st.active_job, st.stage = item.job, ""  # the bar and previews follow it again
+        on_watching(st, sess, msg, "watch")
         return
     code = msg.fields.get("code")
     if code == ErrorCode.NOT_FOUND:
@@ -565,7 +555,17 @@ def on_watch_reply(st: PROMPTMESH_PG_state, sess: Session, msg: Message, pending
         save_record(item)
     elif code == ErrorCode.BAD_REQUEST:  # a backend without `watch`: its status, and the ping's resync
         sess.can_watch = False
-        sess.send("status", item.job)
+        sess.client.following.discard(item.job)
+        sess.watch(item.job)
+
+
+def on_watching(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
+    """A watch's reply (ours, or the client's own after a reconnection): the job's summary."""
+    summary = msg.fields.get("summary")
+    apply_summary(st, sess, {"job": msg.job, **summary} if isinstance(summary, dict) else {})
+    item, active = st.job(msg.job or ""), st.job(st.active_job)
+    if item is not None and item.state == "RUNNING" and (active is None or active.state != "RUNNING"):
+        st.active_job, st.stage = item.job, ""  # the bar and previews follow it again
 
 
 def version_mismatch(st: PROMPTMESH_PG_state, theirs: Any) -> None:
@@ -783,7 +783,7 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
         st.say(f"{'cannot do that' if code in REFUSALS else 'backend error'}: {text}", error=True)
 
 
-HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted,
+HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted, "watching": on_watching,
             "progress": on_progress, "preview": on_preview, "proxy": on_proxy, "done": on_done, "result": on_result,
             "error": on_error}
 

@@ -670,3 +670,233 @@ def test_cli_fbx_and_our_obj_of_a_textured_mesh_read_back_with_the_texture(bpy, 
     back = reimport(bpy, obj_dir / "sphere.obj")
     assert_textured_like(back, mesh)
     bpy.data.objects.remove(back)
+
+
+# ---- what artists expect (issue 40) ------------------------------------------------------------
+class ScriptedBackend:
+    """A ROUTER on a loopback port that answers as the test says, for what a real backend cannot
+    be made to do on demand (a malformed event, a result that is slow to come, a lost connection
+    at a chosen moment). It speaks the real wire format (shared.protocol)."""
+
+    def __init__(self, curve_keys: tuple[bytes, bytes] | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        if curve_keys is not None:
+            self.router.curve_server = True
+            self.router.curve_publickey, self.router.curve_secretkey = curve_keys
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.peer = b""
+
+    def expect(self, session, kind: str, timeout: float = 10.0) -> dict:
+        """Pump the add-on until it sends a `kind` request; returns its header (others are dropped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            session.pump()
+            while self.router.poll(10):
+                self.peer, header, *_ = self.router.recv_multipart()
+                msg = msgpack.unpackb(header)
+                if msg["type"] == kind:
+                    return msg
+        raise AssertionError(f"the add-on sent no {kind}")
+
+    def send(self, kind: str, msg_id: str = "", job: str | None = None, arrays: dict | None = None, **fields) -> None:
+        from promptmesh.shared.protocol import Message, encode
+
+        self.router.send_multipart([self.peer, *encode(Message(kind, msg_id, job, fields, arrays or {}))])
+
+    def welcome(self, session, **fields) -> dict:
+        hello = self.expect(session, "hello")
+        self.send("welcome", hello["id"], protocol=1, version="scripted", device="cuda",
+                  models=["embedded", "sd21"], **fields)
+        return hello
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+def small_mesh_arrays() -> dict:
+    from promptmesh.shared.result import Mesh
+
+    box = trimesh.creation.box()
+    v = box.vertices.astype(np.float32)
+    return Mesh(v, box.faces.astype(np.int32), np.tile(np.float32([0.8, 0.1, 0.1]), (len(v), 1)), v).arrays
+
+
+def test_seeds_are_new_each_time_unless_locked_variations_queue_several_and_a_double_click_one(bpy, addon, prefs):
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 30.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt = PROMPT
+        assert not settings.lock_seed  # a new seed each time, by default
+        sent = []
+
+        def generate() -> set:
+            result = bpy.ops.promptmesh.generate()
+            while backend.router.poll(200):
+                backend.peer, header, *_ = backend.router.recv_multipart()
+                msg = msgpack.unpackb(header)
+                if msg["type"] == "generate":
+                    sent.append(msg["spec"]["seed"])
+            return result
+
+        assert generate() == {"FINISHED"}
+        assert generate() == {"CANCELLED"}  # a double click queues nothing more
+        assert len(st.jobs) == 1 and sent == [settings.seed] == [st.jobs[0].seed]  # the seed used is shown
+        time.sleep(session.REPEAT_S)
+        assert generate() == {"FINISHED"}
+        assert len(sent) == 2 and sent[1] != sent[0] and settings.seed == sent[1]  # Generate again: another object
+
+        settings.lock_seed, settings.seed, settings.variations = True, 41, 3
+        assert generate() == {"FINISHED"}
+        assert sent[2:] == [41, 42, 43] and [j.seed for j in st.jobs][2:] == [41, 42, 43] and settings.seed == 41
+        time.sleep(session.REPEAT_S)
+        settings.lock_seed = False
+        assert generate() == {"FINISHED"}
+        assert len(set(sent[5:])) == 3 and len(st.jobs) == 8  # unlocked variations: three new seeds
+    finally:
+        backend.close()
+
+
+def test_the_pump_reports_and_goes_on_a_large_result_gets_its_time_and_a_job_imports_as_an_undo_step(
+        bpy, addon, prefs, capfd):
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 1.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt = PROMPT
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}
+        backend.welcome(session)
+        models = backend.expect(session, "models")  # an older backend does not know it ...
+        backend.send("error", models["id"], code="BAD_REQUEST", message="unknown message type 'models'")
+        pump_until(session, lambda: st.connection == "ONLINE", timeout=5)
+        session.pump()
+        properties = sys.modules[f"{MODULE}.properties"]  # ... so the drop-down offers the welcome's models
+        assert [m[0] for m in properties.model_entries(settings.model)] == ["embedded", "sd21"]
+        assert not st.status_is_error
+
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job = "0123456789abcdef"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job, position=0)
+        backend.send("progress", "", job, stage="downloading", step=0, total=0, done_bytes=500_000_000,
+                     total_bytes=2_000_000_000)
+        pump_until(session, lambda: st.jobs[-1].state == "RUNNING", timeout=5)
+        assert st.eta == "0.50 of 2.00 GB" and abs(st.progress - 0.25) < 1e-6  # bytes, not steps / 1e9
+
+        backend.send("progress", "", job, stage="optimising", step="three", total=10)  # a field of the wrong type
+        backend.send("progress", "", job, stage="optimising", step=3, total=10)
+        pump_until(session, lambda: st.jobs[-1].step == 3, timeout=5)  # the message after it still counts
+        assert st.status_is_error and "keeps going" in st.status and session.pump() > 0
+
+        # A large result on a slow link: its time-out grows with its size, the bar says what travels.
+        backend.send("done", "", job, meta={"vertices": 2_000_000, "faces": 4_000_000, "texture_size": 4096})
+        request = backend.expect(session, "result")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * prefs.timeout:
+            assert session.pump() > 0
+            time.sleep(0.05)
+        assert st.connection == "ONLINE" and session.session() is not None  # not "unreachable"
+        assert st.eta.startswith("fetching 18") and " MB: 0:0" in st.eta and 0.97 < st.progress < 1.0
+        bpy.ops.ed.undo_push(message="before the result")  # the step the artist was at
+        backend.send("result", request["id"], job, arrays=small_mesh_arrays(), meta={"prompt": PROMPT, "seed": 0})
+        pump_until(session, lambda: st.jobs[-1].state == "DONE", timeout=5)
+        assert PROMPT in bpy.data.objects and bpy.context.view_layer.objects.active.name == PROMPT
+        assert f"Info: PromptMesh: '{PROMPT}' is done: imported {PROMPT}" in capfd.readouterr().out  # the status bar
+        bpy.ops.ed.undo()
+        assert PROMPT not in bpy.data.objects  # Ctrl+Z takes the import away ...
+        bpy.ops.ed.redo()
+        assert PROMPT in bpy.data.objects  # ... and redo brings it back
+
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job2 = "0123456789abcde0"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job2, position=0)
+        backend.send("error", "", job2, code="MESH", message="no surface was found")
+        pump_until(session, lambda: st.jobs[-1].state == "FAILED", timeout=5)
+        assert f"Warning: PromptMesh: '{PROMPT}' failed: no surface was found" in capfd.readouterr().out
+    finally:
+        backend.close()
+        for obj in [o for o in bpy.data.objects if o.name.startswith(PROMPT)]:
+            bpy.data.objects.remove(obj)
+
+
+def test_after_a_reconnect_the_add_on_watches_its_running_jobs_and_cancels_from_the_list(bpy, addon, prefs):
+    """The add-on side of re-attaching: a new connection (Refresh here) says hello and asks to
+    watch each job still running; that job's events on the new connection drive the bar again.
+    A job cancelled before the backend accepted it is cancelled as soon as it is."""
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 10.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt, settings.variations = PROMPT, 2
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}
+        backend.welcome(session)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        first = backend.expect(session, "generate")
+        second = backend.expect(session, "generate")
+        assert bpy.ops.promptmesh.cancel(job=st.jobs[1].request) == {"FINISHED"}  # from its row in the Jobs list
+        running, queued = "0123456789abcdef", "0123456789abcde1"
+        backend.send("accepted", first["id"], running, position=0)
+        backend.send("accepted", second["id"], queued, position=1)
+        assert backend.expect(session, "cancel")["job"] == queued
+        backend.send("progress", "", running, stage="optimising", step=2, total=100)
+        pump_until(session, lambda: st.jobs[0].step == 2, timeout=5)
+
+        first_peer = backend.peer
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}  # Refresh: a new connection, events went to the old
+        backend.welcome(session)
+        models = backend.expect(session, "models")
+        presets = {"draft": {"settings": {"steps": 1500, "resolution": 64}, "seconds": 95.0},
+                   "standard": {"settings": {}, "seconds": None}}
+        backend.send("models", models["id"], device="cuda", models=[
+            {"name": "embedded", "label": "PromptMesh's own prior", "default": False},
+            {"name": "sd21", "label": "Stable Diffusion 2.1 base", "default": True, "presets": presets}])
+        watch = backend.expect(session, "watch")
+        assert watch["job"] == running and backend.peer != first_peer
+        backend.send("watching", watch["id"], running, summary={"job": running, "state": "running", "prompt": PROMPT})
+        backend.send("progress", "", running, stage="optimising", step=7, total=100)
+        pump_until(session, lambda: st.jobs[0].step == 7, timeout=5)
+        assert st.active_job == running and st.stage == "optimising"
+        # The main panel's model drop-down and the quality tooltips come from the `models` reply;
+        # the scene never chose a model, so it takes the backend's default.
+        properties = sys.modules[f"{MODULE}.properties"]
+        assert [e[:2] for e in properties.model_entries(settings.model)] == [
+            ("embedded", "PromptMesh's own prior"), ("sd21", "Stable Diffusion 2.1 base")]
+        assert settings.model == "sd21" and settings.model_choice == "sd21"
+        tips = {item[0]: item[2] for item in properties._quality_items(settings, bpy.context)}
+        assert "1500 iterations" in tips["DRAFT"] and "about 1:35 (min:s) on cuda" in tips["DRAFT"]
+        assert "not measured" in tips["STANDARD"] and "not measured" in tips["HIGH"]
+        settings.model_choice = "embedded"
+        assert settings.model == "embedded" and settings.to_spec().model == "embedded"
+        assert bpy.ops.promptmesh.cancel(job=running) == {"FINISHED"}
+        assert backend.expect(session, "cancel")["job"] == running
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("keys", ["wrong", "none"])
+def test_a_failed_encryption_handshake_names_the_keys_to_check(bpy, addon, prefs, keys):
+    _, session = addon
+    backend = ScriptedBackend(curve_keys=zmq.curve_keypair())
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 30.0
+        if keys == "wrong":  # another server's key
+            prefs.server_key = zmq.curve_keypair()[0].decode()
+            prefs.client_public_key, prefs.client_secret_key = (k.decode() for k in zmq.curve_keypair())
+        st = bpy.context.window_manager.promptmesh
+        bpy.ops.promptmesh.connect()
+        seconds = pump_until(session, lambda: st.connection == "ERROR", timeout=10)
+        assert seconds < 5 and st.status_is_error and session.session() is None  # not 30 s of "connecting"
+        assert "encryption handshake" in st.status and "Server Public Key" in st.status
+        assert ("authorized/" in st.status) if keys == "wrong" else ("wants encryption" in st.status)
+        assert "promptmesh serve" not in st.status  # not the advice for a backend that is not running
+    finally:
+        prefs.property_unset("server_key")
+        prefs.property_unset("client_public_key")
+        prefs.property_unset("client_secret_key")
+        backend.close()
