@@ -214,7 +214,7 @@ class PROMPTMESH_PG_job(bpy.types.PropertyGroup):
     message: StringProperty(name="Message")
     step: IntProperty()
     total: IntProperty()
-    opened: IntProperty(description="Which opened file (session.opened()) the job was started from; 0: another session")
+    opened: IntProperty(description="Which opened file (session.opened()) the job was submitted from")
     cancel_asked: BoolProperty(description="Cancel was pressed before the backend accepted the job")
     expect_bytes: IntProperty(description="About how large the result is on the wire, for its time-out")
 

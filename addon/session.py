@@ -105,6 +105,9 @@ _vocabularies: dict[str, set[str]] = {}  # model -> the words a closed-vocabular
 _next_auto_connect: float | None = 0.0  # monotonic time of the next quiet connection attempt; None: none
 _opened = 1  # counts the files opened in this Blender session (load_post): jobs import into the one they began in
 _last_generate: tuple[str, float] = ("", 0.0)  # settings and time of the last Generate, to drop a double click
+# Job id -> the opened file (_opened) it was begun in, for this Blender session's jobs. Kept here,
+# not on the job list: opening a file may give Blender a new window manager and the list with it.
+_begun_in: dict[str, int] = {}
 
 # Where each stage sits on the progress bar, so that meshing and fetching move it too.
 # A first download fills the bar by its bytes (minutes for Stable Diffusion); generation starts over.
@@ -605,6 +608,7 @@ def on_accepted(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str)
     if item is None or not msg.job or not JOB_ID.fullmatch(msg.job):
         return
     item.job, item.request, item.state = msg.job, "", "QUEUED"
+    _begun_in[msg.job] = item.opened
     position = msg.fields.get("position", 0)
     item.message = f"{position} job(s) ahead" if position else ""
     active = st.job(st.active_job)
@@ -669,7 +673,7 @@ def end_proxy(sess: Session) -> None:
 
 def show_proxy(st: PROMPTMESH_PG_state, msg: Message) -> None:
     item = st.job(msg.job or "")
-    if item is None or item.opened != _opened:  # started in another file: not this scene's business
+    if item is None or _begun_in.get(item.job) != _opened:  # begun in another file or session: not this scene's
         return
     arrays = msg.arrays
     if arrays["vertices"].ndim == 2 and arrays["faces"].ndim == 2 and len(arrays["faces"]):
@@ -729,11 +733,11 @@ def ended(st: PROMPTMESH_PG_state, sess: Session, item: Any) -> None:
             st.progress = 1.0
     if item.state == "DONE":
         st.say(f"done: {item.prompt}")
-        settings = bpy.context.scene.promptmesh
-        if item.opened == _opened and settings.import_when_done:
+        settings, begun = bpy.context.scene.promptmesh, _begun_in.get(item.job, 0)
+        if begun == _opened and settings.import_when_done:
             auto_import(st, item)
             return
-        if item.opened and item.opened != _opened:  # this Blender session started it, in another file
+        if begun and begun != _opened:  # this Blender session began it, in another file
             notify(f"PromptMesh: '{item.prompt}' is done; it was started in another file: import it from the Jobs list")
             return
         notify(f"PromptMesh: '{item.prompt}' is done")

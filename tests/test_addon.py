@@ -457,12 +457,28 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
 
 def test_start_launches_the_backend_command_and_shows_why_it_failed(bpy, addon, prefs, tmp_path):
     _, session = addon
+    backend_process = sys.modules[f"{MODULE}.backend_process"]
     st = bpy.context.window_manager.promptmesh
     prefs.endpoint, prefs.timeout = f"tcp://127.0.0.1:{free_port()}", 2.0
-    prefs.backend_command = f"{sys.executable} -c 'import sys; print(\"no CUDA here\"); sys.exit(3)'"
+    # Blender's online access is off (the bpy module's default): the backend it starts runs offline.
+    prefs.backend_command = (f"{sys.executable} -c 'import os, sys; print(\"no CUDA here, offline=\" "
+                             "+ os.environ.get(\"HF_HUB_OFFLINE\", \"unset\")); sys.exit(3)'")
     assert bpy.ops.promptmesh.backend_start() == {"FINISHED"}
     pump_until(session, lambda: "status 3" in st.backend_log, timeout=30)
-    assert "no CUDA here" in st.backend_log and st.status_is_error
+    assert "no CUDA here, offline=1" in st.backend_log and st.status_is_error
+
+    prefs.backend_command = "promptmesh serve --data-dir '/tmp/my data"  # an unbalanced quote: one clear line
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        bpy.ops.promptmesh.backend_start()
+    assert "cannot be read" in st.backend_log and not backend_process.running()
+    # Windows: the line goes whole to CreateProcess, which keeps backslashes and quoted spaces.
+    windows = backend_process.command_line(r'"C:\Program Files\PromptMesh\promptmesh.exe" serve --device cuda',
+                                           prefs.endpoint, windows=True)
+    assert windows == rf'"C:\Program Files\PromptMesh\promptmesh.exe" serve --device cuda --bind {prefs.endpoint}'
+    assert backend_process.command_line(r"C:\pm\promptmesh.exe serve --bind=tcp://127.0.0.1:7", "x", windows=True) \
+        == r"C:\pm\promptmesh.exe serve --bind=tcp://127.0.0.1:7"
+    assert backend_process.command_line("/opt/pm/bin/promptmesh serve", "tcp://127.0.0.1:9", windows=False) \
+        == ["/opt/pm/bin/promptmesh", "serve", "--bind", "tcp://127.0.0.1:9"]
 
     prefs.backend_command = (f"env HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m promptmesh.backend.cli "
                              f"serve --data-dir {tmp_path / 'data'} --device cpu")
@@ -900,3 +916,110 @@ def test_a_failed_encryption_handshake_names_the_keys_to_check(bpy, addon, prefs
         prefs.property_unset("client_public_key")
         prefs.property_unset("client_secret_key")
         backend.close()
+
+
+def tiny_job_settings(bpy, model: Path, steps: int) -> None:
+    """A job of the tiny Stable Diffusion that takes seconds on a CPU (or runs until cancelled)."""
+    settings = bpy.context.scene.promptmesh
+    settings.prompt, settings.model, settings.device, settings.texture_size = "a red cube", model.name, "cpu", "64"
+    given(settings, steps=steps, resolution=16, mesh_resolution=32)
+    settings.preview_every, settings.show_proxy, settings.proxy_every = 1, True, 0.5
+
+
+def imported_jobs(bpy) -> dict[str, object]:
+    return {o["promptmesh_job"]: o for o in bpy.context.scene.objects if "promptmesh_job" in o}
+
+
+@pytest.mark.slow
+def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_opened_file_keeps_out(
+        bpy, addon, prefs, tmp_path, tiny_sd, capfd):
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=4)
+        bpy.context.scene.promptmesh.variations = 2
+        cube = bpy.data.objects.new("artist's cube", bpy.data.meshes.new("artist's cube"))
+        bpy.context.scene.collection.objects.link(cube)
+        for other in bpy.context.view_layer.objects.selected:
+            other.select_set(False)
+        cube.select_set(True)
+        bpy.context.view_layer.objects.active = cube
+        bpy.ops.object.mode_set(mode="EDIT")  # the artist edits while the two variations are made
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: [j.state for j in st.jobs] == ["DONE", "DONE"], timeout=300)
+        jobs = {j.job for j in st.jobs}
+        assert set(imported_jobs(bpy)) == jobs  # both, not only the newest: each in the scene
+        assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == cube
+        assert list(bpy.context.view_layer.objects.selected) == [cube]  # the selection is the artist's still
+        assert capfd.readouterr().out.count("is done: imported") == 2  # a notice for each
+        bpy.ops.object.mode_set(mode="OBJECT")
+        assert st.preview_step > 0
+
+        # File > Open while a job runs: its result stays out of the file opened meanwhile.
+        other_file = tmp_path / "other.blend"
+        bpy.ops.wm.save_as_mainfile(filepath=str(other_file), copy=True)
+        bpy.context.scene.promptmesh.variations = 1
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        assert st.preview_step == 0  # the last job's preview makes way at once
+        pump_until(session, lambda: st.jobs[-1].job != "", timeout=30)
+        job = st.jobs[-1].job
+        bpy.ops.wm.open_mainfile(filepath=str(other_file))
+        st = bpy.context.window_manager.promptmesh
+        pump_until(session, lambda: st.job(job) is not None and st.job(job).state == "DONE", timeout=300)
+        assert job not in imported_jobs(bpy) and len(imported_jobs(bpy)) == 2  # the file as it was saved
+        assert "it was started in another file: import it from the Jobs list" in capfd.readouterr().out
+        assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"} and job in imported_jobs(bpy)
+
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}  # begun in this file: imported into it
+        pump_until(session, lambda: st.jobs[-1].state == "DONE", timeout=300)
+        assert st.jobs[-1].job in imported_jobs(bpy)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_running_jobs_come_back_after_a_dropped_connection_and_a_restart_of_blender(bpy, addon, prefs, tmp_path, tiny_sd):
+    """Progress, previews and the proxy of a running job resume after Refresh (a new connection:
+    the old one's events are lost) and after the add-on starts afresh as in a new Blender, which
+    loads its history and connects by itself; a disconnect takes the proxy away."""
+    import addon_utils
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=20000)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: st.jobs[-1].step > 0 and proxy_blocks(bpy) and st.preview_step > 0, timeout=120)
+        job = st.jobs[-1].job
+
+        step = st.job(job).step
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}  # Refresh
+        assert not proxy_blocks(bpy)  # gone with the connection that fed it
+        st.preview_step = 0
+        pump_until(session, lambda: st.job(job).step > step + 2 and proxy_blocks(bpy) and st.preview_step > 0,
+                   timeout=60)
+
+        addon_utils.disable(MODULE, default_set=True)  # Blender closes ...
+        assert not proxy_blocks(bpy)
+        addon_utils.enable(MODULE, default_set=True)  # ... and starts again, the job still running
+        prefs = bpy.context.preferences.addons[MODULE].preferences  # as Blender's saved preferences keep them
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        st.jobs.clear()  # a new Blender knows nothing but the job folders
+        st.history_loaded, st.active_job, st.connection = False, "", "OFFLINE"
+        session = sys.modules[f"{MODULE}.session"]
+        assert bpy.app.timers.is_registered(session.pump) and session.session() is None
+        pump_until(session, lambda: st.job(job) is not None and st.connection == "ONLINE", timeout=30)
+        step = st.job(job).step
+        pump_until(session, lambda: st.job(job).step > step + 2 and proxy_blocks(bpy), timeout=60)
+        assert st.active_job == job and st.job(job).state == "RUNNING"
+        assert bpy.ops.promptmesh.cancel(job=job) == {"FINISHED"}
+        pump_until(session, lambda: st.job(job).state == "CANCELLED", timeout=60)
+        assert not proxy_blocks(bpy)
+    finally:
+        server.stop()
