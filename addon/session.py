@@ -147,7 +147,7 @@ def opened() -> int:
 def notify(text: str, error: bool = False) -> None:
     """A notice in Blender's status bar (and its Info log), from the timer as from an operator."""
     try:
-        bpy.ops.promptmesh.notice(message=text, error=error)
+        bpy.ops.promptmesh.notice(message=text, error=error)  # type: ignore[attr-defined]  # our own operator
     except Exception:  # no window to report to (the add-on is being disabled): the console has it
         print(f"PromptMesh: {text}")
 
