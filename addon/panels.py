@@ -10,6 +10,7 @@ import bpy
 from . import session
 from .operators import EXPORT_ITEMS
 from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES
+from .shared.vocab import Stage
 
 # Blender icon ids from our enum tables (Any: the stubs want each id as a literal).
 CONNECTION_ICONS: dict[str, Any] = {c[0]: c[3] for c in CONNECTION}
@@ -61,7 +62,7 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         row.operator("promptmesh.cancel", text="", icon="CANCEL")
         active = st.job(st.active_job)
         if active is not None and active.state not in FINAL_STATES:
-            counted = active.total and st.stage in ("optimising", "refining")
+            counted = active.total and st.stage in (Stage.OPTIMISING, Stage.REFINING)
             text = f"{st.stage} {active.step}/{active.total}" if counted else st.stage
             layout.progress(factor=st.progress, type="BAR", text=text)
             if st.eta:

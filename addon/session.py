@@ -10,6 +10,7 @@ of Blender) and never stops on an error: it reports it and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -41,8 +42,9 @@ from .shared.errors import PromptMeshError
 from .shared.protocol import Message
 from .shared.result import JOB_ID, JobFiles, Mesh, jobs_root, read_json, write_json, write_npz
 from .shared.spec import unknown_words
-from .shared.vocab import ErrorCode, Stage
+from .shared.vocab import ErrorCode, MessageType, Stage
 
+T = MessageType
 BUDGET_S = 0.004
 FAST_S = 0.05
 IDLE_S = 1.0
@@ -91,9 +93,9 @@ class Session:
 
     def watch(self, job: str) -> None:
         """Follow a job's events on this connection (the client watches it again after each reconnection)."""
-        msg_id = self.client.watch(job) if self.can_watch else self.client.send("status", job)
+        msg_id = self.client.watch(job) if self.can_watch else self.client.send(T.STATUS, job)
         now = time.monotonic()
-        self.pending[msg_id] = Pending("watch" if self.can_watch else "status", now, job, now + self.timeout)
+        self.pending[msg_id] = Pending(T.WATCH if self.can_watch else T.STATUS, now, job, now + self.timeout)
 
     def close(self) -> None:
         self.client.close()  # LINGER 0, then the context is terminated
@@ -144,10 +146,20 @@ def opened() -> int:
     return _opened
 
 
+def in_a_window() -> Any:
+    """A context with a window and its screen for the timer's work: Blender runs timers without
+    one, and undo steps, reports and the import (the window's view layer) want one."""
+    windows = bpy.context.window_manager.windows
+    if bpy.context.window is not None or not windows:
+        return contextlib.nullcontext()
+    return bpy.context.temp_override(window=windows[0], screen=windows[0].screen)
+
+
 def notify(text: str, error: bool = False) -> None:
     """A notice in Blender's status bar (and its Info log), from the timer as from an operator."""
     try:
-        bpy.ops.promptmesh.notice(message=text, error=error)  # type: ignore[attr-defined]  # our own operator
+        with in_a_window():
+            bpy.ops.promptmesh.notice(message=text, error=error)  # type: ignore[attr-defined]  # our own operator
     except Exception:  # no window to report to (the add-on is being disabled): the console has it
         print(f"PromptMesh: {text}")
 
@@ -217,7 +229,7 @@ def connect(context: Any, quiet: bool = False) -> Session | None:
     _session.quiet = quiet
     if not quiet:  # asked for: the start-up attempt is not needed, retries resume after a while
         _next_auto_connect = time.monotonic() + RETRY_S
-    _session.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
+    _session.send(T.HELLO, client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
     st.connection = "CONNECTING"
     st.say(f"connecting to {_session.endpoint}")
     start_timer()
@@ -298,7 +310,7 @@ def submit(context: Any, spec: dict[str, Any], prompt: str, seed: int) -> Any:
         return None
     sess.quiet = False  # the artist is waiting now: say so if nobody answers
     item = st.jobs.add()
-    item.request = sess.send("generate", spec=spec)
+    item.request = sess.send(T.GENERATE, spec=spec)
     item.prompt, item.seed, item.state, item.opened = prompt, seed, "SUBMITTING", _opened
     faces = spec.get("max_faces") or 20000  # the backend's default decimation
     item.expect_bytes = min(result_bytes(faces // 2, faces, int(spec.get("texture_size") or 0)), 2**31 - 1)
@@ -323,7 +335,7 @@ def cancel(item: Any) -> bool:
         return True
     if _session is None or not item.job:
         return False
-    _session.send("cancel", item.job)
+    _session.send(T.CANCEL, item.job)
     return True
 
 
@@ -389,7 +401,7 @@ def _pump() -> float:
     if not check_timeouts(st, sess):
         return _redraw(IDLE_S)
     if st.connection in ("ONLINE", "CONNECTING") and time.monotonic() - sess.last_heard > PING_S and not sess.pending:
-        sess.send("ping")
+        sess.send(T.PING)
         resync(st, sess)
     live = sess.pending or any(j.state not in FINAL_STATES for j in st.jobs)
     sess.interval = FAST_S if (live or heard) else min(IDLE_S, sess.interval * 2)
@@ -415,7 +427,7 @@ def watch_connection(st: PROMPTMESH_PG_state, sess: Session) -> bool:
             sess.shook = True
             if sess.lost:
                 sess.lost = False
-                sess.send("hello", client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
+                sess.send(T.HELLO, client="promptmesh-blender", protocol=P.PROTOCOL_VERSION)
     return True
 
 
@@ -441,15 +453,15 @@ def resync(st: PROMPTMESH_PG_state, sess: Session) -> None:
     restarted backend must not leave a job 'running' here for ever."""
     for item in st.jobs:
         if item.job and item.state in ("QUEUED", "RUNNING"):
-            sess.send("status", item.job)
+            sess.send(T.STATUS, item.job)
         elif item.job and item.state == "FETCHING":
             fetch(sess, item)
 
 
 def fetch(sess: Session, item: Any) -> None:
     """Ask for a finished job's mesh (once at a time), with a time-out that grows with its size (a slow link)."""
-    if not any(p.kind == "result" and p.job == item.job for p in sess.pending.values()):
-        sess.send("result", item.job, extra_s=item.expect_bytes / SLOW_LINK_BPS)
+    if not any(p.kind == T.RESULT and p.job == item.job for p in sess.pending.values()):
+        sess.send(T.RESULT, item.job, extra_s=item.expect_bytes / SLOW_LINK_BPS)
 
 
 def fetch_progress(st: PROMPTMESH_PG_state, sess: Session) -> None:
@@ -457,7 +469,7 @@ def fetch_progress(st: PROMPTMESH_PG_state, sess: Session) -> None:
     item = st.job(st.active_job)
     if item is None or item.state != "FETCHING" or item.expect_bytes < LARGE_RESULT:
         return
-    sent = [p.sent for p in sess.pending.values() if p.kind == "result" and p.job == item.job]
+    sent = [p.sent for p in sess.pending.values() if p.kind == T.RESULT and p.job == item.job]
     if not sent:
         return
     elapsed = time.monotonic() - min(sent)
@@ -498,12 +510,12 @@ def check_timeouts(st: PROMPTMESH_PG_state, sess: Session) -> bool:
 
 def handle(st: PROMPTMESH_PG_state, sess: Session, msg: Message) -> None:
     pending = sess.pending.pop(msg.id, None) if msg.id else None
-    if msg.type in ("done", "error") and msg.job:  # a job's end answers any cancel of it still waiting
-        for msg_id in [i for i, p in sess.pending.items() if p.kind == "cancel" and p.job == msg.job]:
+    if msg.type in (T.DONE, T.ERROR) and msg.job:  # a job's end answers any cancel of it still waiting
+        for msg_id in [i for i, p in sess.pending.items() if p.kind == T.CANCEL and p.job == msg.job]:
             del sess.pending[msg_id]
     kind = pending.kind if pending else ""
-    if kind in ("watch", "models"):
-        (on_watch_reply if kind == "watch" else on_models_reply)(st, sess, msg, pending)
+    if kind in (T.WATCH, T.MODELS):
+        (on_watch_reply if kind == T.WATCH else on_models_reply)(st, sess, msg, pending)
         return
     handler = HANDLERS.get(msg.type)
     if handler is not None:
@@ -523,7 +535,7 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
     _vocabularies.clear()
     if isinstance(vocabularies, dict):
         _vocabularies.update({str(k): set(map(str, v)) for k, v in vocabularies.items() if isinstance(v, list)})
-    sess.send("models")
+    sess.send(T.MODELS)
     for item in st.jobs:  # re-attach to jobs that went on while we were away (the client re-watches its own)
         if item.job and item.state in ("QUEUED", "RUNNING") and item.job not in sess.client.following:
             sess.watch(item.job)
@@ -533,7 +545,7 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
 
 def on_models_reply(st: PROMPTMESH_PG_state, sess: Session, msg: Message, pending: Any) -> None:
     """The model drop-down and the quality tooltips; a backend without `models` keeps the welcome's names."""
-    models = msg.fields.get("models") if msg.type == "models" else None
+    models = msg.fields.get("models") if msg.type == T.MODELS else None
     if not isinstance(models, list):
         return
     MODELS[:] = [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
@@ -549,8 +561,8 @@ def on_watch_reply(st: PROMPTMESH_PG_state, sess: Session, msg: Message, pending
     item = st.job(pending.job)
     if item is None:
         return
-    if msg.type != "error":
-        on_watching(st, sess, msg, "watch")
+    if msg.type != T.ERROR:
+        on_watching(st, sess, msg, T.WATCH)
         return
     code = msg.fields.get("code")
     if code == ErrorCode.NOT_FOUND:
@@ -616,7 +628,7 @@ def on_accepted(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str)
         st.active_job, st.stage, st.progress = msg.job, "queued", 0.0
     save_record(item)
     if item.cancel_asked:  # Cancel was pressed while it travelled
-        sess.send("cancel", item.job)
+        sess.send(T.CANCEL, item.job)
 
 
 def on_progress(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
@@ -752,13 +764,18 @@ def auto_import(st: PROMPTMESH_PG_state, item: Any) -> None:
     from .importer import import_job
 
     try:
-        obj = import_job(bpy.context, item.job)
+        with in_a_window():
+            name = import_job(bpy.context, item.job).name
     except Exception as exc:  # shown in the panel and the status bar, never as a traceback
         st.say(f"import failed: {exc}", error=True)
         notify(f"PromptMesh: '{item.prompt}' is done but its import failed: {exc}", error=True)
         return
-    bpy.ops.ed.undo_push(message=f"PromptMesh: import {obj.name}")
-    notify(f"PromptMesh: '{item.prompt}' is done: imported {obj.name}")
+    try:
+        with in_a_window():
+            bpy.ops.ed.undo_push(message=f"PromptMesh: import {name}")
+    except RuntimeError as exc:  # the object is there; only Ctrl+Z will not single it out
+        print(f"PromptMesh: no undo step for the import of {name}: {exc}")
+    notify(f"PromptMesh: '{item.prompt}' is done: imported {name}")
 
 
 def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:
@@ -769,16 +786,16 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
     if code == ErrorCode.BUSY:  # a result is still on its way: it will arrive
         return
     item = find(st, msg.job or "") or find(st, msg.id)
-    if kind == "cancel" and code != ErrorCode.CANCELLED:  # too late to cancel: the job goes on to its end
+    if kind == T.CANCEL and code != ErrorCode.CANCELLED:  # too late to cancel: the job goes on to its end
         st.say(f"cannot cancel: {text}", error=True)
         return
-    if item is not None and kind != "status" and item.state not in FINAL_STATES:
+    if item is not None and kind != T.STATUS and item.state not in FINAL_STATES:
         item.state = "CANCELLED" if code == ErrorCode.CANCELLED else "FAILED"
         item.message = text
         if item.job:
             save_record(item)
         ended(st, sess, item)
-    elif item is not None and kind == "status" and code == ErrorCode.NOT_FOUND:
+    elif item is not None and kind == T.STATUS and code == ErrorCode.NOT_FOUND:
         item.state, item.message = "FAILED", "this backend does not know the job"
         save_record(item)
     if code == ErrorCode.CANCELLED:
@@ -787,9 +804,9 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
         st.say(f"{'cannot do that' if code in REFUSALS else 'backend error'}: {text}", error=True)
 
 
-HANDLERS = {"welcome": on_welcome, "pong": on_pong, "status": on_status, "accepted": on_accepted, "watching": on_watching,
-            "progress": on_progress, "preview": on_preview, "proxy": on_proxy, "done": on_done, "result": on_result,
-            "error": on_error}
+HANDLERS = {T.WELCOME: on_welcome, T.PONG: on_pong, T.STATUS: on_status, T.ACCEPTED: on_accepted,
+            T.WATCHING: on_watching, T.PROGRESS: on_progress, T.PREVIEW: on_preview, T.PROXY: on_proxy, T.DONE: on_done,
+            T.RESULT: on_result, T.ERROR: on_error}
 
 
 # ---- the live preview -----------------------------------------------------------------------

@@ -820,12 +820,13 @@ def test_the_pump_reports_and_goes_on_a_large_result_gets_its_time_and_a_job_imp
         bpy.ops.ed.undo_push(message="before the result")  # the step the artist was at
         backend.send("result", request["id"], job, arrays=small_mesh_arrays(), meta={"prompt": PROMPT, "seed": 0})
         pump_until(session, lambda: st.jobs[-1].state == "DONE", timeout=5)
-        assert PROMPT in bpy.data.objects and bpy.context.view_layer.objects.active.name == PROMPT
-        assert f"Info: PromptMesh: '{PROMPT}' is done: imported {PROMPT}" in capfd.readouterr().out  # the status bar
+        obj = imported_jobs(bpy)[job]
+        assert bpy.context.view_layer.objects.active == obj and obj.name.startswith(PROMPT)
+        assert f"Info: PromptMesh: '{PROMPT}' is done: imported {obj.name}" in capfd.readouterr().out  # the status bar
         bpy.ops.ed.undo()
-        assert PROMPT not in bpy.data.objects  # Ctrl+Z takes the import away ...
+        assert job not in imported_jobs(bpy)  # Ctrl+Z takes the import away ...
         bpy.ops.ed.redo()
-        assert PROMPT in bpy.data.objects  # ... and redo brings it back
+        assert job in imported_jobs(bpy)  # ... and redo brings it back
 
         time.sleep(session.REPEAT_S)
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
@@ -838,6 +839,7 @@ def test_the_pump_reports_and_goes_on_a_large_result_gets_its_time_and_a_job_imp
         backend.close()
         for obj in [o for o in bpy.data.objects if o.name.startswith(PROMPT)]:
             bpy.data.objects.remove(obj)
+        bpy.context.view_layer.update()  # else the selection lists the removed objects as None
 
 
 def test_after_a_reconnect_the_add_on_watches_its_running_jobs_and_cancels_from_the_list(bpy, addon, prefs):
@@ -940,6 +942,7 @@ def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_ope
         st = bpy.context.window_manager.promptmesh
         tiny_job_settings(bpy, tiny_sd, steps=4)
         bpy.context.scene.promptmesh.variations = 2
+        before = set(imported_jobs(bpy))  # from tests before this one
         cube = bpy.data.objects.new("artist's cube", bpy.data.meshes.new("artist's cube"))
         bpy.context.scene.collection.objects.link(cube)
         for other in bpy.context.view_layer.objects.selected:
@@ -950,7 +953,7 @@ def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_ope
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         pump_until(session, lambda: [j.state for j in st.jobs] == ["DONE", "DONE"], timeout=300)
         jobs = {j.job for j in st.jobs}
-        assert set(imported_jobs(bpy)) == jobs  # both, not only the newest: each in the scene
+        assert set(imported_jobs(bpy)) - before == jobs  # both, not only the newest: each in the scene
         assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == cube
         assert list(bpy.context.view_layer.objects.selected) == [cube]  # the selection is the artist's still
         assert capfd.readouterr().out.count("is done: imported") == 2  # a notice for each
@@ -960,6 +963,7 @@ def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_ope
         # File > Open while a job runs: its result stays out of the file opened meanwhile.
         other_file = tmp_path / "other.blend"
         bpy.ops.wm.save_as_mainfile(filepath=str(other_file), copy=True)
+        saved = set(imported_jobs(bpy))
         bpy.context.scene.promptmesh.variations = 1
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         assert st.preview_step == 0  # the last job's preview makes way at once
@@ -968,7 +972,7 @@ def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_ope
         bpy.ops.wm.open_mainfile(filepath=str(other_file))
         st = bpy.context.window_manager.promptmesh
         pump_until(session, lambda: st.job(job) is not None and st.job(job).state == "DONE", timeout=300)
-        assert job not in imported_jobs(bpy) and len(imported_jobs(bpy)) == 2  # the file as it was saved
+        assert set(imported_jobs(bpy)) == saved  # the file as it was saved: the job's result stayed out
         assert "it was started in another file: import it from the Jobs list" in capfd.readouterr().out
         assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"} and job in imported_jobs(bpy)
 
