@@ -1027,3 +1027,37 @@ def test_running_jobs_come_back_after_a_dropped_connection_and_a_restart_of_blen
         assert not proxy_blocks(bpy)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_job_goes_on_to_its_import_across_a_restart_of_the_backend(bpy, addon, prefs, tmp_path, tiny_sd, capfd):
+    """A backend stopped mid-job (SIGINT) and started again runs the job on: its progress, end and
+    mesh reach the add-on without any click. One killed (kill -9) fails the job it ran: that end
+    reaches the add-on too, with the backend's reason, and a notice."""
+    import signal
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 30.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=400)
+        for sig, end in ((signal.SIGKILL, "FAILED"), (signal.SIGINT, "DONE")):
+            time.sleep(session.REPEAT_S)
+            assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+            pump_until(session, lambda: st.jobs[-1].step > 0, timeout=120)
+            job = st.jobs[-1].job
+            server.stop(sig)
+            pump_until(session, lambda: "reconnecting" in st.status, timeout=10)
+            st.job(job).step = 0
+            server = ServerProcess(tmp_path / "data", bind=server.endpoint, models=tiny_sd.parent)
+            if end == "DONE":
+                pump_until(session, lambda j=job: st.job(j).step > 0, timeout=120)  # its events reach us again
+            pump_until(session, lambda j=job: st.job(j).state in ("DONE", "FAILED", "CANCELLED"), timeout=300)
+            assert st.job(job).state == end, st.job(job).message
+        killed = st.jobs[-2]
+        assert "server stopped" in killed.message
+        assert f"PromptMesh: '{killed.prompt}' failed: {killed.message}" in capfd.readouterr().out
+        assert st.jobs[-1].job in imported_jobs(bpy) and killed.job not in imported_jobs(bpy)
+    finally:
+        server.stop()
