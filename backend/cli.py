@@ -334,8 +334,8 @@ def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 
 def _show(bar, done: int, total: int, stage: str, unit: str) -> None:
     """Move the terminal's bar; bytes while downloading, steps after."""
     if bar.unit != unit:
-        bar.reset(total)
         bar.unit, bar.unit_scale = unit, unit == "B"
+        bar.reset(total)
     bar.total = total
     bar.update(done - bar.n)
     bar.set_postfix(stage=stage, refresh=False)

@@ -14,7 +14,7 @@ from typing import Any
 from ...shared.errors import PromptMeshError
 from ...shared.result import JobFiles, Mesh, proxy_arrays, remove_temporaries, write_json, write_npz
 from ...shared.spec import JobSpec
-from ...shared.vocab import ErrorCode, MessageType, Stage
+from ...shared.vocab import Device, ErrorCode, MessageType, Stage
 from .messages import frames
 
 log = logging.getLogger("promptmesh.executor")
@@ -126,8 +126,8 @@ def device_name(name: str) -> str:
     from ..threads import resolve_device
 
     device = resolve_device(name)
-    if device.type == "cuda":
+    if device.type == Device.CUDA:
         import torch
 
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return "cpu"
+    return Device.CPU
