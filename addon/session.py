@@ -15,6 +15,7 @@ import json
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -804,9 +805,11 @@ def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) ->
         st.say(f"{'cannot do that' if code in REFUSALS else 'backend error'}: {text}", error=True)
 
 
-HANDLERS = {T.WELCOME: on_welcome, T.PONG: on_pong, T.STATUS: on_status, T.ACCEPTED: on_accepted,
-            T.WATCHING: on_watching, T.PROGRESS: on_progress, T.PREVIEW: on_preview, T.PROXY: on_proxy, T.DONE: on_done,
-            T.RESULT: on_result, T.ERROR: on_error}
+Handler = Callable[[PROMPTMESH_PG_state, Session, Message, str], None]
+HANDLERS: dict[str, Handler] = {
+    T.WELCOME: on_welcome, T.PONG: on_pong, T.STATUS: on_status, T.ACCEPTED: on_accepted, T.WATCHING: on_watching,
+    T.PROGRESS: on_progress, T.PREVIEW: on_preview, T.PROXY: on_proxy, T.DONE: on_done, T.RESULT: on_result,
+    T.ERROR: on_error}
 
 
 # ---- the live preview -----------------------------------------------------------------------
