@@ -729,6 +729,8 @@ def on_result(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -
         write_json(meta, files.meta)
     except OSError as exc:  # a full disk, a read-only folder: the job is done, its mesh not kept
         item.state, item.message = "FAILED", f"the result could not be saved in {user_root()}: {exc.strerror or exc}"
+        with contextlib.suppress(OSError):  # the same disk may refuse this too; the panel has it anyway
+            save_record(item)
         ended(st, sess, item)
         return
     item.state, item.message = "DONE", "; ".join(map(str, meta.get("warnings") or []))  # e.g. why it has no texture

@@ -835,6 +835,18 @@ def test_the_pump_reports_and_goes_on_a_large_result_gets_its_time_and_a_job_imp
         backend.send("error", "", job2, code="MESH", message="no surface was found")
         pump_until(session, lambda: st.jobs[-1].state == "FAILED", timeout=5)
         assert f"Warning: PromptMesh: '{PROMPT}' failed: no surface was found" in capfd.readouterr().out
+
+        # The result cannot be written (a full disk reads the same): the job says so, the pump goes on.
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job3 = "0123456789abcde2"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job3, position=0)
+        session.job_files(job3).mesh.mkdir()  # where mesh.npz goes: the write fails with an OSError
+        backend.send("done", "", job3, meta={"vertices": 8, "faces": 12, "texture_size": 0})
+        backend.send("result", backend.expect(session, "result")["id"], job3, arrays=small_mesh_arrays(), meta={})
+        pump_until(session, lambda: st.jobs[-1].state == "FAILED", timeout=5)
+        assert "could not be saved" in st.jobs[-1].message and job3 not in imported_jobs(bpy)
+        assert "could not be saved" in capfd.readouterr().out and session.pump() > 0
     finally:
         backend.close()
         for obj in [o for o in bpy.data.objects if o.name.startswith(PROMPT)]:
