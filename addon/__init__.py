@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from . import backend_process, operators, panels, preferences, properties, proxy, session
 
-MODULES = (properties, preferences, operators, panels, proxy)
+# The session last: its timer starts once everything it uses is registered.
+MODULES = (properties, preferences, operators, panels, proxy, session)
 
 
 def register() -> None:
@@ -17,7 +18,6 @@ def register() -> None:
 
 
 def unregister() -> None:
-    session.release()
     backend_process.stop()
     for module in reversed(MODULES):
         module.unregister()

@@ -6,6 +6,8 @@ user folder, and is never waited on from the UI: the pump asks `exited()` each t
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import time
@@ -21,28 +23,49 @@ class BackendStartError(RuntimeError):
     """The backend command is empty or cannot be run."""
 
 
-def command_line(command: str, endpoint: str) -> list[str]:
-    """The argument list: the user's command, plus `--bind ENDPOINT` unless it has one."""
-    args = shlex.split(command)
+# What Hugging Face's libraries read to stay off the network (the backend's model loading checks the first).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def command_line(command: str, endpoint: str, windows: bool | None = None) -> list[str] | str:
+    """What to run: the user's command plus `--bind ENDPOINT` unless it has one. On Windows the
+    command line stays one string, which CreateProcess splits by Windows' own rules (backslashes
+    in paths kept, "quoted paths" with spaces); elsewhere it is split as a POSIX shell would."""
+    windows = os.name == "nt" if windows is None else windows
+    empty = BackendStartError("set the backend command in the add-on preferences first "
+                              "(e.g. /path/to/.venv/bin/promptmesh serve)")
+    if windows:
+        line = command.strip()
+        if not line:
+            raise empty
+        if line.count('"') % 2:
+            raise BackendStartError(f"the backend command has an unbalanced quote: {line}")
+        return line if re.search(r"(^|\s)--bind(=|\s|$)", line) else f"{line} --bind {endpoint}"
+    try:
+        args = shlex.split(command)
+    except ValueError as exc:  # an unbalanced quote: say so, never a traceback
+        raise BackendStartError(f"the backend command cannot be read ({exc}): {command.strip()}") from None
     if not args:
-        raise BackendStartError("set the backend command in the add-on preferences first "
-                                "(e.g. /path/to/.venv/bin/promptmesh serve)")
-    if "--bind" not in args:
+        raise empty
+    if not any(a == "--bind" or a.startswith("--bind=") for a in args):
         args += ["--bind", endpoint]
     return args
 
 
-def start(command: str, endpoint: str, log_path: Path) -> None:
+def start(command: str, endpoint: str, log_path: Path, offline: bool = False) -> None:
+    """Start the backend; `offline`: it may not download anything (Blender's online access is off)."""
     global _process, _log_path, _started_at
     if running():
         return
     args = command_line(command, endpoint)
+    program = args if isinstance(args, str) else args[0]
+    env = {**os.environ, **OFFLINE_ENV} if offline else None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         try:
-            _process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            _process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         except OSError as exc:
-            raise BackendStartError(f"could not run {args[0]!r}: {exc.strerror or exc}") from exc
+            raise BackendStartError(f"could not run {program!r}: {exc.strerror or exc}") from exc
     _log_path, _started_at = log_path, time.monotonic()
 
 

@@ -17,7 +17,11 @@ def object_name(prompt: str) -> str:
 
 
 def import_job(context: Any, job: str) -> Any:
-    """Build the object for a finished job; MeshImportError when there is nothing usable."""
+    """Build the object for a finished job; MeshImportError when there is nothing usable.
+
+    In Object Mode the new object becomes the selection, as any import does; in Edit, Sculpt or
+    Paint mode the object is only added: the selection and the active object (whose mode it is)
+    stay as the artist left them."""
     files = job_files(job)
     if not files.mesh.is_file():
         raise MeshImportError(f"job {job} has no mesh here yet")
@@ -26,5 +30,14 @@ def import_job(context: Any, job: str) -> Any:
     prompt = str(meta.get("prompt", ""))
     properties = {"promptmesh_prompt": prompt, "promptmesh_seed": int(meta.get("seed", 0)),
                   "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job}
-    return create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
-                         context.scene.cursor.location, properties, mesh.uvs, mesh.texture)
+    keep = context.mode != "OBJECT"
+    layer = context.view_layer
+    selected, active = list(layer.objects.selected), layer.objects.active
+    obj = create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
+                        context.scene.cursor.location, properties, mesh.uvs, mesh.texture)
+    if keep:
+        obj.select_set(False)
+        for other in selected:
+            other.select_set(True)
+        layer.objects.active = active
+    return obj

@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
 from . import backend_process, session
 from .importer import import_job
 from .preferences import preferences
+from .properties import LIVE_STATES
 from .shared.blender_io import export_objects
 from .shared.errors import PromptMeshError
 from .shared.spec import SpecError
@@ -24,10 +25,14 @@ EXPORT_ITEMS = [("fbx", "Export FBX (Cinema 4D)", "FBX 7.4 with sRGB vertex colo
                 ("obj", "Export OBJ", "OBJ with vertex colours")]
 
 
+# Operator inputs the redo panel must not show: which job a button stands for.
+HIDDEN: set = {"SKIP_SAVE", "HIDDEN"}
+
+
 def _job_item(context: bpy.types.Context, job: str):
     st = session.state(context)
     if job:
-        return st.job(job)
+        return session.find(st, job)
     return st.jobs[st.jobs_index] if 0 <= st.jobs_index < len(st.jobs) else None
 
 
@@ -61,36 +66,69 @@ class PROMPTMESH_OT_generate(bpy.types.Operator):
 
     def execute(self, context):
         settings = context.scene.promptmesh
+        seeds = session.seeds(settings)
         try:
-            spec = settings.to_spec()
+            specs = [settings.to_spec(seed).to_dict() for seed in seeds]
         except SpecError as exc:
             self.report({"ERROR"}, f"Cannot generate: {exc}")
             return {"CANCELLED"}
-        item = session.submit(context, spec.to_dict(), spec.prompt, spec.seed)
-        if item is None:
-            self.report({"ERROR"}, session.state(context).status)
+        if session.repeated(specs[0], len(specs)):
+            self.report({"WARNING"}, "Already queued: a second click within a second adds nothing")
             return {"CANCELLED"}
+        if not settings.lock_seed:
+            settings.seed = seeds[0]  # shown, so that a result worth keeping can be made again
+        for spec in specs:
+            if session.submit(context, spec, spec["prompt"], spec["seed"]) is None:
+                self.report({"ERROR"}, session.state(context).status)
+                return {"CANCELLED"}
+        if len(specs) > 1:
+            self.report({"INFO"}, f"Queued {len(specs)} variations, seeds {', '.join(map(str, seeds))}")
         return {"FINISHED"}
 
 
 class PROMPTMESH_OT_cancel(bpy.types.Operator):
     bl_idname = "promptmesh.cancel"
     bl_label = "Cancel"
-    bl_description = "Stop the running job (or take it out of the queue)"
+    bl_description = "Stop the job (or take it out of the queue): the one in the Jobs list, else the one running"
 
-    job: StringProperty(options={"SKIP_SAVE"})
+    job: StringProperty(options=HIDDEN)
 
     @classmethod
     def poll(cls, context):
-        st = session.state(context)
-        item = st.job(st.active_job)
-        if item is None or item.state not in ("QUEUED", "RUNNING") or session.session() is None:
+        if not any(j.state in LIVE_STATES for j in session.state(context).jobs):
             cls.poll_message_set("No queued or running job to cancel")
             return False
         return True
 
     def execute(self, context):
-        session.cancel(self.job or session.state(context).active_job)
+        st = session.state(context)
+        if self.job:
+            item = session.find(st, self.job)
+        else:  # the main panel's button: the job whose progress it shows, else the newest live one
+            item = st.job(st.active_job)
+            if item is None or item.state not in LIVE_STATES:
+                item = next((j for j in reversed(st.jobs) if j.state in LIVE_STATES), None)
+        if item is None or item.state not in LIVE_STATES:
+            self.report({"ERROR"}, "That job is not queued or running any more")
+            return {"CANCELLED"}
+        if not session.cancel(item):
+            self.report({"ERROR"}, "Not connected to the backend: press the refresh button first")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_notice(bpy.types.Operator):
+    """How the timer says a job finished or failed: an operator's report reaches the status bar."""
+
+    bl_idname = "promptmesh.notice"
+    bl_label = "PromptMesh Notice"
+    bl_options = {"INTERNAL"}
+
+    message: StringProperty(options=HIDDEN)
+    error: BoolProperty(options=HIDDEN)
+
+    def execute(self, context):
+        self.report({"WARNING" if self.error else "INFO"}, self.message)
         return {"FINISHED"}
 
 
@@ -100,7 +138,7 @@ class PROMPTMESH_OT_import(bpy.types.Operator):
     bl_description = "Put the job's mesh into the scene at the 3D cursor"
     bl_options = {"REGISTER", "UNDO"}
 
-    job: StringProperty(options={"SKIP_SAVE"})
+    job: StringProperty(options=HIDDEN)
 
     def execute(self, context):
         item = _job_item(context, self.job)
@@ -121,7 +159,7 @@ class PROMPTMESH_OT_open_folder(bpy.types.Operator):
     bl_label = "Open Folder"
     bl_description = "Show the job's files (mesh.npz, meta.json) in the file browser"
 
-    job: StringProperty(options={"SKIP_SAVE"})
+    job: StringProperty(options=HIDDEN)
 
     def execute(self, context):
         item = _job_item(context, self.job)
@@ -187,14 +225,18 @@ class PROMPTMESH_OT_backend_start(bpy.types.Operator):
     def execute(self, context):
         prefs, st = preferences(context), session.state(context)
         log = Path(bpy.utils.extension_path_user(__package__, create=True)) / "backend.log"
+        offline = not bpy.app.online_access  # Blender's switch holds for what it starts, too
         try:
-            backend_process.start(prefs.backend_command, prefs.endpoint.strip(), log)
+            backend_process.start(prefs.backend_command, prefs.endpoint.strip(), log, offline=offline)
         except backend_process.BackendStartError as exc:
             st.backend_log = str(exc)
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         st.backend_log = ""
         session.connect(context)
+        if offline:
+            self.report({"INFO"}, "Started offline (online access is off in Blender): only models already "
+                        "downloaded can be used")
         return {"FINISHED"}
 
 
@@ -211,13 +253,13 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
         return True
 
     def execute(self, context):
-        session.disconnect()
+        session.disconnect(by_user=True)
         backend_process.stop()
         session.state(context).connection = "OFFLINE"
         return {"FINISHED"}
 
 
-CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_import,
+CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice, PROMPTMESH_OT_import,
            PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
 
 # The stubs declare the factory as returning None; it returns (register, unregister).

@@ -9,7 +9,8 @@ import bpy
 
 from . import session
 from .operators import EXPORT_ITEMS
-from .properties import CONNECTION, JOB_STATES
+from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES
+from .shared.vocab import Stage
 
 # Blender icon ids from our enum tables (Any: the stubs want each id as a literal).
 CONNECTION_ICONS: dict[str, Any] = {c[0]: c[3] for c in CONNECTION}
@@ -49,16 +50,19 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
             col.alert = True
             wrapped(col, problem, context, icon="ERROR")
         layout.prop(settings, "negative")
+        layout.prop(settings, "model_choice", text="", icon="OUTLINER_DATA_LIGHTPROBE")
         row = layout.row(align=True)
         row.prop(settings, "seed")
+        row.prop(settings, "lock_seed", text="", icon="LOCKED" if settings.lock_seed else "UNLOCKED")
         row.prop(settings, "quality", text="")
+        layout.prop(settings, "variations")
         row = layout.row(align=True)
         row.scale_y = 1.4
         row.operator("promptmesh.generate", icon="SHADERFX")
         row.operator("promptmesh.cancel", text="", icon="CANCEL")
         active = st.job(st.active_job)
-        if active is not None and active.state not in ("DONE", "FAILED", "CANCELLED"):
-            counted = active.total and st.stage in ("optimising", "refining")
+        if active is not None and active.state not in FINAL_STATES:
+            counted = active.total and st.stage in (Stage.OPTIMISING, Stage.REFINING)
             text = f"{st.stage} {active.step}/{active.total}" if counted else st.stage
             layout.progress(factor=st.progress, type="BAR", text=text)
             if st.eta:
@@ -80,8 +84,15 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
     def draw(self, context):
         layout, settings = self.layout, context.scene.promptmesh
         layout.use_property_split = True
-        for name in ("model", "steps", "resolution", "guidance_scale", "preview_every", "proxy_every", "mesh_resolution",
-                     "max_faces", "refine_steps", "texture_size", "device", "import_when_done"):
+        layout.use_property_decorate = False  # no keyframe dots: none of these animate
+        for name in AUTO_FIELDS:  # "Auto" (from the quality preset and the model), or the artist's own value
+            auto = getattr(settings, f"auto_{name}")
+            row = layout.row(align=True, heading=settings.bl_rna.properties[name].name)
+            row.prop(settings, f"auto_{name}", text="Auto", toggle=True)
+            sub = row.row(align=True)
+            sub.enabled = not auto
+            sub.prop(settings, name, text="")
+        for name in ("texture_size", "preview_every", "proxy_every", "device", "import_when_done"):
             layout.prop(settings, name)
 
 
@@ -89,8 +100,11 @@ class PROMPTMESH_UL_jobs(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         row = layout.row(align=True)
         row.label(text=item.prompt or item.job, icon=STATE_ICONS[item.state])
+        row.label(text=f"seed {item.seed}")
         if item.state == "RUNNING" and item.total:
             row.label(text=f"{item.step}/{item.total}")
+        if item.state in LIVE_STATES:
+            row.operator("promptmesh.cancel", text="", icon="CANCEL").job = item.job or item.request
         sub = row.row(align=True)
         sub.enabled = item.state == "DONE"
         sub.operator("promptmesh.import_job", text="", icon="IMPORT").job = item.job

@@ -63,10 +63,22 @@ def addon(bpy, addon_zip):
 def prefs(bpy, addon):
     p = bpy.context.preferences.addons[MODULE].preferences
     yield p
-    addon[1].release()
+    sys.modules[f"{MODULE}.session"].release()  # the module of now: a test may have re-enabled the add-on
     st = bpy.context.window_manager.promptmesh
     st.jobs.clear()
-    st.active_job, st.status, st.connection = "", "", "OFFLINE"
+    st.active_job, st.status, st.connection, st.preview_step = "", "", "OFFLINE", 0
+    settings = bpy.context.scene.promptmesh
+    for name in settings.bl_rna.properties.keys():
+        if name not in ("rna_type", "name", "model_choice"):
+            settings.property_unset(name)
+
+
+def given(settings, **values) -> None:
+    """Set Advanced fields as the artist does: Auto off, the value typed in."""
+    for name, value in values.items():
+        if hasattr(settings, f"auto_{name}"):
+            setattr(settings, f"auto_{name}", False)
+        setattr(settings, name, value)
 
 
 def pump_until(session, done, timeout: float) -> float:
@@ -151,22 +163,47 @@ def test_register_unregister_twice_leaves_nothing_behind(bpy, addon, prefs):
         assert bpy.ops.promptmesh.generate.poll()
 
 
-def test_the_advanced_panel_settings_reach_the_job_spec(bpy, addon, prefs):
-    """Refine Steps -1 is the model's default (None in the spec), 0 turns the stage off; the
-    texture size and the other zero-means-default fields arrive as the backend expects them."""
+def test_fields_take_only_what_the_backend_takes_and_auto_means_not_given(bpy, addon, prefs):
+    """The limits are the backend's own (shared/spec.py, vendored): values outside snap to them; an
+    Auto toggle is JobSpec's None (the quality preset and the model decide); the negative prompt
+    is not checked against the prior's words; nothing keyframes; the redo panel shows no raw fields."""
+    _, session = addon
+    spec_module = sys.modules[f"{MODULE}.shared.spec"]
+    limits = spec_module.LIMITS
     settings = bpy.context.scene.promptmesh
     settings.prompt = PROMPT
+    spec = settings.to_spec()
+    assert all(getattr(settings, f"auto_{name}") for name in ("steps", "resolution", "guidance_scale", "max_faces"))
+    assert (spec.steps, spec.resolution, spec.guidance_scale, spec.max_faces) == (None, None, None, None)
+    assert spec.refine_steps is None and spec.mesh_resolution == spec_module.JobSpec.mesh_resolution
+    settings.resolution = 50
+    assert settings.resolution == 48  # the nearest multiple of 8
+    settings.resolution = 3
+    assert settings.resolution == limits["resolution"][0]
+    settings.resolution = 100000
+    assert settings.resolution == limits["resolution"][1]
+    settings.mesh_resolution, settings.max_faces, settings.steps = 1, 99, 0
+    assert settings.mesh_resolution == limits["mesh_resolution"][0] and settings.max_faces == limits["max_faces"][0]
+    assert settings.steps == limits["steps"][0]
+    given(settings, refine_steps=0, max_faces=5000, resolution=72)
+    spec = settings.to_spec()  # every value the fields can hold passes the backend's own check
+    assert (spec.refine_steps, spec.max_faces, spec.resolution, spec.steps) == (0, 5000, 72, None)
+    settings.auto_refine_steps = True
+    assert settings.to_spec().refine_steps is None
+    settings.texture_size = "0"
+    assert settings.to_spec().texture_size == 0
+
+    session._vocabularies["embedded"] = {"a", "red", "sphere"}  # as an embedded backend's welcome tells
     try:
-        assert settings.to_spec().refine_steps is None and settings.to_spec().max_faces is None
-        settings.refine_steps, settings.max_faces = 0, 5000
-        assert (settings.to_spec().refine_steps, settings.to_spec().max_faces) == (0, 5000)
-        settings.refine_steps = 300
-        assert settings.to_spec().refine_steps == 300
-        settings.texture_size = "0"
-        assert settings.to_spec().texture_size == 0
+        settings.negative = "blurry, low detail"
+        assert session.prompt_problem(settings) is None and bpy.ops.promptmesh.generate.poll()
+        settings.prompt = "a blurry sphere"
+        assert "blurry" in session.prompt_problem(settings) and not bpy.ops.promptmesh.generate.poll()
     finally:
-        for name in ("refine_steps", "max_faces", "texture_size"):
-            settings.property_unset(name)
+        session._vocabularies.clear()
+    assert not any(p.is_animatable for p in settings.bl_rna.properties if p.identifier != "rna_type")
+    for op in (bpy.ops.promptmesh.import_job, bpy.ops.promptmesh.cancel, bpy.ops.promptmesh.open_folder):
+        assert op.get_rna_type().properties["job"].is_hidden
 
 
 @pytest.mark.slow
@@ -176,8 +213,8 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.seed, settings.quality = PROMPT, 0, "DRAFT"
-        settings.steps, settings.preview_every, settings.mesh_resolution = 160, 10, 48
+        settings.prompt, settings.seed, settings.lock_seed, settings.quality = PROMPT, 0, True, "DRAFT"
+        given(settings, steps=160, preview_every=10, mesh_resolution=48)
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         progress, previews, stages, etas, full = [], [], [], set(), []
@@ -327,7 +364,8 @@ def test_backend_down_gives_a_clear_status_within_the_timeout(bpy, addon, prefs)
     seconds = pump_until(session, lambda: st.connection == "OFFLINE", timeout=5)
     assert seconds < prefs.timeout + 1.0
     assert st.status_is_error and prefs.endpoint in st.status and "promptmesh serve" in st.status
-    assert st.jobs[-1].state == "FAILED" and session.session() is None and session.pump() is None
+    assert st.jobs[-1].state == "FAILED" and session.session() is None
+    assert session.pump() > 0 and session.session() is None  # the timer goes on; no second try of its own
 
 
 def test_the_badge_follows_a_backend_that_dies_and_comes_back(bpy, addon, prefs, tmp_path):
@@ -406,7 +444,8 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
         assert {"embedded", "sd21", "sd15"} <= set(properties.offered_models(None, bpy.context, ""))
         assert properties.offered_models(None, bpy.context, "SD") == ["sd21", "sd15"]
 
-        bpy.context.scene.promptmesh.prompt, bpy.context.scene.promptmesh.steps = PROMPT, 5000
+        bpy.context.scene.promptmesh.prompt = PROMPT
+        given(bpy.context.scene.promptmesh, steps=5000)
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         pump_until(session, lambda: st.jobs[-1].state == "RUNNING" and st.jobs[-1].step > 0, timeout=120)
         assert bpy.ops.promptmesh.cancel() == {"FINISHED"}
@@ -418,12 +457,28 @@ def test_a_failed_job_shows_the_servers_message(bpy, addon, prefs, tmp_path):
 
 def test_start_launches_the_backend_command_and_shows_why_it_failed(bpy, addon, prefs, tmp_path):
     _, session = addon
+    backend_process = sys.modules[f"{MODULE}.backend_process"]
     st = bpy.context.window_manager.promptmesh
     prefs.endpoint, prefs.timeout = f"tcp://127.0.0.1:{free_port()}", 2.0
-    prefs.backend_command = f"{sys.executable} -c 'import sys; print(\"no CUDA here\"); sys.exit(3)'"
+    # Blender's online access is off (the bpy module's default): the backend it starts runs offline.
+    prefs.backend_command = (f"{sys.executable} -c 'import os, sys; print(\"no CUDA here, offline=\" "
+                             "+ os.environ.get(\"HF_HUB_OFFLINE\", \"unset\")); sys.exit(3)'")
     assert bpy.ops.promptmesh.backend_start() == {"FINISHED"}
     pump_until(session, lambda: "status 3" in st.backend_log, timeout=30)
-    assert "no CUDA here" in st.backend_log and st.status_is_error
+    assert "no CUDA here, offline=1" in st.backend_log and st.status_is_error
+
+    prefs.backend_command = "promptmesh serve --data-dir '/tmp/my data"  # an unbalanced quote: one clear line
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        bpy.ops.promptmesh.backend_start()
+    assert "cannot be read" in st.backend_log and not backend_process.running()
+    # Windows: the line goes whole to CreateProcess, which keeps backslashes and quoted spaces.
+    windows = backend_process.command_line(r'"C:\Program Files\PromptMesh\promptmesh.exe" serve --device cuda',
+                                           prefs.endpoint, windows=True)
+    assert windows == rf'"C:\Program Files\PromptMesh\promptmesh.exe" serve --device cuda --bind {prefs.endpoint}'
+    assert backend_process.command_line(r"C:\pm\promptmesh.exe serve --bind=tcp://127.0.0.1:7", "x", windows=True) \
+        == r"C:\pm\promptmesh.exe serve --bind=tcp://127.0.0.1:7"
+    assert backend_process.command_line("/opt/pm/bin/promptmesh serve", "tcp://127.0.0.1:9", windows=False) \
+        == ["/opt/pm/bin/promptmesh", "serve", "--bind", "tcp://127.0.0.1:9"]
 
     prefs.backend_command = (f"env HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {sys.executable} -m promptmesh.backend.cli "
                              f"serve --data-dir {tmp_path / 'data'} --device cpu")
@@ -513,8 +568,9 @@ def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, 
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
-        settings.prompt, settings.model, settings.steps, settings.resolution = "a red cube", tiny_sd.name, 600, 16
-        settings.mesh_resolution, settings.device, settings.import_when_done = 32, "cpu", True
+        settings.prompt, settings.model = "a red cube", tiny_sd.name
+        given(settings, steps=600, resolution=16, mesh_resolution=32)
+        settings.device, settings.import_when_done = "cpu", True
         settings.show_proxy, settings.proxy_every = True, 0.5
         bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
@@ -630,3 +686,390 @@ def test_cli_fbx_and_our_obj_of_a_textured_mesh_read_back_with_the_texture(bpy, 
     back = reimport(bpy, obj_dir / "sphere.obj")
     assert_textured_like(back, mesh)
     bpy.data.objects.remove(back)
+
+
+# ---- what artists expect (issue 40) ------------------------------------------------------------
+class ScriptedBackend:
+    """A ROUTER on a loopback port that answers as the test says, for what a real backend cannot
+    be made to do on demand (a malformed event, a result that is slow to come, a lost connection
+    at a chosen moment). It speaks the real wire format (shared.protocol)."""
+
+    def __init__(self, curve_keys: tuple[bytes, bytes] | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        if curve_keys is not None:
+            self.router.curve_server = True
+            self.router.curve_publickey, self.router.curve_secretkey = curve_keys
+        self.endpoint = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.peer = b""
+
+    def expect(self, session, kind: str, timeout: float = 10.0) -> dict:
+        """Pump the add-on until it sends a `kind` request; returns its header (others are dropped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            session.pump()
+            while self.router.poll(10):
+                self.peer, header, *_ = self.router.recv_multipart()
+                msg = msgpack.unpackb(header)
+                if msg["type"] == kind:
+                    return msg
+        raise AssertionError(f"the add-on sent no {kind}")
+
+    def send(self, kind: str, msg_id: str = "", job: str | None = None, arrays: dict | None = None, **fields) -> None:
+        from promptmesh.shared.protocol import Message, encode
+
+        self.router.send_multipart([self.peer, *encode(Message(kind, msg_id, job, fields, arrays or {}))])
+
+    def welcome(self, session, **fields) -> dict:
+        hello = self.expect(session, "hello")
+        self.send("welcome", hello["id"], protocol=1, version="scripted", device="cuda",
+                  models=["embedded", "sd21"], **fields)
+        return hello
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+def small_mesh_arrays() -> dict:
+    from promptmesh.shared.result import Mesh
+
+    box = trimesh.creation.box()
+    v = box.vertices.astype(np.float32)
+    return Mesh(v, box.faces.astype(np.int32), np.tile(np.float32([0.8, 0.1, 0.1]), (len(v), 1)), v).arrays
+
+
+def test_seeds_are_new_each_time_unless_locked_variations_queue_several_and_a_double_click_one(bpy, addon, prefs):
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 30.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt = PROMPT
+        assert not settings.lock_seed  # a new seed each time, by default
+        sent = []
+
+        def generate() -> set:
+            result = bpy.ops.promptmesh.generate()
+            while backend.router.poll(200):
+                backend.peer, header, *_ = backend.router.recv_multipart()
+                msg = msgpack.unpackb(header)
+                if msg["type"] == "generate":
+                    sent.append(msg["spec"]["seed"])
+            return result
+
+        assert generate() == {"FINISHED"}
+        assert generate() == {"CANCELLED"}  # a double click queues nothing more
+        assert len(st.jobs) == 1 and sent == [settings.seed] == [st.jobs[0].seed]  # the seed used is shown
+        time.sleep(session.REPEAT_S)
+        assert generate() == {"FINISHED"}
+        assert len(sent) == 2 and sent[1] != sent[0] and settings.seed == sent[1]  # Generate again: another object
+
+        settings.lock_seed, settings.seed, settings.variations = True, 41, 3
+        assert generate() == {"FINISHED"}
+        assert sent[2:] == [41, 42, 43] and [j.seed for j in st.jobs][2:] == [41, 42, 43] and settings.seed == 41
+        time.sleep(session.REPEAT_S)
+        settings.lock_seed = False
+        assert generate() == {"FINISHED"}
+        assert len(set(sent[5:])) == 3 and len(st.jobs) == 8  # unlocked variations: three new seeds
+    finally:
+        backend.close()
+
+
+def test_the_pump_reports_and_goes_on_a_large_result_gets_its_time_and_a_job_imports_as_an_undo_step(
+        bpy, addon, prefs, capfd):
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 1.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt = PROMPT
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}
+        backend.welcome(session)
+        models = backend.expect(session, "models")  # an older backend does not know it ...
+        backend.send("error", models["id"], code="BAD_REQUEST", message="unknown message type 'models'")
+        pump_until(session, lambda: st.connection == "ONLINE", timeout=5)
+        session.pump()
+        properties = sys.modules[f"{MODULE}.properties"]  # ... so the drop-down offers the welcome's models
+        assert [m[0] for m in properties.model_entries(settings.model)] == ["embedded", "sd21"]
+        assert not st.status_is_error
+
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job = "0123456789abcdef"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job, position=0)
+        backend.send("progress", "", job, stage="downloading", step=0, total=0, done_bytes=500_000_000,
+                     total_bytes=2_000_000_000)
+        pump_until(session, lambda: st.jobs[-1].state == "RUNNING", timeout=5)
+        assert st.eta == "0.50 of 2.00 GB" and abs(st.progress - 0.25) < 1e-6  # bytes, not steps / 1e9
+
+        backend.send("progress", "", job, stage="optimising", step="three", total=10)  # a field of the wrong type
+        backend.send("progress", "", job, stage="optimising", step=3, total=10)
+        pump_until(session, lambda: st.jobs[-1].step == 3, timeout=5)  # the message after it still counts
+        assert st.status_is_error and "keeps going" in st.status and session.pump() > 0
+
+        # A large result on a slow link: its time-out grows with its size, the bar says what travels.
+        backend.send("done", "", job, meta={"vertices": 2_000_000, "faces": 4_000_000, "texture_size": 4096})
+        request = backend.expect(session, "result")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 * prefs.timeout:
+            assert session.pump() > 0
+            time.sleep(0.05)
+        assert st.connection == "ONLINE" and session.session() is not None  # not "unreachable"
+        assert st.eta.startswith("fetching 18") and " MB: 0:0" in st.eta and 0.97 < st.progress < 1.0
+        bpy.ops.ed.undo_push(message="before the result")  # the step the artist was at
+        backend.send("result", request["id"], job, arrays=small_mesh_arrays(), meta={"prompt": PROMPT, "seed": 0})
+        pump_until(session, lambda: st.jobs[-1].state == "DONE", timeout=5)
+        obj = imported_jobs(bpy)[job]
+        assert bpy.context.view_layer.objects.active == obj and obj.name.startswith(PROMPT)
+        assert f"Info: PromptMesh: '{PROMPT}' is done: imported {obj.name}" in capfd.readouterr().out  # the status bar
+        bpy.ops.ed.undo()
+        assert job not in imported_jobs(bpy)  # Ctrl+Z takes the import away ...
+        bpy.ops.ed.redo()
+        assert job in imported_jobs(bpy)  # ... and redo brings it back
+
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job2 = "0123456789abcde0"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job2, position=0)
+        backend.send("error", "", job2, code="MESH", message="no surface was found")
+        pump_until(session, lambda: st.jobs[-1].state == "FAILED", timeout=5)
+        assert f"Warning: PromptMesh: '{PROMPT}' failed: no surface was found" in capfd.readouterr().out
+
+        # The result cannot be written (a full disk reads the same): the job says so, the pump goes on.
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        job3 = "0123456789abcde2"
+        backend.send("accepted", backend.expect(session, "generate")["id"], job3, position=0)
+        session.job_files(job3).mesh.mkdir()  # where mesh.npz goes: the write fails with an OSError
+        backend.send("done", "", job3, meta={"vertices": 8, "faces": 12, "texture_size": 0})
+        backend.send("result", backend.expect(session, "result")["id"], job3, arrays=small_mesh_arrays(), meta={})
+        pump_until(session, lambda: st.jobs[-1].state == "FAILED", timeout=5)
+        assert "could not be saved" in st.jobs[-1].message and job3 not in imported_jobs(bpy)
+        assert "could not be saved" in capfd.readouterr().out and session.pump() > 0
+    finally:
+        backend.close()
+        for obj in [o for o in bpy.data.objects if o.name.startswith(PROMPT)]:
+            bpy.data.objects.remove(obj)
+        bpy.context.view_layer.update()  # else the selection lists the removed objects as None
+
+
+def test_after_a_reconnect_the_add_on_watches_its_running_jobs_and_cancels_from_the_list(bpy, addon, prefs):
+    """The add-on side of re-attaching: a new connection (Refresh here) says hello and asks to
+    watch each job still running; that job's events on the new connection drive the bar again.
+    A job cancelled before the backend accepted it is cancelled as soon as it is."""
+    _, session = addon
+    backend = ScriptedBackend()
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 10.0
+        settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
+        settings.prompt, settings.variations = PROMPT, 2
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}
+        backend.welcome(session)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        first = backend.expect(session, "generate")
+        second = backend.expect(session, "generate")
+        assert bpy.ops.promptmesh.cancel(job=st.jobs[1].request) == {"FINISHED"}  # from its row in the Jobs list
+        running, queued = "0123456789abcdef", "0123456789abcde1"
+        backend.send("accepted", first["id"], running, position=0)
+        backend.send("accepted", second["id"], queued, position=1)
+        assert backend.expect(session, "cancel")["job"] == queued
+        backend.send("progress", "", running, stage="optimising", step=2, total=100)
+        pump_until(session, lambda: st.jobs[0].step == 2, timeout=5)
+
+        first_peer = backend.peer
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}  # Refresh: a new connection, events went to the old
+        backend.welcome(session)
+        models = backend.expect(session, "models")
+        presets = {"draft": {"settings": {"steps": 1500, "resolution": 64}, "seconds": {"cuda": 95.0, "cpu": 900.0}},
+                   "standard": {"settings": {}, "seconds": {}}}  # as the server's model cards describe them
+        backend.send("models", models["id"], device="cuda", models=[
+            {"name": "embedded", "label": "PromptMesh's own prior", "default": False},
+            {"name": "sd21", "label": "Stable Diffusion 2.1 base", "default": True, "presets": presets}])
+        watch = backend.expect(session, "watch")
+        assert watch["job"] == running and backend.peer != first_peer
+        backend.send("watching", watch["id"], running, summary={"job": running, "state": "running", "prompt": PROMPT})
+        backend.send("progress", "", running, stage="optimising", step=7, total=100)
+        pump_until(session, lambda: st.jobs[0].step == 7, timeout=5)
+        assert st.active_job == running and st.stage == "optimising"
+        # The main panel's model drop-down and the quality tooltips come from the `models` reply;
+        # the scene never chose a model, so it takes the backend's default.
+        properties = sys.modules[f"{MODULE}.properties"]
+        assert [e[:2] for e in properties.model_entries(settings.model)] == [
+            ("embedded", "PromptMesh's own prior"), ("sd21", "Stable Diffusion 2.1 base")]
+        assert settings.model == "sd21" and settings.model_choice == "sd21"
+        tips = {item[0]: item[2] for item in properties._quality_items(settings, bpy.context)}
+        assert "1500 iterations" in tips["DRAFT"] and "about 1:35 (min:s) on cuda" in tips["DRAFT"]
+        assert "not measured" in tips["STANDARD"] and "not measured" in tips["HIGH"]
+        settings.model_choice = "embedded"
+        assert settings.model == "embedded" and settings.to_spec().model == "embedded"
+        assert bpy.ops.promptmesh.cancel(job=running) == {"FINISHED"}
+        assert backend.expect(session, "cancel")["job"] == running
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("keys", ["wrong", "none"])
+def test_a_failed_encryption_handshake_names_the_keys_to_check(bpy, addon, prefs, keys):
+    _, session = addon
+    backend = ScriptedBackend(curve_keys=zmq.curve_keypair())
+    try:
+        prefs.endpoint, prefs.timeout = backend.endpoint, 30.0
+        if keys == "wrong":  # another server's key
+            prefs.server_key = zmq.curve_keypair()[0].decode()
+            prefs.client_public_key, prefs.client_secret_key = (k.decode() for k in zmq.curve_keypair())
+        st = bpy.context.window_manager.promptmesh
+        bpy.ops.promptmesh.connect()
+        seconds = pump_until(session, lambda: st.connection == "ERROR", timeout=10)
+        assert seconds < 5 and st.status_is_error and session.session() is None  # not 30 s of "connecting"
+        assert "encryption handshake" in st.status and "Server Public Key" in st.status
+        assert ("authorized/" in st.status) if keys == "wrong" else ("wants encryption" in st.status)
+        assert "promptmesh serve" not in st.status  # not the advice for a backend that is not running
+    finally:
+        prefs.property_unset("server_key")
+        prefs.property_unset("client_public_key")
+        prefs.property_unset("client_secret_key")
+        backend.close()
+
+
+def tiny_job_settings(bpy, model: Path, steps: int) -> None:
+    """A job of the tiny Stable Diffusion that takes seconds on a CPU (or runs until cancelled)."""
+    settings = bpy.context.scene.promptmesh
+    settings.prompt, settings.model, settings.device, settings.texture_size = "a red cube", model.name, "cpu", "64"
+    given(settings, steps=steps, resolution=16, mesh_resolution=32)
+    settings.preview_every, settings.show_proxy, settings.proxy_every = 1, True, 0.5
+
+
+def imported_jobs(bpy) -> dict[str, object]:
+    return {o["promptmesh_job"]: o for o in bpy.context.scene.objects if "promptmesh_job" in o}
+
+
+@pytest.mark.slow
+def test_every_job_of_the_session_is_imported_edit_mode_is_left_alone_and_an_opened_file_keeps_out(
+        bpy, addon, prefs, tmp_path, tiny_sd, capfd):
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=4)
+        bpy.context.scene.promptmesh.variations = 2
+        before = set(imported_jobs(bpy))  # from tests before this one
+        cube = bpy.data.objects.new("artist's cube", bpy.data.meshes.new("artist's cube"))
+        bpy.context.scene.collection.objects.link(cube)
+        for other in bpy.context.view_layer.objects.selected:
+            other.select_set(False)
+        cube.select_set(True)
+        bpy.context.view_layer.objects.active = cube
+        bpy.ops.object.mode_set(mode="EDIT")  # the artist edits while the two variations are made
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: [j.state for j in st.jobs] == ["DONE", "DONE"], timeout=300)
+        jobs = {j.job for j in st.jobs}
+        assert set(imported_jobs(bpy)) - before == jobs  # both, not only the newest: each in the scene
+        assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == cube
+        assert list(bpy.context.view_layer.objects.selected) == [cube]  # the selection is the artist's still
+        assert capfd.readouterr().out.count("is done: imported") == 2  # a notice for each
+        bpy.ops.object.mode_set(mode="OBJECT")
+        assert st.preview_step > 0
+
+        # File > Open while a job runs: its result stays out of the file opened meanwhile.
+        other_file = tmp_path / "other.blend"
+        bpy.ops.wm.save_as_mainfile(filepath=str(other_file), copy=True)
+        saved = set(imported_jobs(bpy))
+        bpy.context.scene.promptmesh.variations = 1
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        assert st.preview_step == 0  # the last job's preview makes way at once
+        pump_until(session, lambda: st.jobs[-1].job != "", timeout=30)
+        job = st.jobs[-1].job
+        bpy.ops.wm.open_mainfile(filepath=str(other_file))
+        st = bpy.context.window_manager.promptmesh
+        pump_until(session, lambda: st.job(job) is not None and st.job(job).state == "DONE", timeout=300)
+        assert set(imported_jobs(bpy)) == saved  # the file as it was saved: the job's result stayed out
+        assert "it was started in another file: import it from the Jobs list" in capfd.readouterr().out
+        assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"} and job in imported_jobs(bpy)
+
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}  # begun in this file: imported into it
+        pump_until(session, lambda: st.jobs[-1].state == "DONE", timeout=300)
+        assert st.jobs[-1].job in imported_jobs(bpy)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_running_jobs_come_back_after_a_dropped_connection_and_a_restart_of_blender(bpy, addon, prefs, tmp_path, tiny_sd):
+    """Progress, previews and the proxy of a running job resume after Refresh (a new connection:
+    the old one's events are lost) and after the add-on starts afresh as in a new Blender, which
+    loads its history and connects by itself; a disconnect takes the proxy away."""
+    import addon_utils
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=20000)
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        pump_until(session, lambda: st.jobs[-1].step > 0 and proxy_blocks(bpy) and st.preview_step > 0, timeout=120)
+        job = st.jobs[-1].job
+
+        step = st.job(job).step
+        assert bpy.ops.promptmesh.connect() == {"FINISHED"}  # Refresh
+        assert not proxy_blocks(bpy)  # gone with the connection that fed it
+        st.preview_step = 0
+        pump_until(session, lambda: st.job(job).step > step + 2 and proxy_blocks(bpy) and st.preview_step > 0,
+                   timeout=60)
+
+        addon_utils.disable(MODULE, default_set=True)  # Blender closes ...
+        assert not proxy_blocks(bpy)
+        addon_utils.enable(MODULE, default_set=True)  # ... and starts again, the job still running
+        prefs = bpy.context.preferences.addons[MODULE].preferences  # as Blender's saved preferences keep them
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        st.jobs.clear()  # a new Blender knows nothing but the job folders
+        st.history_loaded, st.active_job, st.connection = False, "", "OFFLINE"
+        session = sys.modules[f"{MODULE}.session"]
+        assert bpy.app.timers.is_registered(session.pump) and session.session() is None
+        pump_until(session, lambda: st.job(job) is not None and st.connection == "ONLINE", timeout=30)
+        step = st.job(job).step
+        pump_until(session, lambda: st.job(job).step > step + 2 and proxy_blocks(bpy), timeout=60)
+        assert st.active_job == job and st.job(job).state == "RUNNING"
+        assert bpy.ops.promptmesh.cancel(job=job) == {"FINISHED"}
+        pump_until(session, lambda: st.job(job).state == "CANCELLED", timeout=60)
+        assert not proxy_blocks(bpy)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_job_goes_on_to_its_import_across_a_restart_of_the_backend(bpy, addon, prefs, tmp_path, tiny_sd, capfd):
+    """A backend stopped mid-job (SIGINT) and started again runs the job on: its progress, end and
+    mesh reach the add-on without any click. One killed (kill -9) fails the job it ran: that end
+    reaches the add-on too, with the backend's reason, and a notice."""
+    import signal
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 30.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=400)
+        for sig, end in ((signal.SIGKILL, "FAILED"), (signal.SIGINT, "DONE")):
+            time.sleep(session.REPEAT_S)
+            assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+            pump_until(session, lambda: st.jobs[-1].step > 0, timeout=120)
+            job = st.jobs[-1].job
+            server.stop(sig)
+            pump_until(session, lambda: "reconnecting" in st.status, timeout=10)
+            st.job(job).step = 0
+            server = ServerProcess(tmp_path / "data", bind=server.endpoint, models=tiny_sd.parent)
+            if end == "DONE":
+                pump_until(session, lambda j=job: st.job(j).step > 0, timeout=120)  # its events reach us again
+            pump_until(session, lambda j=job: st.job(j).state in ("DONE", "FAILED", "CANCELLED"), timeout=300)
+            assert st.job(job).state == end, st.job(job).message
+        killed = st.jobs[-2]
+        assert "server stopped" in killed.message
+        assert f"PromptMesh: '{killed.prompt}' failed: {killed.message}" in capfd.readouterr().out
+        assert st.jobs[-1].job in imported_jobs(bpy) and killed.job not in imported_jobs(bpy)
+    finally:
+        server.stop()
