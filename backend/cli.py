@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..shared.errors import PromptMeshError
 from ..shared.spec import TEXTURE_SIZES, JobSpec
+from ..shared.surface import MAX_FACES
 from ..shared.vocab import Device, ErrorCode, JobState, MessageType, Quality, Stage, ViewPrompt
 from .models import EMBEDDED
 
@@ -229,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         executor = InProcessExecutor(args.device, threads=args.threads)
     server = Server(args.bind, Path(args.data_dir), executor=executor, curve_dir=Path(args.keys) if args.keys else None,
                     max_queue=args.max_queue, max_queue_per_client=args.max_queue_per_client,
-                    offer=Offer(Path(args.models_dir) if args.models_dir else None, tuple(args.allow_model)))
+                    offer=Offer(Path(args.models_dir) if args.models_dir else None, tuple(args.allow_model)),
+                    max_texture_faces=args.max_texture_faces)
     print(f"promptmesh serving on {server.endpoint} (data in {args.data_dir})", file=sys.stderr, flush=True)
 
     def terminate(signum: int, frame: object) -> None:
@@ -286,6 +288,15 @@ def _write_result(message, out: Path) -> Path:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    kind, arrays = MessageType.GENERATE, None
+    if args.mesh:  # a texture job: the mesh travels with it, checked here first as the server will
+        from ..shared.surface import check_surface
+        from .export import read_surface
+
+        vertices, faces, uvs, warnings = check_surface(*read_surface(args.mesh))
+        kind, arrays = MessageType.TEXTURE, {"vertices": vertices, "faces": faces, **({} if uvs is None else {"uvs": uvs})}
+        for warning in warnings:
+            print(f"note: {warning}", file=sys.stderr)
     if args.output:
         output_path(args.output, None, spec.prompt)
     if args.proxy_dir:
@@ -293,7 +304,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CliError("--proxy-dir needs --wait: the proxies arrive while the job runs")
         Path(args.proxy_dir).mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
-        accepted = client.request(MessageType.GENERATE, spec=spec.to_dict(), timeout=args.timeout)
+        accepted = client.request(kind, spec=spec.to_dict(), timeout=args.timeout, arrays=arrays)
         job = accepted.job
         print(job)
         if not args.wait:
@@ -620,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--retries", type=int, default=0, choices=(0, 1, 2, 3),
                      help="with --executor ray: rerun a job this many times when its worker or node is lost")
     srv.add_argument("--max-queue-per-client", type=int, default=20, help="jobs waiting at most per client connection")
+    srv.add_argument("--max-texture-faces", type=int, default=MAX_FACES, help="the largest mesh a texture job may bring")
     srv.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="CURVE keys").add_subparsers(dest="keys_command", required=True, parser_class=Parser)
@@ -635,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--wait", action="store_true", help="show progress until the job ends")
     sm.add_argument("--proxy-dir", help="with --wait: write the coarse 3D proxies the job sends as PLY files here")
     sm.add_argument("--proxy-every", type=float, default=3.0, help="seconds between proxies (at least 20x their cost)")
+    sm.add_argument("--mesh", help="a texture job: paint this mesh file (as `promptmesh texture`) instead of making one")
     _generation_options(sm)
     sm.set_defaults(func=cmd_submit)
     jb = sub.add_parser("jobs", help="list a server's jobs: running and queued first, then the newest")

@@ -9,6 +9,7 @@ import json
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,17 @@ class Registry:
                           JobState.RUNNING))
         return rows
 
-    def add(self, spec: JobSpec, owner: str | None = None) -> Job:
+    def add(self, spec: JobSpec, owner: str | None = None, store: Callable[[JobFiles], Any] | None = None) -> Job:
+        """A queued job; `store` writes its inputs into its folder first (a row always has them)."""
         job_id = new_job_id()
-        self.files(job_id).folder.mkdir(parents=True, exist_ok=True)  # first: a row always has its folder
+        files = self.files(job_id)
+        files.folder.mkdir(parents=True, exist_ok=True)  # first: a row always has its folder
+        if store is not None:
+            try:
+                store(files)
+            except BaseException:
+                shutil.rmtree(files.folder, ignore_errors=True)
+                raise
         seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
         self._db.execute(
             "INSERT INTO jobs (id, seq, state, spec, created, owner) VALUES (?, ?, ?, ?, ?, ?)",

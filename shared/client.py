@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -78,9 +79,10 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def send(self, kind: str, job: str | None = None, **fields: Any) -> str:
+    def send(self, kind: str, job: str | None = None, arrays: dict[str, np.ndarray] | None = None, **fields: Any) -> str:
+        """Send a request (a texture job's mesh as `arrays`); returns its id."""
         msg_id = f"c{next(self._ids)}"
-        self.socket.send_multipart(P.encode(Message(kind, msg_id, job, fields)), zmq.NOBLOCK)
+        self.socket.send_multipart(P.encode(Message(kind, msg_id, job, fields, arrays or {})), zmq.NOBLOCK)
         return msg_id
 
     def watch(self, job: str) -> str:
@@ -165,9 +167,10 @@ class Client:
                 not msg.id or answered_watch or msg.fields.get("code") == ErrorCode.CANCELLED)):
             self.following.discard(msg.job)
 
-    def request(self, kind: str, job: str | None = None, timeout: float = 5.0, **fields: Any) -> Message:
+    def request(self, kind: str, job: str | None = None, timeout: float = 5.0, arrays: dict[str, np.ndarray] | None = None,
+                **fields: Any) -> Message:
         """Send and wait for the reply to this request; ClientError on error or time-out."""
-        msg_id = self.send(kind, job, **fields)
+        msg_id = self.send(kind, job, arrays, **fields)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             self._check_connection()

@@ -27,7 +27,7 @@ MAX_PRUNE_DAYS = 36500  # jobs a client may ask `status` for at once
 DTYPES = ("uint8", "int32", "uint32", "float16", "float32")
 
 T = MessageType
-CLIENT_TYPES = (T.HELLO, T.PING, T.GENERATE, T.CANCEL, T.STATUS, T.RESULT, T.PRUNE, T.WATCH, T.MODELS)
+CLIENT_TYPES = (T.HELLO, T.PING, T.GENERATE, T.TEXTURE, T.CANCEL, T.STATUS, T.RESULT, T.PRUNE, T.WATCH, T.MODELS)
 SERVER_TYPES = (T.WELCOME, T.PONG, T.ACCEPTED, T.CANCELLING, T.WATCHING, T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.RESULT,
                 T.ERROR, T.STATUS, T.PRUNED, T.MODELS)
 JOB_EVENTS = (T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.ERROR)  # what a job's listeners hear of it
@@ -131,6 +131,22 @@ def _decode_header(header: dict, frames: list[bytes], expect: tuple[str, ...]) -
     return msg
 
 
+SURFACE_ARRAYS = {"vertices": ("float32",), "faces": ("int32", "uint32"), "uvs": ("float32",)}  # uvs optional
+
+
+def _check_surface_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """The arrays of a texture job: names and dtypes here; the geometry is the server's to check
+    (shared.surface.check_surface, with its own face limit)."""
+    for name in ("vertices", "faces"):
+        if name not in arrays:
+            raise ProtocolError("is required for a texture job", f"arrays.{name}")
+    for name, arr in arrays.items():
+        if name not in SURFACE_ARRAYS:
+            raise ProtocolError(f"is not a mesh array ({', '.join(SURFACE_ARRAYS)})", f"arrays.{name}")
+        if arr.dtype.name not in SURFACE_ARRAYS[name]:
+            raise ProtocolError(f"must be {' or '.join(SURFACE_ARRAYS[name])}, got {arr.dtype.name}", f"arrays.{name}")
+
+
 def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
     if not isinstance(specs, list):
         raise ProtocolError("expected a list", "arrays")
@@ -159,7 +175,7 @@ def _validate_client(msg: Message) -> None:
     """Per-type checks of what a client may send; unknown fields are refused."""
     allowed: dict[str, tuple[str, ...]] = {T.HELLO: ("client", "protocol"), T.PING: (), T.CANCEL: (), T.STATUS: ("limit",),
                                            T.RESULT: (), T.PRUNE: ("days",), T.WATCH: (), T.MODELS: ()}
-    if msg.type == T.GENERATE:
+    if msg.type in (T.GENERATE, T.TEXTURE):
         try:
             msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
         except SpecError as exc:
@@ -173,8 +189,10 @@ def _validate_client(msg: Message) -> None:
         raise ProtocolError("is not a known field", min(show(k) for k in extra))
     if msg.type in (T.CANCEL, T.RESULT, T.WATCH) and msg.job is None:
         raise ProtocolError("is required", "job")
-    if msg.arrays:
-        raise ProtocolError("clients send no arrays", "arrays")
+    if msg.type == T.TEXTURE:
+        _check_surface_arrays(msg.arrays)
+    elif msg.arrays:
+        raise ProtocolError("clients send no arrays but a texture job's mesh", "arrays")
     if msg.type == T.HELLO and "client" in msg.fields:
         _str(msg.fields["client"], "client", 128)
     if msg.type == T.PRUNE:

@@ -206,6 +206,7 @@ class JobFiles:
     glb = property(lambda self: self.folder / "mesh.glb")
     ply = property(lambda self: self.folder / "mesh.ply")
     checkpoint = property(lambda self: self.folder / "checkpoint.pt")
+    surface = property(lambda self: self.folder / "surface.npz")  # a texture job's mesh to paint, as given
     record = property(lambda self: self.folder / "job.json")  # the add-on's history entry
 
 

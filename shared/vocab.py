@@ -103,6 +103,7 @@ class MessageType(StrEnum):
     HELLO = "hello"
     PING = "ping"
     GENERATE = "generate"
+    TEXTURE = "texture"  # a generate that carries a mesh to paint (arrays vertices, faces, uvs?)
     CANCEL = "cancel"
     STATUS = "status"  # also the server's reply
     RESULT = "result"  # also the server's reply

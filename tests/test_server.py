@@ -549,3 +549,51 @@ def test_every_request_type_has_a_handler_and_every_reply_type_is_decodable():
 
     assert set(HANDLERS) == set(P.CLIENT_TYPES)
     assert {"cancelling", "watching", "models"} <= set(P.SERVER_TYPES)
+
+
+def test_a_texture_job_paints_the_mesh_it_carries_and_a_bad_mesh_is_refused_with_nothing_stored(tmp_path, tiny_sd):
+    srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent, extra=("--max-texture-faces", "100"))
+    box = trimesh.creation.box(extents=(2.0, 0.5, 1.0))
+    box.apply_translation((4.0, 0.0, -2.0))
+    vertices, faces = box.vertices.astype(np.float32), box.faces.astype(np.int32)
+    ball = trimesh.creation.icosphere(subdivisions=2)
+    try:
+        with Client(srv.endpoint) as c:
+            spec = small_spec(tiny_sd, prompt="a red box")
+            for arrays, complaint in [
+                ({"vertices": np.where(vertices > 4.5, np.nan, vertices).astype(np.float32), "faces": faces}, "not finite"),
+                ({"vertices": vertices, "faces": faces + 30}, "indices must lie in"),
+                ({"vertices": vertices}, "arrays.faces: is required"),
+                ({"vertices": vertices, "faces": faces.astype(np.float32)}, "must be int32 or uint32"),
+                ({"vertices": vertices[:, :2].copy(), "faces": faces}, "vertices must be"),
+                ({"vertices": ball.vertices.astype(np.float32), "faces": ball.faces.astype(np.int32)},
+                 "320 triangles; at most 100"),  # the server's own limit
+            ]:
+                msg_id = c.send("texture", spec=spec, arrays=arrays)
+                reply = next(m for m in wait_for_id(c, msg_id))
+                assert reply.type == "error" and reply.fields["code"] == ErrorCode.BAD_REQUEST, reply.fields
+                assert complaint in reply.fields["message"], reply.fields["message"]
+            assert c.request("status").fields["jobs"] == []  # nothing stored for any of them
+            assert not (srv.data_dir / "jobs").exists() or not list((srv.data_dir / "jobs").iterdir())
+
+            job = c.request("texture", spec=spec, arrays={"vertices": vertices, "faces": faces}).job
+            events = wait_for(c, job)
+            assert events[-1].type == "done", events[-1].fields
+            assert any(m.type == "progress" and m.fields["stage"] == "texturing" for m in events)
+            result = c.request("result", job, timeout=30)
+            got = result.arrays["vertices"]
+            assert np.allclose(got.min(0), vertices.min(0), atol=1e-5) and np.allclose(got.max(0), vertices.max(0), atol=1e-5)
+            assert result.arrays["texture"].shape == (64, 64, 3)
+            assert (srv.data_dir / "jobs" / job / "surface.npz").is_file()
+    finally:
+        srv.stop(signal.SIGINT)
+
+
+def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list[Message]:
+    """The reply to request `msg_id` (a list of one), polling."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in client.poll(0.5):
+            if msg.id == msg_id:
+                return [msg]
+    raise AssertionError(f"no reply to {msg_id}")

@@ -9,13 +9,18 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ...shared.errors import PromptMeshError
 from ...shared.result import JobFiles, Mesh, proxy_arrays, remove_temporaries, write_json, write_npz
 from ...shared.spec import JobSpec
 from ...shared.vocab import Device, ErrorCode, MessageType, Stage
 from .messages import frames
+
+if TYPE_CHECKING:
+    from ..stages import Surface
 
 log = logging.getLogger("promptmesh.executor")
 
@@ -37,17 +42,30 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
             send(event)
 
     try:
+        surface = read_surface(files)
         try:
-            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True, threads=threads)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True, threads=threads,
+                         surface=surface)
         except CheckpointMismatch as exc:  # made before an upgrade changed the recipe: start afresh
             log.warning("job %s starts afresh: %s", job, exc)
             files.checkpoint.unlink(missing_ok=True)
-            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads, surface=surface)
         return commit_result(job, result.mesh, result.metadata, files)
     except Exception as exc:  # every outcome must reach the client
         if not (isinstance(exc, Cancelled) and stopping.is_set()):
             discard_partial_result(files)
         return failure(job, exc)
+
+
+def read_surface(files: JobFiles) -> Surface | None:
+    """A texture job's mesh, as the server stored it (None: a generate job)."""
+    from ..stages import Surface
+
+    if not files.surface.exists():
+        return None
+    with np.load(files.surface) as arrays:
+        return Surface.checked(arrays["vertices"], arrays["faces"], arrays["uvs"] if "uvs" in arrays else None,
+                               max_faces=len(arrays["faces"]))
 
 
 def event_frames(job: str, e: Any) -> list[bytes] | None:
@@ -109,13 +127,13 @@ def discard_partial_result(files: JobFiles) -> None:
 
 
 def classify(exc: BaseException) -> tuple[ErrorCode, str]:
-    """The wire code and message of a job's failure."""
+    """The wire code (an ErrorCode) and message of a job's failure."""
     from ..pipeline import Cancelled
 
     if isinstance(exc, Cancelled):
         return ErrorCode.CANCELLED, "cancelled while running"
     if isinstance(exc, PromptMeshError):
-        return exc.code, str(exc)
+        return ErrorCode(exc.code), str(exc)
     import torch
 
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):

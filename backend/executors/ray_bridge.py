@@ -30,7 +30,7 @@ from ...shared.errors import PromptMeshError
 from ...shared.result import JobFiles, Mesh
 from ...shared.spec import JobSpec
 from ...shared.vocab import Device, ErrorCode, MessageType, Stage
-from .jobs import commit_result, discard_partial_result, error, failure, progress
+from .jobs import commit_result, discard_partial_result, error, failure, progress, read_surface
 from .messages import Internal, decode, frames
 from .ray_task import job_task
 
@@ -118,8 +118,9 @@ class ClusterDriver:
 
         threads = max(1, int(self.cpus_per_job)) if options["num_gpus"] == 0 else None
         device = self.device if spec.device == Device.AUTO else spec.device
+        surface = read_surface(files)  # a texture job's mesh travels with the task: no worker reads our disk
         stream = self._task.options(**options, name=f"promptmesh-{job}-{attempt}").remote(
-            job, {**spec.to_dict(), "device": device}, threads)
+            job, {**spec.to_dict(), "device": device}, threads, surface)
         cancelled = error(job, ErrorCode.CANCELLED, "cancelled while running")
         cancelled_at: float | None = None
         node = ""

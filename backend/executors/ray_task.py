@@ -8,14 +8,17 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...shared.spec import JobSpec
 from .jobs import event_frames, failure
 from .messages import Internal, frames
 
+if TYPE_CHECKING:
+    from ..stages import Surface
 
-def job_task(job: str, spec: dict[str, Any], threads: int | None) -> Iterator[list[bytes]]:
+
+def job_task(job: str, spec: dict[str, Any], threads: int | None, surface: Surface | None = None) -> Iterator[list[bytes]]:
     """Run in a Ray worker: the pipeline in a thread, each item yielded as an internal message:
     first NODE (where it runs), then the job's events, last OUTCOME (the mesh arrays and
     metadata, which the bridge writes into the job folder: no worker needs the server's disk)
@@ -39,7 +42,7 @@ def job_task(job: str, spec: dict[str, Any], threads: int | None) -> Iterator[li
 
     def work() -> None:
         try:
-            run(JobSpec.from_dict(spec), on_event, cancel=stop, threads=threads)
+            run(JobSpec.from_dict(spec), on_event, cancel=stop, threads=threads, surface=surface)
         except BaseException as exc:  # every outcome reaches the bridge
             out.put(failure(job, exc))
         out.put(None)

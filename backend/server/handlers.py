@@ -10,11 +10,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ...shared import protocol as P
 from ...shared.errors import PromptMeshError
 from ...shared.protocol import Message
-from ...shared.result import JobFiles, read_npz
+from ...shared.result import JobFiles, atomic_write, read_npz
 from ...shared.spec import JobSpec
+from ...shared.surface import check_surface
 from ...shared.vocab import ErrorCode, JobState, MessageType
 from .. import __version__
 from ..models import CATALOGUE, EMBEDDED
@@ -62,7 +65,19 @@ def on_models(server: Server, client: bytes, msg: Message) -> None:
         "models": [model_entry(server, name) for name in server.offer.names()], "device": server.scheduler.device}))
 
 
-def on_generate(server: Server, client: bytes, msg: Message) -> None:
+def on_texture(server: Server, client: bytes, msg: Message) -> None:
+    """A generate that paints the mesh it carries: checked whole before anything is stored; the
+    mesh waits in the job's folder (surface.npz), so a restarted server still has it."""
+    a = msg.arrays
+    v, f, uv, warnings = check_surface(a["vertices"], a["faces"], a.get("uvs"), server.max_texture_faces)
+    arrays = {"vertices": v, "faces": f, **({} if uv is None else {"uvs": uv})}
+    on_generate(server, client, msg, lambda files: atomic_write(files.surface, lambda out: np.savez(out, **arrays)))
+    for warning in warnings:
+        log.info("texture job: %s", warning)
+
+
+def on_generate(server: Server, client: bytes, msg: Message,
+                store: Callable[[JobFiles], Any] | None = None) -> None:
     pending = server.scheduler.pending
     if len(pending) >= server.max_queue:
         raise PromptMeshError(f"the queue is full ({len(pending)} jobs waiting): try again later", ErrorCode.QUEUE_FULL)
@@ -71,7 +86,7 @@ def on_generate(server: Server, client: bytes, msg: Message) -> None:
                               "wait for one to start, or cancel one", ErrorCode.QUEUE_FULL)
     spec = msg.fields["spec"]
     spec.model = server.offer.resolve(spec.model)  # only what this server offers; never a client's path
-    job = server.registry.add(spec, owner=server.keys.of(client))
+    job = server.registry.add(spec, owner=server.keys.of(client), store=store)
     server.listeners.submitted(job.id, client)
     server.scheduler.add(job.id)
     server.reply(client, Message(T.ACCEPTED, msg.id, job.id, {"position": server.scheduler.position(job.id)}))
@@ -158,6 +173,6 @@ def find(server: Server, msg: Message) -> Job:
 
 
 HANDLERS: dict[str, Callable[[Server, bytes, Message], None]] = {
-    T.HELLO: on_hello, T.PING: on_ping, T.MODELS: on_models, T.GENERATE: on_generate, T.CANCEL: on_cancel,
-    T.WATCH: on_watch, T.STATUS: on_status, T.RESULT: on_result, T.PRUNE: on_prune,
+    T.HELLO: on_hello, T.PING: on_ping, T.MODELS: on_models, T.GENERATE: on_generate, T.TEXTURE: on_texture,
+    T.CANCEL: on_cancel, T.WATCH: on_watch, T.STATUS: on_status, T.RESULT: on_result, T.PRUNE: on_prune,
 }

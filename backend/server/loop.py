@@ -24,6 +24,7 @@ from ...shared.client import is_loopback
 from ...shared.errors import PromptMeshError
 from ...shared.protocol import Message
 from ...shared.result import JobFiles
+from ...shared.surface import MAX_FACES
 from ...shared.vocab import Device, ErrorCode, JobState, MessageType
 from ..executors import Executor, InProcessExecutor
 from ..executors.messages import Internal, decode, frames
@@ -39,7 +40,8 @@ from .wakeup import SignalWakeup
 
 log = logging.getLogger("promptmesh.server")
 
-MAX_MESSAGE_BYTES = 1 << 20  # requests are small; results only flow server -> client
+# Requests are small but for a texture job's mesh: 500k triangles unmerged are 1.5M vertices, 18 MB.
+MAX_MESSAGE_BYTES = 32 << 20
 HEARTBEAT_MS = 2000
 # A client that does not read cannot answer a heartbeat either (its connection is backed up), and
 # a timed-out connection loses everything queued for it: so only a client silent this long is
@@ -55,10 +57,11 @@ BURST = 100  # requests handled before the loop looks at the executor's messages
 class Server:
     def __init__(self, bind: str, data_dir: Path, device: str = Device.AUTO, curve_dir: Path | None = None,
                  executor: Executor | None = None, max_queue: int = 100, max_queue_per_client: int = 20,
-                 offer: Offer | None = None) -> None:
+                 offer: Offer | None = None, max_texture_faces: int = MAX_FACES) -> None:
         if not is_loopback(bind) and curve_dir is None:
             raise PromptMeshError(f"refusing to bind {bind} without CURVE keys: pass --keys DIR (see `promptmesh keys generate`)")
         self.max_queue, self.max_queue_per_client = max_queue, max_queue_per_client
+        self.max_texture_faces = max_texture_faces
         self.offer = offer or Offer()  # the catalogue's aliases only
         self.embedded_words = vocabulary()  # clients check prompts for the closed-vocabulary prior
         self.executor = executor or InProcessExecutor(device)
