@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..shared.errors import PromptMeshError
 from ..shared.spec import TEXTURE_SIZES, JobSpec
 from ..shared.surface import MAX_FACES
-from ..shared.vocab import Device, ErrorCode, JobState, MessageType, Quality, Stage, ViewPrompt
+from ..shared.vocab import MESH_FORMATS, Device, ErrorCode, JobState, MessageType, OutputFormat, Quality, Stage, ViewPrompt
 from .models import EMBEDDED
 
 if TYPE_CHECKING:
@@ -55,12 +55,12 @@ def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[st
     from .export import FORMATS
 
     formats = formats or FORMATS
-    path = Path(out) if out else Path(f"{slug(prompt)}.{fmt or 'glb'}")
+    path = Path(out) if out else Path(f"{slug(prompt)}.{fmt or OutputFormat.GLB}")
     suffix = path.suffix.lstrip(".").lower()
-    fmt = (fmt or suffix or "glb").lower()
+    fmt = (fmt or suffix or OutputFormat.GLB).lower()
     if fmt not in formats:
         raise CliError(f"unknown output format {fmt!r}: use one of {', '.join(formats)}"
-                       + ("" if "fbx" in formats else " (FBX: `promptmesh export`)"))
+                       + ("" if OutputFormat.FBX in formats else " (FBX: `promptmesh export`)"))
     if suffix != fmt:
         path = path.with_name(path.name + f".{fmt}") if suffix not in formats else path.with_suffix(f".{fmt}")
     folder = path.parent.resolve()
@@ -326,7 +326,7 @@ def _write_proxy(msg, folder: Path) -> Path:
     mesh = trimesh.Trimesh(arrays["vertices"].astype("float32"), arrays["faces"], vertex_colors=arrays["colors"],
                            process=False)
     return atomic_write(folder / f"proxy_{int(msg.fields.get('step', 0)):05d}.ply",
-                        lambda f: mesh.export(f, file_type="ply"))
+                        lambda f: mesh.export(f, file_type=OutputFormat.PLY))
 
 
 def _wait_for_job(client, job: str, args: argparse.Namespace, resync_s: float = 30.0) -> None:
@@ -435,9 +435,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CliError(f"no finished job {args.source} in {args.data_dir} (see `promptmesh jobs`)")
     else:
         raise CliError(f"{args.source} is neither a mesh file nor a job id")
-    out, fmt = output_path(args.output, args.format, source.stem, ("fbx", *FORMATS))
+    out, fmt = output_path(args.output, args.format, source.stem, (OutputFormat.FBX, *FORMATS))
     mesh = read_mesh(mesh_path)
-    if fmt == "fbx":
+    if fmt == OutputFormat.FBX:
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         export_fbx(mesh, str(meta.get("prompt") or source.stem), out)
     else:
@@ -458,7 +458,7 @@ def export_fbx(mesh, name: str, out: Path) -> None:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     obj = create_object(bpy.context, name[:63], mesh.vertices, mesh.faces, mesh.colors, uvs=mesh.uvs,
                         texture=mesh.texture)
-    export_objects(bpy.context, [obj], out, "fbx")
+    export_objects(bpy.context, [obj], out, OutputFormat.FBX)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="optimise a NeRF for a prompt and write a vertex-coloured mesh")
     g.add_argument("-o", "--output", help="output file (default: the prompt's words .glb)")
-    g.add_argument("--format", choices=("glb", "ply", "obj"), help="file format (default: from -o, else glb)")
+    g.add_argument("--format", choices=list(MESH_FORMATS), help="file format (default: from -o, else glb)")
     _generation_options(g)
     g.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     tx = sub.add_parser("texture", help="paint a given mesh from a prompt (its geometry stays as it is)")
     tx.add_argument("mesh", help="the mesh to paint: GLB/glTF, OBJ, PLY, STL, ... (its UVs are kept if it has them)")
     tx.add_argument("-o", "--output", help="output file (default: the mesh's name and the prompt's words .glb)")
-    tx.add_argument("--format", choices=("glb", "ply", "obj"), help="file format (default: from -o, else glb)")
+    tx.add_argument("--format", choices=list(MESH_FORMATS), help="file format (default: from -o, else glb)")
     _generation_options(tx)
     tx.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     _run_options(tx)
@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write FBX for Cinema 4D (Blender's exporter, needs bpy), or GLB/PLY/OBJ")
     ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")
-    ex.add_argument("-f", "--format", choices=("fbx", "glb", "ply", "obj"), help="default: from -o")
+    ex.add_argument("-f", "--format", choices=list(OutputFormat), help="default: from -o")
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--data-dir", default="promptmesh-data", help="the server's data folder, for job ids")
     ex.set_defaults(func=cmd_export)

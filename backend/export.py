@@ -26,9 +26,9 @@ from PIL import Image
 from ..shared.blender_io import ROUGHNESS
 from ..shared.errors import PromptMeshError
 from ..shared.result import Mesh, atomic_write, read_npz
-from ..shared.vocab import ErrorCode
+from ..shared.vocab import MESH_FORMATS, ErrorCode, OutputFormat
 
-FORMATS = ("glb", "ply", "obj")
+FORMATS = MESH_FORMATS
 
 
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -61,14 +61,14 @@ def _rgba8(c: np.ndarray) -> np.ndarray:
 
 def to_trimesh(mesh: Mesh, fmt: str) -> trimesh.Trimesh:
     """The mesh in GLB's or PLY's axes and colour space; for GLB, with its texture if it has one."""
-    if fmt not in ("glb", "ply"):
+    if fmt not in (OutputFormat.GLB, OutputFormat.PLY):
         raise ValueError(f"trimesh writes glb and ply here, not {fmt!r}")
-    verts = z_up_to_y_up(mesh.vertices) if fmt == "glb" else mesh.vertices
-    normals = z_up_to_y_up(mesh.normals) if fmt == "glb" else mesh.normals
-    colors = srgb_to_linear(mesh.colors) if fmt == "glb" else mesh.colors
+    verts = z_up_to_y_up(mesh.vertices) if fmt == OutputFormat.GLB else mesh.vertices
+    normals = z_up_to_y_up(mesh.normals) if fmt == OutputFormat.GLB else mesh.normals
+    colors = srgb_to_linear(mesh.colors) if fmt == OutputFormat.GLB else mesh.colors
     tm = trimesh.Trimesh(vertices=verts, faces=mesh.faces, vertex_normals=normals, vertex_colors=_rgba8(colors),
                          process=False)
-    if fmt == "glb" and mesh.texture is not None:
+    if fmt == OutputFormat.GLB and mesh.texture is not None:
         material = trimesh.visual.material.PBRMaterial(
             baseColorTexture=Image.fromarray(mesh.texture), metallicFactor=0.0, roughnessFactor=ROUGHNESS)
         tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=material)
@@ -88,7 +88,7 @@ def read_mesh(path: str | Path) -> Mesh:
     tm = _load(path)
     if not isinstance(tm, trimesh.Trimesh) or len(tm.faces) == 0:
         raise PromptMeshError(f"{path} holds no triangle mesh", ErrorCode.BAD_REQUEST)
-    y_up = fmt in ("glb", "obj")
+    y_up = fmt in (OutputFormat.GLB, OutputFormat.OBJ)
     uvs, texture = _texture_of(tm)
     colors = _vertex_colors(tm)
     if colors is None:
@@ -97,7 +97,7 @@ def read_mesh(path: str | Path) -> Mesh:
     return Mesh(
         vertices=(y_up_to_z_up(verts) if y_up else verts).astype(np.float32),
         faces=np.asarray(tm.faces, np.int32),
-        colors=(linear_to_srgb(colors) if fmt == "glb" else colors).astype(np.float32),
+        colors=(linear_to_srgb(colors) if fmt == OutputFormat.GLB else colors).astype(np.float32),
         normals=(y_up_to_z_up(normals) if y_up else normals).astype(np.float32),
         uvs=uvs, texture=texture,
     )
@@ -167,7 +167,7 @@ def write_mesh(mesh: Mesh, path: str | Path, fmt: str | None = None) -> Path:
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "obj":
+    if fmt == OutputFormat.OBJ:
         return write_obj(mesh, path)
     tm = to_trimesh(mesh, fmt)
     return atomic_write(path, lambda f: tm.export(f, file_type=fmt))

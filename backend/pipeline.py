@@ -121,10 +121,10 @@ def run(
     for index, make in enumerate(stages):
         t_stage = time.perf_counter()
         model = make()
-        if saved is not None and index < len(saved["models"]):
-            model.load_state_dict(saved["models"][index])
+        if saved is not None and index < len(saved["stages"]):
+            model.load_state_dict(saved["stages"][index])
             resumed_from += model.step
-            if index == len(saved["models"]) - 1:
+            if index == len(saved["stages"]) - 1:
                 ctx.generator.set_state(saved["generator"])
         run_stage(model, ctx, loop, done, sum(m.steps for m in done), total, last=index == len(stages) - 1)
         timings[f"{model.stage}_seconds"] = time.perf_counter() - t_stage

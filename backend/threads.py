@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..shared.errors import PromptMeshError
-from ..shared.vocab import ErrorCode
+from ..shared.vocab import Device, ErrorCode
 
 
 class DeviceError(PromptMeshError):
@@ -32,9 +32,9 @@ class DeviceError(PromptMeshError):
 
 def resolve_device(name: str) -> torch.device:
     """'auto' (a CUDA GPU when torch sees one), 'cpu' or 'cuda'; refused when CUDA is asked for and absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == Device.AUTO:
+        return torch.device(Device.CUDA if torch.cuda.is_available() else Device.CPU)
+    if name == Device.CUDA and not torch.cuda.is_available():
         raise DeviceError("CUDA was requested but no CUDA device is available; use --device cpu")
     return torch.device(name)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .errors import PromptMeshError
-from .vocab import ErrorCode
+from .vocab import ErrorCode, OutputFormat
 
 if TYPE_CHECKING:
     import bpy
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 COLOR_ATTRIBUTE = "Color"
 UV_LAYER = "UVMap"
 ROUGHNESS = 0.6  # of every material we make, here and in export.py's files
-EXPORT_FORMATS = ("fbx", "glb", "obj")
+EXPORT_FORMATS = (OutputFormat.FBX, OutputFormat.GLB, OutputFormat.OBJ)
 
 
 class MeshImportError(PromptMeshError):
@@ -191,11 +191,11 @@ def export_objects(context: Any, objects: list[Any], path: str | Path, fmt: str 
     for obj in objects:
         obj.select_set(True)
     context.view_layer.objects.active = objects[0]
-    if fmt == "fbx":  # the settings Cinema 4D reads best; textures inside the file
+    if fmt == OutputFormat.FBX:  # the settings Cinema 4D reads best; textures inside the file
         result = bpy.ops.export_scene.fbx(
             filepath=str(path), use_selection=True, object_types={"MESH"}, colors_type="SRGB",
             prioritize_active_color=True, add_leaf_bones=False, bake_anim=False, path_mode="COPY", embed_textures=True)
-    elif fmt == "glb":
+    elif fmt == OutputFormat.GLB:
         result = bpy.ops.export_scene.gltf(filepath=str(path), export_format="GLB", use_selection=True,
                                            **gltf_color_options())
     else:

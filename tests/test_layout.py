@@ -90,6 +90,47 @@ def test_shared_and_the_addon_import_no_torch_and_no_backend():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+# The words of shared/vocab.py a comparison must name by member. Device is left out: torch's
+# device types are the same strings and belong to torch; in the add-on, ErrorCode's words are also
+# Blender's own identifiers (an object's type 'MESH', an operator's {'CANCELLED'}, its job states).
+CHECKED = ("JobState", "Stage", "ErrorCode", "OutputFormat", "ViewPrompt", "Quality", "MessageType")
+
+
+def bare_words(path: Path) -> list[str]:
+    """'line: word -> Enum.MEMBER' for every string constant in a comparison (==, !=, in) that is
+    one of the vocabulary's values."""
+    from promptmesh.shared import vocab
+
+    enums = [getattr(vocab, name) for name in CHECKED if not (name == "ErrorCode" and path.parts[-2] == "addon")]
+    words = {m.value: f"{e.__name__}.{m.name}" for e in enums for m in e}
+
+    def constants(node: ast.AST) -> list[ast.Constant]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [c for e in node.elts for c in constants(e)]
+        return []
+
+    return [f"{c.lineno}: {c.value!r} -> {words[c.value]}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Compare) for side in (node.left, *node.comparators) for c in constants(side)
+            if c.value in words]
+
+
+PRODUCTION = sorted(p for p in [*SOURCES, *ROOT.glob("addon/*.py")] if p.name != "vocab.py")
+
+
+@pytest.mark.parametrize("path", PRODUCTION, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_vocabulary_word_is_compared_as_a_bare_string(path: Path):
+    assert not bare_words(path), f"{path.relative_to(ROOT)} spells vocabulary as strings: {bare_words(path)}"
+
+
+def test_the_bare_word_check_sees_one(tmp_path: Path):
+    sample = tmp_path / "backend" / "sample.py"
+    sample.parent.mkdir()
+    sample.write_text('if state in ("queued", "elsewhere") or msg.type == "done":\n    pass\n')
+    assert bare_words(sample) == ["1: 'queued' -> JobState.QUEUED", "1: 'done' -> MessageType.DONE"]
+
+
 def test_the_layer_checker_sees_an_upward_import(tmp_path: Path):
     """The check above can fail: a prior module importing the guidance is caught."""
     assert layer_of("backend.guidance.embedded") > layer_of("backend.prior.train")

@@ -85,7 +85,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_sd, tmp_path
 
     with pytest.raises(Cancelled):
         run(spec(tiny_sd), stop_after_4, cancel=cancel, checkpoint=ckpt, checkpoint_every=2)
-    assert [m["step"] for m in torch.load(ckpt, weights_only=False)["models"]] == [4]
+    assert [m["step"] for m in torch.load(ckpt, weights_only=False)["stages"]] == [4]
     resumed_steps = []
     resumed = run(spec(tiny_sd), lambda e: isinstance(e, StepEvent) and resumed_steps.append(e.step),
                   checkpoint=ckpt, checkpoint_every=2, resume=True)
@@ -110,7 +110,7 @@ def test_resume_under_another_recipe_is_refused_naming_the_setting(tiny_sd, tmp_
     with pytest.raises(PromptMeshError, match=r"was made with a different recipe \(schedule\.steps: 6 -> 8\)") as err:
         run(job, checkpoint=ckpt, resume=True)
     assert err.value.code == ErrorCode.BAD_REQUEST
-    assert torch.load(ckpt, weights_only=False)["models"][0]["step"] == 2  # refused, left as it was
+    assert torch.load(ckpt, weights_only=False)["stages"][0]["step"] == 2  # refused, left as it was
 
 
 @pytest.mark.slow
@@ -179,7 +179,7 @@ def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_pat
     with pytest.raises(Cancelled):
         run(job, lambda e: isinstance(e, StepEvent) and e.step == 9 and cancel.set(), cancel=cancel, checkpoint=ckpt,
             checkpoint_every=2)
-    assert [m["step"] for m in torch.load(ckpt, weights_only=False)["models"]] == [6, 2]
+    assert [m["step"] for m in torch.load(ckpt, weights_only=False)["stages"]] == [6, 2]
     resumed = []
     again = run(job, resumed.append, checkpoint=ckpt, checkpoint_every=2, resume=True)
     assert [e.step for e in resumed if isinstance(e, StepEvent)] == [9, 10]

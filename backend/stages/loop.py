@@ -98,13 +98,13 @@ class Checkpointer:
         if changes:
             raise CheckpointMismatch(
                 f"checkpoint {self.path} was made with a different recipe ({'; '.join(changes)}); delete it or drop --resume")
-        if "models" not in state:
+        if "stages" not in state:
             raise CheckpointMismatch(f"checkpoint {self.path} was written by an older PromptMesh; delete it or drop --resume")
         return state
 
     def save(self, ctx: JobContext, models: list[StageModel]) -> None:
         state = {"meta": self.meta, "recipe": self.recipe.to_dict(), "generator": ctx.generator.get_state(),
-                 "models": [m.state_dict() for m in models]}
+                 "stages": [m.state_dict() for m in models]}
         atomic_write(self.path, lambda f: torch.save(state, f))
 
 
