@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = '''
@@ -127,6 +129,7 @@ def test_gpu_day_plans_the_trainings_into_the_time_left_and_drops_them_when_it_i
         assert plan.train_steps == 0 or plan.train_steps >= MIN_TRAIN_STEPS
 
 
+@pytest.mark.slow
 def test_gpu_day_dry_run_runs_every_part_at_tiny_size_on_the_cpu(tmp_path):
     """bench/gpu_day.py --dry-run: the tiny twins of the full-size pipelines measured through
     bench/gpu_smoke.py, both trainings, and the benchmarks before and after, all from the
