@@ -86,21 +86,22 @@ def _first(times: list[float], start: float | None) -> float | None:
 
 
 @torch.no_grad()
-def half_precision_probe(trainer: Any) -> dict[str, Any]:
-    """The VAE and the UNet at the guidance's own precision on the job's prompt and cameras:
-    finite or not, and the largest magnitude seen (fp16 overflows at 65,504)."""
-    g = trainer.guidance
-    gen = torch.Generator().manual_seed(0)
-    cams = sample_views(g.views_per_group, gen, trainer.recipe.cameras).to(trainer.device)
+def half_precision_probe(ctx: Any) -> dict[str, Any]:
+    """The VAE and the UNet at the guidance's own precision on the job's prompt and cameras
+    (`ctx`: the job's context, stages.JobContext): finite or not, and the largest magnitude seen
+    (fp16 overflows at 65,504)."""
+    g = ctx.guidance
+    gen = torch.Generator().manual_seed(0)  # not the job's: the probe leaves its draws alone
+    cams = sample_views(g.views_per_group, gen, ctx.recipe.cameras).to(ctx.device)
     n = cams.elevation.shape[0]
-    size = trainer.recipe.resolution
-    latents = g.encode_images(torch.rand(n, 3, size, size, generator=gen).to(trainer.device))
+    size = ctx.recipe.resolution
+    latents = g.encode_images(torch.rand(n, 3, size, size, generator=gen).to(ctx.device))
     out: dict[str, Any] = {"dtype": str(getattr(g, "dtype", "float32")).removeprefix("torch."),
                            "vae_finite": bool(torch.isfinite(latents).all()),
                            "vae_max_abs": float(latents.float().abs().max())}
-    cond, finite, biggest = trainer.embeddings.plain_rows(n), True, 0.0
+    cond, finite, biggest = ctx.embeddings.plain_rows(n), True, 0.0
     for step in PROBE_TIMESTEPS:
-        t = torch.full((n,), step, device=trainer.device, dtype=torch.long)
+        t = torch.full((n,), step, device=ctx.device, dtype=torch.long)
         a = g.alphas_cumprod[t].view(-1, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
         eps = g.predict_noise(a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float(), t, cond, cams)
@@ -145,7 +146,7 @@ def measure(generate_args: list[str], out: Path) -> dict[str, Any]:
     marks[Stage.LOADING] = time.perf_counter() - STARTED
     result = run(spec, on_event, threads=args.threads)
     write_mesh(result.mesh, out / "mesh.glb")
-    probe = half_precision_probe(result.trainer)
+    probe = half_precision_probe(result.nerf.ctx)
     figures: dict[str, Any] = {
         "model": spec.model, "device": str(result.metadata["device"]), "resolution": result.metadata["resolution"],
         "steps": len(steps[Stage.OPTIMISING]), "refine_steps": len(steps[Stage.REFINING]),
