@@ -53,8 +53,8 @@ def test_a_first_job_on_sd21_downloads_it_from_a_mirror_reporting_bytes_then_run
                 spec = {**small_spec(tiny_sd), "model": "sd21", "steps": 2}
                 events = wait_for(c, c.request("generate", spec=spec).job)
                 assert events[-1].type == "done", events[-1].fields
-                fetched = [(m.fields["step"], m.fields["total"]) for m in events
-                           if m.type == "progress" and m.fields["stage"] == "downloading" and m.fields["total"]]
+                fetched = [(m.fields["done_bytes"], m.fields["total_bytes"]) for m in events  # bytes, named as such
+                           if m.type == "progress" and m.fields["stage"] == "downloading" and m.fields["total_bytes"]]
                 assert fetched and fetched[-1] == (sum(len(files[n]) for n in wanted),) * 2
                 assert [d for d, _ in fetched] == sorted(d for d, _ in fetched)
                 assert any(r.startswith(f"GET /api/models/{first}/") for r in hub.requests)  # tried first, gone
