@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' character tokenizer: the weights are random, any vocabulary does
 
 from gpu_smoke import describe, run_child  # noqa: E402
+
 from promptmesh.backend.mvdream import ORIGINAL_CONFIG, VIEWS, unet_config  # noqa: E402
 
 PROMPT = "a ceramic mug with a handle"
