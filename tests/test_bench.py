@@ -1,8 +1,13 @@
-"""bench/before_after.py: each side really imports its own code."""
+"""The benchmarks' own machinery: before_after's two sides, the judges' colour and agreement
+measures, and the GPU day (bench/gpu_day.py) with its full-size twins (bench/fullsize_cpu.py)."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +85,84 @@ def test_prior_samples_judges_each_palette_colour_under_shading_as_itself():
         # a blue subject drawn purple is judged purple, whatever the shading
         swapped = render_primitives([subject] * len(PALETTE), colors[[4, 1, 4, 3, 4]], cams, IMAGE_SIZE)
         assert judged_colors(subject, swapped, cams).tolist() == [4, 1, 4, 3, 4]
+
+
+def test_the_full_size_models_are_built_at_their_published_sizes():
+    """bench/fullsize_cpu.py's full size, counted on the meta device: Stable Diffusion 2.1-base's
+    UNet, VAE and text encoder as published, and MVDream's UNet the same plus its camera input."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+    from fullsize_cpu import SIZES, sd_unet_config
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from promptmesh.backend.mvdream import unet_config
+
+    size = SIZES["full"]
+    with torch.device("meta"):
+        sd = UNet2DConditionModel(**sd_unet_config(size))
+        mv = UNet2DConditionModel(**unet_config(size.ldm, {}))
+        vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(size.ldm, {}))
+        text = CLIPTextModel(CLIPTextConfig(**size.text, max_position_embeddings=77, hidden_act="gelu"))
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert (count(sd), count(vae), count(text)) == (865_910_724, 83_653_863, 340_387_840)
+    camera = 16 * 1280 + 1280 + 1280 * 1280 + 1280  # linear, SiLU, linear into the 1,280-wide time embedding
+    assert count(mv) == count(sd) + camera
+    assert sd.config.sample_size == 64 and mv.config.sample_size == 32  # 512 px images; MVDream's 256 px
+
+
+def test_gpu_day_plans_the_trainings_into_the_time_left_and_drops_them_when_it_is_short():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_day import FULL, MIN_TRAIN_STEPS, make_plan
+
+    short, usual, long = (make_plan(FULL, budget, 16) for budget in (400, 540, 3000))
+    assert short.train_steps == 0 and "dropped" in short.note and short.after == FULL.baseline
+    assert MIN_TRAIN_STEPS <= usual.train_steps < FULL.max_train_steps and usual.total_s <= 540 - 30
+    assert long.train_steps == FULL.max_train_steps and long.after == FULL.after
+    for budget in range(300, 1500, 20):  # whatever the budget, the estimate keeps inside it
+        plan = make_plan(FULL, budget, 16)
+        assert plan.total_s <= budget or plan.train_steps == 0
+        assert plan.train_steps == 0 or plan.train_steps >= MIN_TRAIN_STEPS
+
+
+@pytest.mark.slow
+def test_gpu_day_dry_run_runs_every_part_at_tiny_size_on_the_cpu(tmp_path):
+    """bench/gpu_day.py --dry-run: the tiny twins of the full-size pipelines measured through
+    bench/gpu_smoke.py, both trainings, and the benchmarks before and after, all from the
+    commands a GPU day runs."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_day.py"), "--dry-run", "--out", str(out),
+                           "--work", str(work), "--budget", "900", "--cores", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    sd, mv = summary["smoke"]["sd"], summary["smoke"]["mvdream"]
+    assert sd["ok"] and mv["ok"]
+    for figures in (sd, mv):
+        assert figures["seconds_per_step"] > 0 and figures["nonfinite_losses"] == 0 and figures["faces"] > 0
+        assert figures["half_precision"]["vae_finite"] and figures["half_precision"]["unet_finite"]
+        assert 0 < figures["stages"]["optimising"]["rss_gib"] < 8 and figures["first_preview_seconds"] > 0
+    assert sd["refine_steps"] == 1 and sd["refine_seconds_per_step"] > 0 and "refining" in sd["stages"]
+    assert mv["refine_steps"] == 0 and mv["resolution"] == 64
+    models = work / "models"
+    weights = sorted(p.relative_to(models).as_posix() for p in models.rglob("*.safetensors"))
+    assert weights == ["mvdream-random-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
+                       "sd21-random-tiny/text_encoder/model.fp16.safetensors",
+                       "sd21-random-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
+                       "sd21-random-tiny/vae/diffusion_pytorch_model.fp16.safetensors"]  # MVDream links SD's others
+    assert "FAILED" not in (out / "smoke" / "report.txt").read_text()
+    assert summary["plan"]["train_steps"] == 2
+    for kind in ("2d", "mv"):
+        assert summary["trainings"][f"train-{kind}"]["returncode"] == 0
+        assert (out / "train" / kind / "prior" / "unet" / "config.json").is_file()
+        assert len((out / "train" / kind / "loss.csv").read_text().splitlines()) == 3  # a header and 2 steps
+    assert summary["trainings"]["janus-shipped"]["returncode"] == 0
+    assert "janus_rate_default" in (out / "logs" / "janus-shipped.txt").read_text()
+    assert summary["benchmarks"]["prompt_accuracy-trained"]["returncode"] == 0
+    accuracy = (out / "logs" / "prompt_accuracy-trained.txt").read_text()
+    assert f"--model {work / '2d' / 'prior'}" in accuracy and "objects: 1;" in accuracy
+    assert summary["total_s"] < 900
