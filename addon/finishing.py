@@ -58,7 +58,7 @@ def quad_remesh(obj: Any, faces: int) -> None:
     try:
         with _override(obj):
             result = bpy.ops.object.quadriflow_remesh(target_faces=faces, mode="FACES", seed=0, use_mesh_symmetry=False)
-        if "FINISHED" not in result:
+        if not result or "FINISHED" not in result:
             raise RuntimeError("QuadriFlow did not remesh it (the mesh must be manifold)")
         if had_colours:  # the layers the modifier fills, by name
             mesh.color_attributes.new(COLOR_ATTRIBUTE, "BYTE_COLOR", "POINT")
@@ -75,19 +75,25 @@ def quad_remesh(obj: Any, faces: int) -> None:
             with _override(obj):
                 bpy.ops.object.modifier_apply(modifier=transfer.name)
     finally:
-        old = source.data
+        old: Any = source.data  # a Mesh; the stubs type it as any object data
         bpy.data.objects.remove(source)
         bpy.data.meshes.remove(old)
 
 
-def finish(context: Any, obj: Any, prefs: Any) -> None:
+def finish(context: Any, obj: Any, prefs: Any) -> list[str]:
     """Remesh, size and shading as the preferences say; the origin at the bottom centre after.
-    The size comes after the remesh: QuadriFlow's surface sits a little inside the old one."""
+    The size comes after the remesh: QuadriFlow's surface sits a little inside the old one.
+    Returns what could not be done, for a notice: the object is imported all the same."""
+    notices: list[str] = []
     if prefs.finish_remesh == "QUADRIFLOW":
-        quad_remesh(obj, prefs.finish_faces)
+        try:
+            quad_remesh(obj, prefs.finish_faces)
+        except RuntimeError as exc:  # Blender's own report: the import keeps its triangles, and says so
+            notices.append(f"'{obj.name}' keeps its triangles: {str(exc).removeprefix('Error: ').strip()}")
     if prefs.finish_size > 0:
         resize(obj, prefs.finish_size)
     if prefs.finish_smooth:
         with _override(obj):
             bpy.ops.object.shade_smooth_by_angle(angle=prefs.finish_angle)
     stand(obj)
+    return notices

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import finishing, texturing
 from .preferences import preferences
-from .session import job_files
+from .session import job_files, notify
 from .shared.blender_io import MeshImportError, create_object
 from .shared.result import read_json, read_npz
 
@@ -46,7 +46,8 @@ def import_job(context: Any, job: str) -> Any:
     selected, active = list(layer.objects.selected), layer.objects.active
     obj = create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
                         context.scene.cursor.location, properties, mesh.uvs, mesh.texture)
-    finishing.finish(context, obj, preferences(context))
+    for notice in finishing.finish(context, obj, preferences(context)):
+        notify(f"PromptMesh: {notice}", error=True)
     if keep:
         obj.select_set(False)
         for other in selected:

@@ -192,5 +192,6 @@ def apply_result(context: Any, obj: Any, mesh: Mesh, name: str, uv_map: str) -> 
     material = _material(name, image, uv_map, attribute)
     data.materials.append(material)
     data.polygons.foreach_set("material_index", np.full(len(data.polygons), len(data.materials) - 1, np.int32))
+    obj.active_material_index = len(data.materials) - 1  # the Material tab shows the new one
     data.update()
     return material

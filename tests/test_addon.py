@@ -1170,14 +1170,16 @@ def test_texture_selected_paints_the_same_object_and_one_undo_takes_it_away(bpy,
         st = bpy.context.window_manager.promptmesh
         tiny_job_settings(bpy, tiny_sd, steps=4)
         bpy.context.scene.promptmesh.preview_every = 1
-        cube = mesh_object(bpy, "Crate", lambda bm: bmesh.ops.create_cube(bm, size=2.0, calc_uvs=True), uvs=True)
-        made.append(cube)
+        cube = mesh_object(bpy, "Crate", lambda bm: bm.loops.layers.uv.new("UVMap") and bmesh.ops.create_cube(
+            bm, size=2.0, calc_uvs=True), uvs=True)
+        made.append(cube.name)
         cube.location, cube.rotation_euler, cube.scale = (3.0, -1.0, 0.5), (0.1, 0.2, 0.3), (1.0, 2.0, 0.5)
         old = bpy.data.materials.new("Crate wood")
         cube.data.materials.append(old)
         cube_points, cube_uv = loop_points(cube, "UVMap"), cube.data.uv_layers.active.name
         assert bpy.ops.promptmesh.texture_selected() == {"FINISHED"}
         assert st.jobs[-1].target == "Crate" and st.jobs[-1].uv_map == "UVMap"
+        bpy.ops.ed.undo_push(message="the scene as the artist left it")  # Blender pushes one after each operator
         stages = set()
         pump_until(session, lambda: stages.add(st.stage) or st.jobs[-1].state in FINAL, timeout=300)
         assert st.jobs[-1].state == "DONE", st.jobs[-1].message
@@ -1209,7 +1211,7 @@ def test_texture_selected_paints_the_same_object_and_one_undo_takes_it_away(bpy,
 
         # No UV map, a deforming modifier: the backend's unwrap comes back as a new UV map.
         ball = mesh_object(bpy, "Ball", lambda bm: bmesh.ops.create_icosphere(bm, subdivisions=2, radius=0.7))
-        made.append(ball)
+        made.append(ball.name)
         ball.modifiers.new("Bend", "SIMPLE_DEFORM").deform_method = "BEND"
         ball.location = (-2.0, 0.0, 0.0)
         before = loop_points(ball)
@@ -1230,8 +1232,9 @@ def test_texture_selected_paints_the_same_object_and_one_undo_takes_it_away(bpy,
         assert ball.material_slots[-1].material.node_tree.nodes.get("UV Map").uv_map == "PromptMesh UV"
     finally:
         server.stop()
-        for obj in made:
-            bpy.data.objects.remove(obj)
+        for name in made:  # by name: an undo step replaces the objects under held references
+            if bpy.data.objects.get(name) is not None:
+                bpy.data.objects.remove(bpy.data.objects[name])
 
 
 FINAL = ("DONE", "FAILED", "CANCELLED")
@@ -1243,11 +1246,12 @@ def mean_colour_of(attribute) -> np.ndarray:
     return rgba.reshape(-1, 4)[:, :3].mean(0)
 
 
-def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preferences_say(bpy, addon, prefs):
+def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preferences_say(bpy, addon, prefs, capfd):
     """Size 2 m, QuadriFlow to about 500 quads, smooth by angle: the object stands on the cursor,
     its largest side is 2 m, its faces are all quads, and its colour attribute, UV map and
     texture are still there (carried over by a Data Transfer modifier, applied). With Remesh
-    None it keeps its triangles. The settings live in the add-on preferences."""
+    None it keeps its triangles, as it does, with a notice, when QuadriFlow cannot remesh it. The
+    settings live in the add-on preferences."""
     from promptmesh.shared.result import write_json, write_npz
 
     _, session = addon
@@ -1291,6 +1295,21 @@ def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preference
             assert np.median(np.abs(seen - (0.5 + 0.5 * corner_direction)).max(1)) < 0.05
             assert all(p.use_smooth for p in obj.data.polygons)
             bpy.data.objects.remove(obj)
+
+        # QuadriFlow refuses a mesh that is not manifold (an edge with three faces): imported all the same, said so
+        from promptmesh.shared.result import Mesh
+
+        prefs.finish_remesh = "QUADRIFLOW"
+        fan = np.float32([(0, 0, 0), (1, 0, 0), (0.5, 1, 0), (0.5, -1, 0), (0.5, 0, 1)])
+        write_npz(Mesh(fan, np.int32([(0, 1, 2), (1, 0, 3), (0, 1, 4)]), np.full_like(fan, 0.5), fan),
+                  session.job_files("0" * 14 + "f2").mesh)
+        item = st.jobs.add()
+        item.job, item.prompt, item.state = "0" * 14 + "f2", "a fan", "DONE"
+        capfd.readouterr()
+        assert bpy.ops.promptmesh.import_job(job=item.job) == {"FINISHED"}
+        obj = bpy.context.view_layer.objects.active
+        assert len(obj.data.polygons) == 3 and "keeps its triangles: QuadriFlow did not remesh it" in capfd.readouterr().out
+        bpy.data.objects.remove(obj)
     finally:
         for name in ("finish_size", "finish_remesh", "finish_faces"):
             prefs.property_unset(name)
