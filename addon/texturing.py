@@ -23,6 +23,7 @@ from .shared.vocab import ErrorCode
 
 COLOR_ATTRIBUTE = "PromptMesh Color"  # our own name: the artist's "Color" stays untouched
 UV_MAP = "PromptMesh UV"
+MAX_UV_MAPS = 8  # Blender's limit per mesh
 MATCH_TOLERANCE = 1e-5  # metres: the backend returns the very float32 positions it was sent
 
 
@@ -175,6 +176,8 @@ def apply_result(context: Any, obj: Any, mesh: Mesh, name: str, uv_map: str) -> 
         raise TextureApplyError("its modifiers now change its faces: the result cannot be put back on its own mesh")
     data = obj.data
     attribute = ""
+    if textured and not keep_uvs and len(data.uv_layers) >= MAX_UV_MAPS:  # before anything is changed
+        raise TextureApplyError(f"it has the most UV maps Blender allows ({MAX_UV_MAPS}): remove one and import again")
     if ev.same_topology:  # a corner of the evaluated mesh is a corner of the object's own
         corner = corner_vertices(ev, mesh)
         rgba = np.ones((len(corner), 4), np.float32)
@@ -184,8 +187,6 @@ def apply_result(context: Any, obj: Any, mesh: Mesh, name: str, uv_map: str) -> 
         attribute = colours.name
         if textured and not keep_uvs:
             layer = data.uv_layers.new(name=UV_MAP, do_init=False)
-            if layer is None:
-                raise TextureApplyError("it has the most UV maps Blender allows (8): remove one and import again")
             layer.data.foreach_set("uv", np.asarray(mesh.uvs, np.float32)[corner].ravel())
             uv_map = layer.name
     image = packed_image(name, np.asarray(mesh.texture)) if textured else None

@@ -1313,3 +1313,38 @@ def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preference
     finally:
         for name in ("finish_size", "finish_remesh", "finish_faces"):
             prefs.property_unset(name)
+
+
+def test_a_result_in_another_order_lands_on_the_right_corners_and_a_changed_object_is_refused(bpy, addon, prefs):
+    """The backend may reorder the triangles and start them at another corner (its unwrap packs
+    pieces); the colours still land on the corners they were made for. Vertex colours only
+    (Texture Off): a Color Attribute material. An object edited since it was sent is refused."""
+    import bmesh
+
+    from promptmesh.shared.result import Mesh
+
+    texturing = sys.modules[f"{MODULE}.texturing"]
+    obj = mesh_object(bpy, "Pebble", lambda bm: bmesh.ops.create_icosphere(bm, subdivisions=2, radius=0.5))
+    name = obj.name
+    try:
+        surface, uv_map = texturing.surface_to_send(bpy.context, obj, 0)
+        assert uv_map == "" and "uvs" not in surface
+        v, f = surface["vertices"], surface["faces"]
+        rng = np.random.default_rng(0)
+        order, turn = rng.permutation(len(f)), rng.integers(0, 3, len(f))
+        shuffled = np.stack([np.roll(face, k) for face, k in zip(f[order], turn, strict=True)]).astype(np.int32)
+        colours = (0.5 + v).astype(np.float32)  # a colour per place
+        texturing.apply_result(bpy.context, obj, Mesh(v, shuffled, colours, v), "a pebble", "")
+        attribute = obj.data.color_attributes["PromptMesh Color"]
+        rgba = np.zeros(len(attribute.data) * 4, np.float32)
+        attribute.data.foreach_get("color_srgb", rgba)
+        assert np.abs(rgba.reshape(-1, 4)[:, :3] - np.clip(0.5 + loop_points(obj), 0, 1)).max() <= 1 / 255
+        node = next(n for n in obj.active_material.node_tree.nodes if n.type == "VERTEX_COLOR")
+        assert node.layer_name == "PromptMesh Color" and len(obj.material_slots) == 1
+
+        obj.data.vertices[0].co.z += 0.1  # edited while the job ran
+        with pytest.raises(texturing.TextureApplyError, match="changed since it was sent"):
+            texturing.apply_result(bpy.context, obj, Mesh(v, shuffled, colours, v), "a pebble", "")
+        assert len(obj.material_slots) == 1  # nothing half done
+    finally:
+        bpy.data.objects.remove(bpy.data.objects[name])
