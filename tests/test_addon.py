@@ -1090,6 +1090,7 @@ def mesh_object(bpy, name: str, bm_build, uvs: bool = False):
             data.uv_layers.remove(data.uv_layers[0])
     obj = bpy.data.objects.new(name, data)
     bpy.context.scene.collection.objects.link(obj)
+    bpy.context.view_layer.update()  # else the selection lists objects removed before as None
     for other in bpy.context.view_layer.objects.selected:
         other.select_set(False)
     obj.select_set(True)
@@ -1122,6 +1123,7 @@ def test_texture_selected_refuses_what_it_cannot_paint_before_sending(bpy, addon
     prefs.endpoint = f"tcp://127.0.0.1:{free_port()}"  # nobody there: a request sent would show as a job
     made = []
     try:
+        bpy.context.view_layer.update()  # objects removed by tests before this one leave the selection
         for other in bpy.context.view_layer.objects.selected:
             other.select_set(False)
         bpy.context.view_layer.objects.active = None
@@ -1148,6 +1150,7 @@ def test_texture_selected_refuses_what_it_cannot_paint_before_sending(bpy, addon
     finally:
         for obj in made:
             bpy.data.objects.remove(obj)
+        bpy.context.view_layer.update()
 
 
 def session_of(addon):
@@ -1235,6 +1238,7 @@ def test_texture_selected_paints_the_same_object_and_one_undo_takes_it_away(bpy,
         for name in made:  # by name: an undo step replaces the objects under held references
             if bpy.data.objects.get(name) is not None:
                 bpy.data.objects.remove(bpy.data.objects[name])
+        bpy.context.view_layer.update()
 
 
 FINAL = ("DONE", "FAILED", "CANCELLED")
@@ -1295,6 +1299,7 @@ def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preference
             assert np.median(np.abs(seen - (0.5 + 0.5 * corner_direction)).max(1)) < 0.05
             assert all(p.use_smooth for p in obj.data.polygons)
             bpy.data.objects.remove(obj)
+            bpy.context.view_layer.update()
 
         # QuadriFlow refuses a mesh that is not manifold (an edge with three faces): imported all the same, said so
         from promptmesh.shared.result import Mesh
@@ -1348,3 +1353,4 @@ def test_a_result_in_another_order_lands_on_the_right_corners_and_a_changed_obje
         assert len(obj.material_slots) == 1  # nothing half done
     finally:
         bpy.data.objects.remove(bpy.data.objects[name])
+        bpy.context.view_layer.update()
