@@ -166,9 +166,23 @@ def _material(name: str, image: Any, uv_map: str, attribute: str) -> Any:
 def apply_result(context: Any, obj: Any, mesh: Mesh, name: str, uv_map: str) -> Any:
     """Give `obj` a new material showing the result (its old ones stay in the slot list, its
     faces use the new one); its own UV map `uv_map` when it was sent with one, else a new map of
-    the result's UVs; the colours as a corner colour attribute where the faces are its own."""
+    the result's UVs; the colours as a corner colour attribute where the faces are its own.
+    An object in Edit Mode leaves it for the change and goes back: leaving Edit Mode later would
+    otherwise write the edit mesh, without the change, over its data."""
     if obj is None or obj.type != "MESH":
         raise TextureApplyError("the object it was made for is gone or renamed")
+    if obj.mode != "EDIT":
+        return _apply(context, obj, mesh, name, uv_map)
+    with context.temp_override(active_object=obj, object=obj, edit_object=obj):
+        bpy.ops.object.mode_set(mode="OBJECT")
+    try:
+        return _apply(context, obj, mesh, name, uv_map)
+    finally:
+        with context.temp_override(active_object=obj, object=obj):
+            bpy.ops.object.mode_set(mode="EDIT")
+
+
+def _apply(context: Any, obj: Any, mesh: Mesh, name: str, uv_map: str) -> Any:
     ev = Evaluated(context, obj)
     textured = mesh.texture is not None and mesh.uvs is not None
     keep_uvs = textured and bool(uv_map) and uv_map in obj.data.uv_layers

@@ -1339,7 +1339,11 @@ def test_a_result_in_another_order_lands_on_the_right_corners_and_a_changed_obje
         order, turn = rng.permutation(len(f)), rng.integers(0, 3, len(f))
         shuffled = np.stack([np.roll(face, k) for face, k in zip(f[order], turn, strict=True)]).astype(np.int32)
         colours = (0.5 + v).astype(np.float32)  # a colour per place
+        bpy.ops.object.mode_set(mode="EDIT")  # the artist edits it when the result comes: the change survives
         texturing.apply_result(bpy.context, obj, Mesh(v, shuffled, colours, v), "a pebble", "")
+        assert obj.mode == "EDIT"
+        bpy.ops.object.mode_set(mode="OBJECT")
+        assert {p.material_index for p in obj.data.polygons} == {0}
         attribute = obj.data.color_attributes["PromptMesh Color"]
         rgba = np.zeros(len(attribute.data) * 4, np.float32)
         attribute.data.foreach_get("color_srgb", rgba)
