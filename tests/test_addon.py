@@ -1271,8 +1271,20 @@ def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preference
             item = st.jobs.add()
             item.job, item.prompt, item.state = job, "a ball", "DONE"
             bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
-            assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
-            obj = bpy.context.view_layer.objects.active
+            if remesh == "QUADRIFLOW":  # the artist is in Edit Mode on another object: finished all the same
+                import bmesh
+
+                other = mesh_object(bpy, "Edited", lambda bm: bmesh.ops.create_cube(bm, size=1.0))
+                bpy.ops.object.mode_set(mode="EDIT")
+                assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
+                assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == other
+                bpy.ops.object.mode_set(mode="OBJECT")
+                bpy.data.objects.remove(other)
+                bpy.context.view_layer.update()
+                obj = next(o for o in bpy.context.scene.objects if o.name.startswith(f"a ball {remesh}"))
+            else:
+                assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
+                obj = bpy.context.view_layer.objects.active
             assert obj.name.startswith(f"a ball {remesh}") and tuple(obj.location) == (1.0, 2.0, 3.0)
             co = np.array([v.co for v in obj.data.vertices])
             assert abs(np.ptp(co, 0).max() - 2.0) < 1e-4 and tuple(obj.scale) == (1.0, 1.0, 1.0)
