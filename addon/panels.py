@@ -124,7 +124,8 @@ class PROMPTMESH_PT_finishing(PromptMeshPanel):
 class PROMPTMESH_UL_jobs(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         row = layout.row(align=True)
-        row.label(text=item.prompt or item.job, icon=STATE_ICONS[item.state])
+        text = item.prompt or item.job
+        row.label(text=f"{text} on {item.target}" if item.target else text, icon=STATE_ICONS[item.state])
         row.label(text=f"seed {item.seed}")
         if item.state == "RUNNING" and item.total:
             row.label(text=f"{item.step}/{item.total}")
