@@ -297,8 +297,8 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
 
 
 CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_texture, PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice,
-           PROMPTMESH_OT_import,
-           PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
+           PROMPTMESH_OT_import, PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start,
+           PROMPTMESH_OT_backend_stop)
 
 # The stubs declare the factory as returning None; it returns (register, unregister).
 register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]
