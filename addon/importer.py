@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .session import job_files
+from . import finishing, texturing
+from .preferences import preferences
+from .session import job_files, notify
 from .shared.blender_io import MeshImportError, create_object
 from .shared.result import read_json, read_npz
 
@@ -17,7 +19,9 @@ def object_name(prompt: str) -> str:
 
 
 def import_job(context: Any, job: str) -> Any:
-    """Build the object for a finished job; MeshImportError when there is nothing usable.
+    """Build the object for a finished job, finished as the preferences say (size, remesh,
+    shading); a Texture Selected job's result goes onto its object instead (returned). A
+    PromptMeshError when there is nothing usable.
 
     In Object Mode the new object becomes the selection, as any import does; in Edit, Sculpt or
     Paint mode the object is only added: the selection and the active object (whose mode it is)
@@ -28,6 +32,13 @@ def import_job(context: Any, job: str) -> Any:
     meta = read_json(files.meta) if files.meta.is_file() else {}
     mesh = read_npz(files.mesh)
     prompt = str(meta.get("prompt", ""))
+    record = read_json(files.record) if files.record.is_file() else {}
+    if isinstance(record, dict) and record.get("target"):
+        target = context.scene.objects.get(str(record["target"]))
+        if target is None:
+            raise texturing.TextureApplyError(f"the object '{record['target']}' it was made for is not in this scene")
+        texturing.apply_result(context, target, mesh, object_name(prompt), str(record.get("uv_map", "")))
+        return target
     properties = {"promptmesh_prompt": prompt, "promptmesh_seed": int(meta.get("seed", 0)),
                   "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job}
     keep = context.mode != "OBJECT"
@@ -35,6 +46,8 @@ def import_job(context: Any, job: str) -> Any:
     selected, active = list(layer.objects.selected), layer.objects.active
     obj = create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
                         context.scene.cursor.location, properties, mesh.uvs, mesh.texture)
+    for notice in finishing.finish(context, obj, preferences(context)):
+        notify(f"PromptMesh: {notice}", error=True)
     if keep:
         obj.select_set(False)
         for other in selected:

@@ -12,13 +12,14 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper
 
-from . import backend_process, session
+from . import backend_process, session, texturing
 from .importer import import_job
 from .preferences import preferences
 from .properties import LIVE_STATES
 from .shared.blender_io import export_objects
 from .shared.errors import PromptMeshError
 from .shared.spec import SpecError
+from .shared.surface import SurfaceError
 
 EXPORT_ITEMS = [("fbx", "Export FBX (Cinema 4D)", "FBX 7.4 with sRGB vertex colours, no leaf bones, no animation"),
                 ("glb", "Export GLB", "Binary glTF with the colour attribute as COLOR_0"),
@@ -86,6 +87,39 @@ class PROMPTMESH_OT_generate(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class PROMPTMESH_OT_texture(bpy.types.Operator):
+    bl_idname = "promptmesh.texture_selected"
+    bl_label = "Texture Selected"
+    bl_description = ("Paint the active mesh object from the prompt: it is sent as shown (modifiers applied), and "
+                      "gets a new material with the result; its transform and its old materials stay")
+
+    @classmethod
+    def poll(cls, context):
+        return PROMPTMESH_OT_generate.poll(context)  # the same prompt rules; the object is checked on click
+
+    def execute(self, context):
+        settings, obj = context.scene.promptmesh, context.active_object
+        seed = session.seeds(settings)[0]
+        try:
+            spec = settings.to_spec(seed).to_dict()
+            surface, uv_map = texturing.surface_to_send(context, obj, spec.get("texture_size"))
+        except (SpecError, SurfaceError) as exc:
+            self.report({"ERROR"}, f"Cannot texture: {str(exc).removeprefix('mesh: ')}")
+            return {"CANCELLED"}
+        spec["proxy_every"] = 0.0  # the object itself is in the scene; a proxy at the cursor would only be in the way
+        if session.repeated({**spec, "target": obj.name}, 1):
+            self.report({"WARNING"}, "Already queued: a second click within a second adds nothing")
+            return {"CANCELLED"}
+        if not settings.lock_seed:
+            settings.seed = seed
+        if session.submit(context, spec, spec["prompt"], seed, surface, obj.name, uv_map) is None:
+            self.report({"ERROR"}, session.state(context).status)
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Sent {obj.name}: {len(surface['faces']):,} triangles"
+                    + (f", its UV map {uv_map}" if uv_map else ", no UV map (the backend unwraps it)"))
+        return {"FINISHED"}
+
+
 class PROMPTMESH_OT_cancel(bpy.types.Operator):
     bl_idname = "promptmesh.cancel"
     bl_label = "Cancel"
@@ -150,7 +184,10 @@ class PROMPTMESH_OT_import(bpy.types.Operator):
         except (PromptMeshError, OSError, ValueError, KeyError) as exc:  # ValueError: a damaged npz
             self.report({"ERROR"}, f"Import failed: {exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
+        if item.target:
+            self.report({"INFO"}, f"Textured {obj.name}: a new material, {obj.active_material.name}")
+        else:
+            self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
         return {"FINISHED"}
 
 
@@ -259,8 +296,9 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice, PROMPTMESH_OT_import,
-           PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
+CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_texture, PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice,
+           PROMPTMESH_OT_import, PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start,
+           PROMPTMESH_OT_backend_stop)
 
 # The stubs declare the factory as returning None; it returns (register, unregister).
 register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]

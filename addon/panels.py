@@ -9,6 +9,7 @@ import bpy
 
 from . import session
 from .operators import EXPORT_ITEMS
+from .preferences import preferences
 from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES
 from .shared.vocab import Stage
 
@@ -60,9 +61,10 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         row.scale_y = 1.4
         row.operator("promptmesh.generate", icon="SHADERFX")
         row.operator("promptmesh.cancel", text="", icon="CANCEL")
+        layout.operator("promptmesh.texture_selected", icon="TEXTURE")
         active = st.job(st.active_job)
         if active is not None and active.state not in FINAL_STATES:
-            counted = active.total and st.stage in (Stage.OPTIMISING, Stage.REFINING)
+            counted = active.total and st.stage in (Stage.OPTIMISING, Stage.REFINING, Stage.TEXTURING)
             text = f"{st.stage} {active.step}/{active.total}" if counted else st.stage
             layout.progress(factor=st.progress, type="BAR", text=text)
             if st.eta:
@@ -96,10 +98,34 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
             layout.prop(settings, name)
 
 
+class PROMPTMESH_PT_finishing(PromptMeshPanel):
+    """Kept in the add-on preferences: every file's imports are finished alike."""
+
+    bl_label = "Finishing on Import"
+    bl_parent_id = "PROMPTMESH_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout, prefs = self.layout, preferences(context)
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        layout.prop(prefs, "finish_size")
+        layout.prop(prefs, "finish_remesh")
+        sub = layout.row()
+        sub.enabled = prefs.finish_remesh != "NONE"
+        sub.prop(prefs, "finish_faces")
+        row = layout.row(align=True, heading="Smooth by Angle")
+        row.prop(prefs, "finish_smooth", text="")
+        sub = row.row(align=True)
+        sub.enabled = prefs.finish_smooth
+        sub.prop(prefs, "finish_angle", text="")
+
+
 class PROMPTMESH_UL_jobs(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         row = layout.row(align=True)
-        row.label(text=item.prompt or item.job, icon=STATE_ICONS[item.state])
+        text = item.prompt or item.job
+        row.label(text=f"{text} on {item.target}" if item.target else text, icon=STATE_ICONS[item.state])
         row.label(text=f"seed {item.seed}")
         if item.state == "RUNNING" and item.total:
             row.label(text=f"{item.step}/{item.total}")
@@ -132,7 +158,8 @@ class PROMPTMESH_PT_export(PromptMeshPanel):
             col.operator("promptmesh.export", text=label, icon="EXPORT").format = fmt
 
 
-CLASSES = (PROMPTMESH_PT_main, PROMPTMESH_PT_advanced, PROMPTMESH_UL_jobs, PROMPTMESH_PT_history, PROMPTMESH_PT_export)
+CLASSES = (PROMPTMESH_PT_main, PROMPTMESH_PT_advanced, PROMPTMESH_PT_finishing,
+           PROMPTMESH_UL_jobs, PROMPTMESH_PT_history, PROMPTMESH_PT_export)
 
 # The stubs declare the factory as returning None; it returns (register, unregister).
 register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]

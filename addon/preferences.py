@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import cast
 
 import bpy
-from bpy.props import FloatProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import backend_process
 
@@ -27,6 +27,19 @@ class PROMPTMESH_AP_preferences(bpy.types.AddonPreferences):
     backend_command: StringProperty(
         name="Backend Command", description="How to start the backend here, in its own Python environment, e.g. "
         "/home/me/promptmesh/.venv/bin/promptmesh serve (--bind is added from the endpoint)")
+
+    # Finishing on import (addon/finishing.py): set in the panel, kept here so every file gets them.
+    finish_size: FloatProperty(name="Size", default=1.0, min=0.0, soft_max=10.0, unit="LENGTH",
+                               description="The imported object's largest dimension; 0: as the backend made it")
+    finish_remesh: EnumProperty(name="Remesh", default="NONE", items=[
+        ("NONE", "None", "Keep the backend's triangles"),
+        ("QUADRIFLOW", "Quads (QuadriFlow)", "Blender's QuadriFlow quad remesh; colours and UVs carried over")])
+    finish_faces: IntProperty(name="Faces", default=5000, min=100, max=200_000,
+                              description="About how many quads QuadriFlow makes")
+    finish_smooth: BoolProperty(name="Smooth by Angle", default=True,
+                                description="Smooth shading, with edges sharper than the angle kept sharp")
+    finish_angle: FloatProperty(name="Angle", default=0.5236, min=0.0, max=3.1416, subtype="ANGLE",
+                                description="Edges whose faces meet at more than this stay sharp")
 
     def curve(self) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
         """(server key, client key pair) as the client wants them; Nones without keys."""

@@ -217,6 +217,8 @@ class PROMPTMESH_PG_job(bpy.types.PropertyGroup):
     opened: IntProperty(description="Which opened file (session.opened()) the job was submitted from")
     cancel_asked: BoolProperty(description="Cancel was pressed before the backend accepted the job")
     expect_bytes: IntProperty(description="About how large the result is on the wire, for its time-out")
+    target: StringProperty(description="Texture Selected: the object the result goes onto; empty for a new object")
+    uv_map: StringProperty(description="Texture Selected: the object's UV map that was sent with it; empty for none")
 
 
 class PROMPTMESH_PG_state(bpy.types.PropertyGroup):

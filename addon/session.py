@@ -116,7 +116,7 @@ _begun_in: dict[str, int] = {}
 # A first download fills the bar by its bytes (minutes for Stable Diffusion); generation starts over.
 # Refining counts on from the NeRF's steps (its step/total continue), so it shares the span.
 STAGE_SPANS = {Stage.LOADING: (0.0, 0.02), Stage.DOWNLOADING: (0.0, 1.0), Stage.OPTIMISING: (0.02, 0.92),
-               Stage.REFINING: (0.02, 0.92), Stage.MESHING: (0.92, 0.97), "fetching": (0.97, 1.0)}
+               Stage.REFINING: (0.02, 0.92), Stage.TEXTURING: (0.02, 0.92), Stage.MESHING: (0.92, 0.97), "fetching": (0.97, 1.0)}
 # Codes that say the request cannot be done as asked (the user can change it), not that the backend failed.
 REFUSALS = {ErrorCode.BAD_REQUEST, ErrorCode.MODEL, ErrorCode.QUEUE_FULL, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND,
             ErrorCode.MESH}
@@ -180,7 +180,8 @@ def job_files(job: str) -> JobFiles:
 
 def save_record(item: Any) -> None:
     """The job's history entry, beside its result, so a restart of Blender keeps it."""
-    record = {"job": item.job, "prompt": item.prompt, "seed": item.seed, "state": item.state, "message": item.message}
+    record = {"job": item.job, "prompt": item.prompt, "seed": item.seed, "state": item.state, "message": item.message,
+              "target": item.target, "uv_map": item.uv_map}
     write_json(record, job_files(item.job).record)
 
 
@@ -200,6 +201,7 @@ def load_history(st: PROMPTMESH_PG_state) -> None:
         item.job, item.prompt, item.seed = rec["job"], str(rec.get("prompt", "")), int(rec.get("seed", 0))
         item.state = rec.get("state") if rec.get("state") in STATE_NAMES else "FAILED"
         item.message = str(rec.get("message", ""))
+        item.target, item.uv_map = str(rec.get("target", "")), str(rec.get("uv_map", ""))
         if item.state == "DONE" and not job_files(item.job).mesh.is_file():
             item.state = "FETCHING"
     live = [j for j in st.jobs if j.job and j.state not in FINAL_STATES]
@@ -303,17 +305,24 @@ def result_bytes(vertices: int, faces: int, texture: int) -> int:
     return vertices * (12 + 12 + 12 + 8) + faces * 12 + texture * texture * 3
 
 
-def submit(context: Any, spec: dict[str, Any], prompt: str, seed: int) -> Any:
-    """Queue a generate request (connecting first if needed); returns the history item."""
+def submit(context: Any, spec: dict[str, Any], prompt: str, seed: int, surface: dict[str, np.ndarray] | None = None,
+           target: str = "", uv_map: str = "") -> Any:
+    """Queue a generate request (connecting first if needed); returns the history item. With a
+    `surface` (vertices, faces, uvs?) it is a texture request, whose result goes onto `target`."""
     st = state(context)
     sess = _session if _session is not None and st.connection in ("ONLINE", "CONNECTING") else connect(context)
     if sess is None:
         return None
     sess.quiet = False  # the artist is waiting now: say so if nobody answers
     item = st.jobs.add()
-    item.request = sess.send(T.GENERATE, spec=spec)
+    if surface is None:
+        item.request = sess.send(T.GENERATE, spec=spec)
+    else:
+        upload = sum(a.nbytes for a in surface.values())  # its reply waits for the mesh to arrive
+        item.request = sess.send(T.TEXTURE, extra_s=upload / SLOW_LINK_BPS, spec=spec, arrays=surface)
     item.prompt, item.seed, item.state, item.opened = prompt, seed, "SUBMITTING", _opened
-    faces = spec.get("max_faces") or 20000  # the backend's default decimation
+    item.target, item.uv_map = target, uv_map
+    faces = len(surface["faces"]) if surface is not None else spec.get("max_faces") or 20000  # default decimation
     item.expect_bytes = min(result_bytes(faces // 2, faces, int(spec.get("texture_size") or 0)), 2**31 - 1)
     st.jobs_index = len(st.jobs) - 1
     active = st.job(st.active_job)
@@ -652,7 +661,7 @@ def on_progress(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str)
             step, total = int(msg.fields.get("done_bytes", 0)), int(msg.fields.get("total_bytes") or 0)
         lo, hi = STAGE_SPANS.get(stage, (st.progress, st.progress))
         st.progress = lo + (hi - lo) * (step / total if total else 0.0)
-        st.eta = (eta_text(time.monotonic() - st.stage_started, step, total) if stage == Stage.OPTIMISING
+        st.eta = (eta_text(time.monotonic() - st.stage_started, step, total) if stage in (Stage.OPTIMISING, Stage.TEXTURING)
                   else download_text(msg.fields) if stage == Stage.DOWNLOADING else "")
 
 
@@ -686,7 +695,7 @@ def end_proxy(sess: Session) -> None:
 
 def show_proxy(st: PROMPTMESH_PG_state, msg: Message) -> None:
     item = st.job(msg.job or "")
-    if item is None or _begun_in.get(item.job) != _opened:  # begun in another file or session: not this scene's
+    if item is None or _begun_in.get(item.job) != _opened or item.target:  # another file's; or the object shows it
         return
     arrays = msg.arrays
     if arrays["vertices"].ndim == 2 and arrays["faces"].ndim == 2 and len(arrays["faces"]):
@@ -766,6 +775,7 @@ def auto_import(st: PROMPTMESH_PG_state, item: Any) -> None:
     """Import as its own undo step: Ctrl+Z takes the object away and redo brings it back."""
     from .importer import import_job
 
+    verb = "textured" if item.target else "imported"
     try:
         with in_a_window():
             name = import_job(bpy.context, item.job).name
@@ -775,10 +785,10 @@ def auto_import(st: PROMPTMESH_PG_state, item: Any) -> None:
         return
     try:
         with in_a_window():
-            bpy.ops.ed.undo_push(message=f"PromptMesh: import {name}")
+            bpy.ops.ed.undo_push(message=f"PromptMesh: {verb} {name}")
     except RuntimeError as exc:  # the object is there; only Ctrl+Z will not single it out
         print(f"PromptMesh: no undo step for the import of {name}: {exc}")
-    notify(f"PromptMesh: '{item.prompt}' is done: imported {name}")
+    notify(f"PromptMesh: '{item.prompt}' is done: {verb} {name}")
 
 
 def on_error(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) -> None:

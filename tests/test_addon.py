@@ -260,10 +260,10 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert (obj["promptmesh_prompt"], obj["promptmesh_seed"], obj["promptmesh_job"]) == (PROMPT, 0, job.job)
         assert obj.dimensions.z > 0.3  # upright and solid, not a sliver
 
-        counts = (len(obj.data.vertices), len(obj.data.polygons))
-        for fmt in ("fbx", "glb", "obj"):
+        counts = (distinct_points(obj), len(obj.data.polygons))
+        for fmt in ("fbx", "glb", "obj"):  # glTF splits vertices where smooth by angle leaves an edge sharp
             back = export_and_reimport(bpy, obj, tmp_path / f"out.{fmt}")
-            assert (len(back.data.vertices), len(back.data.polygons)) == counts, fmt
+            assert (distinct_points(back), len(back.data.polygons)) == counts, fmt
             assert np.abs(mean_colour(back) - colour).max() <= 2 / 255, fmt
             bpy.data.objects.remove(back)
         assert_assimp_reads(tmp_path / "out.fbx", counts[1], colour)
@@ -271,6 +271,13 @@ def test_generate_preview_import_and_export_against_a_live_backend(bpy, addon, p
         assert report["issues"]["numErrors"] == 0
     finally:
         server.stop()
+
+
+def distinct_points(obj) -> int:
+    """How many distinct vertex positions the object's mesh has (a vertex split for its normals counts once)."""
+    co = np.empty(len(obj.data.vertices) * 3, np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    return len(np.unique(np.round(co.reshape(-1, 3), 5), axis=0))
 
 
 def export_and_reimport(bpy, obj, path: Path):
@@ -1073,3 +1080,301 @@ def test_a_job_goes_on_to_its_import_across_a_restart_of_the_backend(bpy, addon,
         assert st.jobs[-1].job in imported_jobs(bpy) and killed.job not in imported_jobs(bpy)
     finally:
         server.stop()
+
+
+# ---- Texture Selected and finishing on import (issue 44) ---------------------------------------
+def mesh_object(bpy, name: str, bm_build, uvs: bool = False):
+    """A mesh object linked to the scene, active and alone selected, built by `bm_build(bm)`."""
+    import bmesh
+
+    bm = bmesh.new()
+    bm_build(bm)
+    data = bpy.data.meshes.new(name)
+    bm.to_mesh(data)
+    bm.free()
+    if not uvs:
+        while data.uv_layers:
+            data.uv_layers.remove(data.uv_layers[0])
+    obj = bpy.data.objects.new(name, data)
+    bpy.context.scene.collection.objects.link(obj)
+    bpy.context.view_layer.update()  # else the selection lists objects removed before as None
+    for other in bpy.context.view_layer.objects.selected:
+        other.select_set(False)
+    obj.select_set(True)
+    bpy.context.view_layer.objects.active = obj
+    return obj
+
+
+def loop_points(obj, uv_map: str | None = None) -> np.ndarray:
+    """Each face corner of the object's own mesh as (x, y, z[, u, v])."""
+    data = obj.data
+    co = np.empty(len(data.vertices) * 3, np.float32)
+    data.vertices.foreach_get("co", co)
+    index = np.empty(len(data.loops), np.int32)
+    data.loops.foreach_get("vertex_index", index)
+    points = co.reshape(-1, 3)[index]
+    if uv_map is None:
+        return points
+    uvs = np.empty(len(data.loops) * 2, np.float32)
+    data.uv_layers[uv_map].data.foreach_get("uv", uvs)
+    return np.column_stack([points, uvs.reshape(-1, 2)])
+
+
+def test_texture_selected_refuses_what_it_cannot_paint_before_sending(bpy, addon, prefs):
+    """Nothing active, a camera, an empty mesh, one over the server's 500k triangles, and one whose
+    modifiers change its faces with no UV map: each one clear message, no job, nothing sent."""
+    import bmesh
+
+    st, settings = bpy.context.window_manager.promptmesh, bpy.context.scene.promptmesh
+    settings.prompt = PROMPT
+    prefs.endpoint = f"tcp://127.0.0.1:{free_port()}"  # nobody there: a request sent would show as a job
+    made = []
+    try:
+        bpy.context.view_layer.update()  # objects removed by tests before this one leave the selection
+        for other in bpy.context.view_layer.objects.selected:
+            other.select_set(False)
+        bpy.context.view_layer.objects.active = None
+        with pytest.raises(RuntimeError, match="select a mesh object to texture: nothing is active"):
+            bpy.ops.promptmesh.texture_selected()
+        camera = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+        bpy.context.scene.collection.objects.link(camera)
+        bpy.context.view_layer.objects.active = camera
+        made.append(camera)
+        with pytest.raises(RuntimeError, match="'Cam' is a camera, not a mesh"):
+            bpy.ops.promptmesh.texture_selected()
+        made.append(mesh_object(bpy, "Nothing", lambda bm: None))
+        with pytest.raises(RuntimeError, match="Cannot texture: it is empty"):
+            bpy.ops.promptmesh.texture_selected()
+        made.append(mesh_object(bpy, "Huge", lambda bm: bmesh.ops.create_grid(bm, x_segments=501, y_segments=501, size=1)))
+        with pytest.raises(RuntimeError, match=r"Cannot texture: [\d,]+ triangles; at most 500,000"):
+            bpy.ops.promptmesh.texture_selected()
+        cube = mesh_object(bpy, "Subdivided", lambda bm: bmesh.ops.create_cube(bm, size=1.0))
+        cube.modifiers.new("Subdivision", "SUBSURF")
+        made.append(cube)
+        with pytest.raises(RuntimeError, match="modifiers that change its faces.*without a UV map: unwrap it"):
+            bpy.ops.promptmesh.texture_selected()
+        assert len(st.jobs) == 0 and session_of(addon).session() is None  # nothing queued, not even connected
+    finally:
+        for obj in made:
+            bpy.data.objects.remove(obj)
+        bpy.context.view_layer.update()
+
+
+def session_of(addon):
+    return addon[1]
+
+
+@pytest.mark.slow
+def test_texture_selected_paints_the_same_object_and_one_undo_takes_it_away(bpy, addon, prefs, tmp_path, tiny_sd):
+    """A cube with its own UV map, a material and a transform, and a sphere with none (the backend
+    unwraps it) under a deforming modifier, painted by the tiny Stable Diffusion on a live backend:
+    each keeps its transform, geometry and old material; gets a new material with the texture (on
+    its own UV map, or a new one whose UVs sit on the right corners); one Ctrl+Z removes it."""
+    import bmesh
+
+    _, session = addon
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    made = []
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=4)
+        bpy.context.scene.promptmesh.preview_every = 1
+        cube = mesh_object(bpy, "Crate", lambda bm: bm.loops.layers.uv.new("UVMap") and bmesh.ops.create_cube(
+            bm, size=2.0, calc_uvs=True), uvs=True)
+        made.append(cube.name)
+        cube.location, cube.rotation_euler, cube.scale = (3.0, -1.0, 0.5), (0.1, 0.2, 0.3), (1.0, 2.0, 0.5)
+        old = bpy.data.materials.new("Crate wood")
+        cube.data.materials.append(old)
+        cube_points, cube_uv = loop_points(cube, "UVMap"), cube.data.uv_layers.active.name
+        names = set(bpy.data.objects.keys())
+        assert bpy.ops.promptmesh.texture_selected() == {"FINISHED"}
+        assert st.jobs[-1].target == "Crate" and st.jobs[-1].uv_map == "UVMap"
+        bpy.ops.ed.undo_push(message="the scene as the artist left it")  # Blender pushes one after each operator
+        stages = set()
+        pump_until(session, lambda: stages.add(st.stage) or st.jobs[-1].state in FINAL, timeout=300)
+        assert st.jobs[-1].state == "DONE", st.jobs[-1].message
+        assert "texturing" in stages and st.preview_step > 0  # its progress and previews, as a generation's
+        assert set(bpy.data.objects.keys()) == names  # no new object: the result is on the crate
+        cube = bpy.data.objects["Crate"]
+        assert tuple(cube.location) == (3.0, -1.0, 0.5) and tuple(cube.scale) == (1.0, 2.0, 0.5)
+        assert np.array_equal(loop_points(cube, "UVMap"), cube_points)  # geometry and its own UVs untouched
+        assert [s.material.name for s in cube.material_slots][0] == "Crate wood" and len(cube.material_slots) == 2
+        new = cube.material_slots[1].material
+        assert {p.material_index for p in cube.data.polygons} == {1}
+        image = base_color_image(cube)
+        assert image is not None and tuple(image.size) == (64, 64) and image.packed_file is not None
+        assert [n.uv_map for n in new.node_tree.nodes if n.type == "UVMAP"] == [cube_uv]
+        assert list(cube.data.uv_layers.keys()) == ["UVMap"]  # no second map: its own is used
+        result = session.job_files(st.jobs[-1].job)
+        from promptmesh.shared.result import read_npz
+
+        painted = read_npz(result.mesh)
+        colours = cube.data.color_attributes["PromptMesh Color"]
+        assert colours.domain == "CORNER" and np.abs(mean_colour_of(colours) - painted.colors.mean(0)).max() < 0.05
+
+        bpy.ops.ed.undo()  # one step takes the material away ...
+        cube = bpy.data.objects["Crate"]
+        assert [s.material.name for s in cube.material_slots] == ["Crate wood"]
+        assert "PromptMesh Color" not in cube.data.color_attributes
+        bpy.ops.ed.redo()  # ... and redo brings it back
+        assert len(bpy.data.objects["Crate"].material_slots) == 2
+
+        # No UV map, a deforming modifier: the backend's unwrap comes back as a new UV map.
+        ball = mesh_object(bpy, "Ball", lambda bm: bmesh.ops.create_icosphere(bm, subdivisions=2, radius=0.7))
+        made.append(ball.name)
+        ball.modifiers.new("Bend", "SIMPLE_DEFORM").deform_method = "BEND"
+        ball.location = (-2.0, 0.0, 0.0)
+        before = loop_points(ball)
+        time.sleep(session.REPEAT_S)
+        assert bpy.ops.promptmesh.texture_selected() == {"FINISHED"}
+        assert st.jobs[-1].uv_map == ""
+        pump_until(session, lambda: st.jobs[-1].state in FINAL, timeout=300)
+        assert st.jobs[-1].state == "DONE", st.jobs[-1].message
+        ball = bpy.data.objects["Ball"]
+        assert np.array_equal(loop_points(ball), before) and tuple(ball.location) == (-2.0, 0.0, 0.0)
+        assert list(ball.data.uv_layers.keys()) == ["PromptMesh UV"] and base_color_image(ball) is not None
+        painted = read_npz(session.job_files(st.jobs[-1].job).mesh)
+        assert len(painted.vertices) > len(ball.data.vertices)  # the unwrap split vertices at its seams ...
+        evaluated = ball.evaluated_get(bpy.context.evaluated_depsgraph_get()).data  # ... yet each corner has its UV
+        co = np.array([v.co for v in evaluated.vertices], np.float32)[[lp.vertex_index for lp in evaluated.loops]]
+        uvs = loop_points(ball, "PromptMesh UV")[:, 3:]
+        assert same_points(np.column_stack([co, uvs]), np.column_stack([painted.vertices, painted.uvs]), 1e-4)
+        assert ball.material_slots[-1].material.node_tree.nodes.get("UV Map").uv_map == "PromptMesh UV"
+    finally:
+        server.stop()
+        for name in made:  # by name: an undo step replaces the objects under held references
+            if bpy.data.objects.get(name) is not None:
+                bpy.data.objects.remove(bpy.data.objects[name])
+        bpy.context.view_layer.update()
+
+
+FINAL = ("DONE", "FAILED", "CANCELLED")
+
+
+def mean_colour_of(attribute) -> np.ndarray:
+    rgba = np.zeros(len(attribute.data) * 4, np.float32)
+    attribute.data.foreach_get("color_srgb", rgba)
+    return rgba.reshape(-1, 4)[:, :3].mean(0)
+
+
+def test_imports_are_finished_to_size_quads_and_smooth_shading_as_the_preferences_say(bpy, addon, prefs, capfd):
+    """Size 2 m, QuadriFlow to about 500 quads, smooth by angle: the object stands on the cursor,
+    its largest side is 2 m, its faces are all quads, and its colour attribute, UV map and
+    texture are still there (carried over by a Data Transfer modifier, applied). With Remesh
+    None it keeps its triangles, as it does, with a notice, when QuadriFlow cannot remesh it. The
+    settings live in the add-on preferences."""
+    from promptmesh.shared.result import write_json, write_npz
+
+    _, session = addon
+    sphere = textured_sphere(64)
+    st = bpy.context.window_manager.promptmesh
+    try:
+        assert (prefs.finish_size, prefs.finish_remesh, prefs.finish_smooth) == (1.0, "NONE", True)  # the defaults
+        for n, remesh in enumerate(("QUADRIFLOW", "NONE")):
+            prefs.finish_size, prefs.finish_remesh, prefs.finish_faces = 2.0, remesh, 500
+            job = "0" * 14 + f"f{n}"
+            write_npz(sphere, session.job_files(job).mesh)
+            write_json({"prompt": f"a ball {remesh}"}, session.job_files(job).meta)
+            item = st.jobs.add()
+            item.job, item.prompt, item.state = job, "a ball", "DONE"
+            bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+            if remesh == "QUADRIFLOW":  # the artist is in Edit Mode on another object: finished all the same
+                import bmesh
+
+                other = mesh_object(bpy, "Edited", lambda bm: bmesh.ops.create_cube(bm, size=1.0))
+                bpy.ops.object.mode_set(mode="EDIT")
+                assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
+                assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == other
+                bpy.ops.object.mode_set(mode="OBJECT")
+                bpy.data.objects.remove(other)
+                bpy.context.view_layer.update()
+                obj = next(o for o in bpy.context.scene.objects if o.name.startswith(f"a ball {remesh}"))
+            else:
+                assert bpy.ops.promptmesh.import_job(job=job) == {"FINISHED"}
+                obj = bpy.context.view_layer.objects.active
+            assert obj.name.startswith(f"a ball {remesh}") and tuple(obj.location) == (1.0, 2.0, 3.0)
+            co = np.array([v.co for v in obj.data.vertices])
+            assert abs(np.ptp(co, 0).max() - 2.0) < 1e-4 and tuple(obj.scale) == (1.0, 1.0, 1.0)
+            assert abs(co[:, 2].min()) < 1e-5 and np.allclose((co.min(0) + co.max(0))[:2] / 2, 0, atol=1e-5)
+            sides = {len(p.vertices) for p in obj.data.polygons}
+            if remesh == "QUADRIFLOW":
+                assert sides == {4} and 300 < len(obj.data.polygons) < 800, (sides, len(obj.data.polygons))
+            else:
+                assert sides == {3} and len(obj.data.polygons) == len(sphere.faces)
+            colours = obj.data.color_attributes.get("Color")
+            assert colours is not None and colours.domain == "POINT"
+            assert np.abs(mean_colour_of(colours) - sphere.colors.mean(0)).max() < 0.03
+            # each vertex keeps the colour of its place: red along +X, green +Y, blue +Z
+            rgba = np.zeros(len(colours.data) * 4, np.float32)
+            colours.data.foreach_get("color_srgb", rgba)
+            direction = co - (co.min(0) + co.max(0)) / 2
+            direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+            assert np.abs(rgba.reshape(-1, 4)[:, :3] - (0.5 + 0.5 * direction)).mean() < 0.03
+            assert "UVMap" in obj.data.uv_layers and base_color_image(obj) is not None
+            # the texture still shows the right place at each corner (a corner on a seam of the old atlas may not)
+            texel = np.clip((loop_points(obj, "UVMap")[:, 3:] * 64).astype(int), 0, 63)
+            seen = image_array(base_color_image(obj))[63 - texel[:, 1], texel[:, 0]] / 255.0
+            corner_direction = direction[[loop.vertex_index for loop in obj.data.loops]]
+            assert np.median(np.abs(seen - (0.5 + 0.5 * corner_direction)).max(1)) < 0.05
+            assert all(p.use_smooth for p in obj.data.polygons)
+            bpy.data.objects.remove(obj)
+            bpy.context.view_layer.update()
+
+        # QuadriFlow refuses a mesh that is not manifold (an edge with three faces): imported all the same, said so
+        from promptmesh.shared.result import Mesh
+
+        prefs.finish_remesh = "QUADRIFLOW"
+        fan = np.float32([(0, 0, 0), (1, 0, 0), (0.5, 1, 0), (0.5, -1, 0), (0.5, 0, 1)])
+        write_npz(Mesh(fan, np.int32([(0, 1, 2), (1, 0, 3), (0, 1, 4)]), np.full_like(fan, 0.5), fan),
+                  session.job_files("0" * 14 + "f2").mesh)
+        item = st.jobs.add()
+        item.job, item.prompt, item.state = "0" * 14 + "f2", "a fan", "DONE"
+        capfd.readouterr()
+        assert bpy.ops.promptmesh.import_job(job=item.job) == {"FINISHED"}
+        obj = bpy.context.view_layer.objects.active
+        assert len(obj.data.polygons) == 3 and "keeps its triangles: QuadriFlow did not remesh it" in capfd.readouterr().out
+        bpy.data.objects.remove(obj)
+    finally:
+        for name in ("finish_size", "finish_remesh", "finish_faces"):
+            prefs.property_unset(name)
+
+
+def test_a_result_in_another_order_lands_on_the_right_corners_and_a_changed_object_is_refused(bpy, addon, prefs):
+    """The backend may reorder the triangles and start them at another corner (its unwrap packs
+    pieces); the colours still land on the corners they were made for. Vertex colours only
+    (Texture Off): a Color Attribute material. An object edited since it was sent is refused."""
+    import bmesh
+
+    from promptmesh.shared.result import Mesh
+
+    texturing = sys.modules[f"{MODULE}.texturing"]
+    obj = mesh_object(bpy, "Pebble", lambda bm: bmesh.ops.create_icosphere(bm, subdivisions=2, radius=0.5))
+    name = obj.name
+    try:
+        surface, uv_map = texturing.surface_to_send(bpy.context, obj, 0)
+        assert uv_map == "" and "uvs" not in surface
+        v, f = surface["vertices"], surface["faces"]
+        rng = np.random.default_rng(0)
+        order, turn = rng.permutation(len(f)), rng.integers(0, 3, len(f))
+        shuffled = np.stack([np.roll(face, k) for face, k in zip(f[order], turn, strict=True)]).astype(np.int32)
+        colours = (0.5 + v).astype(np.float32)  # a colour per place
+        bpy.ops.object.mode_set(mode="EDIT")  # the artist edits it when the result comes: the change survives
+        texturing.apply_result(bpy.context, obj, Mesh(v, shuffled, colours, v), "a pebble", "")
+        assert obj.mode == "EDIT"
+        bpy.ops.object.mode_set(mode="OBJECT")
+        assert {p.material_index for p in obj.data.polygons} == {0}
+        attribute = obj.data.color_attributes["PromptMesh Color"]
+        rgba = np.zeros(len(attribute.data) * 4, np.float32)
+        attribute.data.foreach_get("color_srgb", rgba)
+        assert np.abs(rgba.reshape(-1, 4)[:, :3] - np.clip(0.5 + loop_points(obj), 0, 1)).max() <= 1 / 255
+        node = next(n for n in obj.active_material.node_tree.nodes if n.type == "VERTEX_COLOR")
+        assert node.layer_name == "PromptMesh Color" and len(obj.material_slots) == 1
+
+        obj.data.vertices[0].co.z += 0.1  # edited while the job ran
+        with pytest.raises(texturing.TextureApplyError, match="changed since it was sent"):
+            texturing.apply_result(bpy.context, obj, Mesh(v, shuffled, colours, v), "a pebble", "")
+        assert len(obj.material_slots) == 1  # nothing half done
+    finally:
+        bpy.data.objects.remove(bpy.data.objects[name])
+        bpy.context.view_layer.update()
