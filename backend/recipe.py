@@ -223,7 +223,7 @@ class ModelCard:
                 raise ValueError(f"the {quality} preset sets {', '.join(sorted(unknown))}: "
                                  f"presets set only {', '.join(OPTIONAL)}")
         for kind in self.objectives:
-            self.objective(kind)  # an unknown kind or setting is refused when the card loads
+            self.recipe_for(kind)  # an unknown kind or setting is refused when the card loads
 
     def objective(self, kind: str) -> Objective:
         """The Objective a job choosing `kind` runs with: the recipe's own when it is that kind,
@@ -231,7 +231,7 @@ class ModelCard:
         if kind not in set(ObjectiveKind):
             raise SpecError("objective", f"must be one of {', '.join(ObjectiveKind)}, got {kind!r}")
         base = self.recipe.objective if self.recipe.objective.kind == kind else Objective(kind=kind)
-        settings = dict(self.objectives.get(kind, {}))
+        settings = {k: v for k, v in self.objectives.get(kind, {}).items() if k != "recipe"}
         if "kind" in settings and settings["kind"] != kind:
             raise ValueError(f"the card's {kind} objective says kind {settings['kind']!r}")
         hints = get_type_hints(Objective)
@@ -239,6 +239,14 @@ class ModelCard:
         if unknown:
             raise ValueError(f"the card's {kind} objective has no setting(s) {', '.join(sorted(unknown))}")
         return replace(base, **{k: _value(hints[k], v) for k, v in settings.items()})
+
+    def recipe_for(self, kind: str) -> Recipe:
+        """The recipe of a job choosing objective `kind`: the card's, with what the card's
+        `objectives[kind]["recipe"]` changes (a part of the recipe's tree: the guidance scale,
+        learning rates, t schedule its paper publishes) and that objective."""
+        changes = self.objectives.get(kind, {}).get("recipe", {})
+        recipe = Recipe.from_dict(_merged(self.recipe.to_dict(), changes)) if changes else self.recipe
+        return replace(recipe, objective=self.objective(kind))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
@@ -282,7 +290,7 @@ class ModelCard:
 def resolve(card: ModelCard, spec: JobSpec) -> Recipe:
     """The recipe a job runs with: the card's recipe, then the job's quality preset, then the
     settings the job gives explicitly (None: not given)."""
-    recipe = card.recipe
+    recipe = card.recipe if spec.objective is None else card.recipe_for(spec.objective)
     given = {name: getattr(spec, name) for name in OPTIONAL}
     settings = {**card.preset(spec.quality), **{k: v for k, v in given.items() if v is not None}}
 
@@ -299,7 +307,6 @@ def resolve(card: ModelCard, spec: JobSpec) -> Recipe:
         view_prompts=(recipe.view_prompts if spec.view_prompt is None
                       else replace(recipe.view_prompts, **VIEW_PROMPT_SETTINGS[ViewPrompt(spec.view_prompt)])),
         refine=replace(recipe.refine, steps=pick("refine_steps", recipe.refine.steps)),
-        objective=recipe.objective if spec.objective is None else card.objective(spec.objective),
     )
 
 
@@ -316,6 +323,15 @@ def _value(hint: Any, value: Any) -> Any:
     if isinstance(hint, type) and is_dataclass(hint):
         return _build(hint, value)
     return tuple(value) if isinstance(value, list) else value
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` (a to_dict tree) with the leaves `changes` gives replaced; an unknown key stays, for
+    `_build` to refuse by name."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -69,6 +69,11 @@ def lora_unet(unet: nn.Module, rank: int, seed: int) -> nn.Module:
     for name, p in copied.named_parameters():
         # peft keeps adapters in float32 on a half-precision base; the camera MLP is float32 too
         p.requires_grad_("lora_" in name or name.startswith("class_embedding.mlp."))
+    if device.type == "cuda":
+        # Stable Diffusion's training pass keeps up to 6.1 GB for its backward at 64x64 latents
+        # (bench/vsd_memory.py), 0.3 GB checkpointed: the price of the 8 GB target is one more
+        # forward of each block in the backward. The CPU keeps every activation (time is its limit).
+        copied.enable_gradient_checkpointing()
     copied.train()
     return copied
 
