@@ -83,7 +83,9 @@ def generate_and_judge(objective: str, steps: int, subject: str, color: str, see
                 row["sharpness"] = cube_sharpness(mesh.vertices, mesh.faces)
         else:
             janus = judge_janus(mesh, subject)
-            row |= {"judged": subject if janus.kind == "right" else janus.best, "judged_color": judge_color(mesh)}
+            # the right object below judge_janus's IoU bar is "weak", not right
+            judged = subject if janus.kind == "right" else "weak" if janus.best == "right" else janus.best
+            row |= {"judged": judged, "judged_color": judge_color(mesh)}
     except MeshError:
         row |= {"judged": "(none)", "judged_color": "(none)", "iou": 0.0}
     row["seconds"] = time.perf_counter() - t0

@@ -220,6 +220,22 @@ def test_the_shipped_stable_diffusion_card_carries_each_papers_settings_marked_u
     spec = JobSpec("a red cube")
     assert resolve(card, replace(spec, objective="nfsd")).objective.negative  # the paper's negative prompt
     assert resolve(card, replace(spec, objective="ism")).objective.ism_delta_s == 200
+    vsd = resolve(card, replace(spec, objective="vsd"))  # the paper's guidance scale and t schedule, not SDS's 100
+    assert (vsd.guidance_scale, vsd.schedule.t_max_end, vsd.objective.lora_lr) == (7.5, 0.5, 1e-4)
+    assert resolve(card, replace(spec, objective="vsd", guidance_scale=3.0)).guidance_scale == 3.0  # explicit wins
+    assert resolve(card, replace(spec, quality="draft", objective="csd")).schedule.steps == 1500  # the preset still applies
+    assert resolve(card, spec) == card.recipe and card.recipe.guidance_scale == 100.0
+
+
+def test_the_cli_sends_the_objective_and_leaves_it_out_when_not_given():
+    from promptmesh.backend.cli import _spec, build_parser
+
+    def spec(*argv):
+        return _spec(build_parser().parse_args(["generate", "a red cube", *argv]))
+
+    assert spec().objective is None and spec("--objective", "ism").objective == Kind.ISM
+    with pytest.raises(SystemExit):
+        spec("--objective", "magic")
 
 
 def test_a_vsd_job_resumed_from_its_checkpoint_continues_the_lora(tiny_sd, tmp_path):
