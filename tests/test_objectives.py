@@ -142,6 +142,8 @@ def test_vsd_is_the_guided_prediction_minus_the_camera_conditioned_loras(g):
     lora = state.lora.unet
     assert {id(p) for p in g.unet.parameters()} <= {id(p) for p in lora.parameters()}  # shared, not copied
     assert all(not p.requires_grad for p in g.unet.parameters())
+    assert not any("lora" in name for name, _ in g.unet.named_modules())  # the shared prior stays as it was
+    assert any("lora" in name for name, _ in lora.named_modules())
     latents, noise, t = setup(4, [500])
     camera = cams(170)
     a = g.alphas_cumprod[500]
