@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING
 from ..shared.errors import PromptMeshError
 from ..shared.spec import TEXTURE_SIZES, JobSpec
 from ..shared.surface import MAX_FACES
-from ..shared.vocab import MESH_FORMATS, Device, ErrorCode, JobState, MessageType, OutputFormat, Quality, Stage, ViewPrompt
+from ..shared.vocab import (
+    MESH_FORMATS,
+    Device,
+    ErrorCode,
+    JobState,
+    MessageType,
+    Objective,
+    OutputFormat,
+    Quality,
+    Stage,
+    ViewPrompt,
+)
 from .models import EMBEDDED
 
 if TYPE_CHECKING:
@@ -83,7 +94,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         model=args.model or EMBEDDED, quality=args.quality, steps=args.steps, resolution=args.resolution,
         mesh_resolution=args.mesh_resolution, refine_steps=args.refine_steps,
         preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, view_prompt=args.view_prompt,
-        texture_size=args.texture_size,
+        texture_size=args.texture_size, objective=args.objective,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate()
 
@@ -554,6 +565,10 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--view-prompt", choices=list(ViewPrompt), help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")
+    g.add_argument("--objective", choices=list(Objective),
+                   help="the distillation objective: sds (DreamFusion), vsd (ProlificDreamer: a LoRA of the prior trained "
+                   "alongside, about 3x the time a step), nfsd, csd, ism (LucidDreamer: DDIM inversion, 2-6 more denoiser "
+                   "passes a step) or x0 (MVDream); default: the model's (docs/objectives.md compares them)")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:

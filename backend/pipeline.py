@@ -125,7 +125,7 @@ def run(
             model.load_state_dict(saved["stages"][index])
             resumed_from += model.step
             if index == len(saved["stages"]) - 1:
-                ctx.generator.set_state(saved["generator"])
+                ctx.load_state_dict(saved)  # the generator, and the objective's state (VSD's LoRA)
         run_stage(model, ctx, loop, done, sum(m.steps for m in done), total, last=index == len(stages) - 1)
         timings[f"{model.stage}_seconds"] = time.perf_counter() - t_stage
         done.append(model)

@@ -79,6 +79,8 @@ class PromptEmbeddings:
 
     def __init__(self, prompt: str, negative: str, encode: Callable[[list[str]], Cond]) -> None:
         self.prompt, self.negative = prompt, negative
+        self.encode = encode
+        self.extra: dict[str, Cond] = {}  # other texts an objective asks for (the null prompt, a negative), encoded once
         self.texts = [negative] + [view_prompt(prompt, v) for v in VIEWS]
         with torch.no_grad():
             self.cond = encode(self.texts)
@@ -102,6 +104,13 @@ class PromptEmbeddings:
     def plain_rows(self, n: int) -> Cond:
         """The prompt as typed, without a view word, n times."""
         return index_cond(self.plain, torch.zeros(n, dtype=torch.long, device=self.device))
+
+    def text_rows(self, text: str, n: int) -> Cond:
+        """Any other text (the null prompt "", an objective's negative), n times; encoded on first use."""
+        if text not in self.extra:
+            with torch.no_grad():
+                self.extra[text] = self.encode([text])
+        return index_cond(self.extra[text], torch.zeros(n, dtype=torch.long, device=self.device))
 
     def select(self, views: list[str]) -> tuple[Cond, Cond]:
         """(unconditional, conditional) embeddings for a batch of view words."""

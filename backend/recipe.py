@@ -18,6 +18,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from ..shared.result import atomic_write
 from ..shared.spec import OPTIONAL, JobSpec, SpecError
+from ..shared.vocab import Objective as ObjectiveKind
 from ..shared.vocab import Quality, ViewPrompt
 from .cameras import CameraRanges
 from .field import FieldConfig
@@ -81,17 +82,41 @@ class ViewPrompts:
 
 @dataclass(frozen=True)
 class Objective:
-    """What the guided noise prediction pulls the renders towards.
+    """What the guided noise prediction pulls the renders towards (shared.vocab.Objective).
 
     "sds" (DreamFusion): the gradient (1 - alpha_bar) * (eps_guided - eps). "x0" (MVDream): the
     renders regress onto the denoiser's one-step reconstruction x0 = (z_t - sqrt(1 - alpha_bar)
     * eps_guided) / sqrt(alpha_bar), i.e. the SDS direction weighted sqrt((1 - alpha_bar) /
     alpha_bar); with `rescale` > 0 that reconstruction's spread is pulled towards the unguided
     one's, per object (CFG rescale, Lin et al. 2023), which keeps large guidance scales (MVDream
-    uses 50) from oversaturating."""
+    uses 50) from oversaturating.
 
-    kind: str = "sds"
+    "nfsd" (Katzir et al., ICLR 2024): w(t) * (delta_D + s * delta_C), delta_C = eps_text -
+    eps_null and delta_D = eps_null below `nfsd_t_split` of the schedule (the paper's t = 200 of
+    1000), eps_null - eps_negative above it. "csd" (Yu et al. 2023): the classifier score alone,
+    w(t) * (s * delta_C - w_neg * (eps_negative - eps_null)), w_neg annealed linearly from
+    `csd_negative_weight[0]` to `[1]` over the run. "ism" (LucidDreamer): x_s by DDIM inversion
+    of the clean latents with the null prompt in strides of `ism_delta_s`, x_t one more inversion
+    step of `ism_delta_t` above s, and w(t) * (eps_guided(x_t, t) - eps_null(x_s, s)). "vsd"
+    (ProlificDreamer): w(t) * (eps_guided - eps_lora(x_t; y, camera)), the LoRA (`lora_*`)
+    trained on the renders as it goes (backend/guidance/vsd.py).
+
+    The negative prompt of NFSD and CSD is the job's, else `negative` where the prior can read it
+    (the papers' own for Stable Diffusion; none for the embedded prior, whose words are its
+    primitives): without one the negative term is zero."""
+
+    kind: str = ObjectiveKind.SDS
     rescale: float = 0.0
+    negative: str = ""
+    nfsd_t_split: float = 0.2
+    csd_negative_weight: tuple[float, float] = (1.0, 0.5)
+    ism_delta_s: int = 200
+    ism_delta_t: int = 50
+    lora_rank: int = 4
+    lora_lr: float = 1e-4
+    lora_t_range: tuple[float, float] = (0.02, 0.98)  # timesteps of the LoRA's own diffusion loss
+    lora_camera_dropout: float = 0.1  # share of the LoRA's training steps without the camera (its own CFG)
+    lora_guidance_scale: float = 1.0  # CFG between the LoRA with and without the camera; 1: with it alone
 
 
 @dataclass(frozen=True)
@@ -184,6 +209,10 @@ class ModelCard:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     measured_on: str = ""
+    # Per objective kind, the Objective settings a job choosing it runs with (what its paper
+    # publishes for this prior); a kind not listed runs with the defaults above and the recipe's.
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: str = ""  # provenance the card's numbers need, e.g. "not yet run on a GPU"
 
     def __post_init__(self) -> None:
         for quality, settings in self.presets.items():
@@ -193,15 +222,43 @@ class ModelCard:
             if unknown:
                 raise ValueError(f"the {quality} preset sets {', '.join(sorted(unknown))}: "
                                  f"presets set only {', '.join(OPTIONAL)}")
+        for kind in self.objectives:
+            self.recipe_for(kind)  # an unknown kind or setting is refused when the card loads
+
+    def objective(self, kind: str) -> Objective:
+        """The Objective a job choosing `kind` runs with: the recipe's own when it is that kind,
+        else the defaults, then this card's settings for `kind`."""
+        if kind not in set(ObjectiveKind):
+            raise SpecError("objective", f"must be one of {', '.join(ObjectiveKind)}, got {kind!r}")
+        base = self.recipe.objective if self.recipe.objective.kind == kind else Objective(kind=kind)
+        settings = {k: v for k, v in self.objectives.get(kind, {}).items() if k != "recipe"}
+        if "kind" in settings and settings["kind"] != kind:
+            raise ValueError(f"the card's {kind} objective says kind {settings['kind']!r}")
+        hints = get_type_hints(Objective)
+        unknown = set(settings) - set(hints)
+        if unknown:
+            raise ValueError(f"the card's {kind} objective has no setting(s) {', '.join(sorted(unknown))}")
+        return replace(base, **{k: _value(hints[k], v) for k, v in settings.items()})
+
+    def recipe_for(self, kind: str) -> Recipe:
+        """The recipe of a job choosing objective `kind`: the card's, with what the card's
+        `objectives[kind]["recipe"]` changes (a part of the recipe's tree: the guidance scale,
+        learning rates, t schedule its paper publishes) and that objective."""
+        changes = self.objectives.get(kind, {}).get("recipe", {})
+        recipe = Recipe.from_dict(_merged(self.recipe.to_dict(), changes)) if changes else self.recipe
+        return replace(recipe, objective=self.objective(kind))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
-                "measured_on": self.measured_on}
+        out = {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
+               "measured_on": self.measured_on}
+        if self.objectives or self.notes:
+            out |= {"objectives": self.objectives, "notes": self.notes}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         return cls(Recipe.from_dict(data["recipe"]), data.get("presets", {}), data.get("seconds", {}),
-                   data.get("measured_on", ""))
+                   data.get("measured_on", ""), data.get("objectives", {}), data.get("notes", ""))
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
@@ -233,7 +290,7 @@ class ModelCard:
 def resolve(card: ModelCard, spec: JobSpec) -> Recipe:
     """The recipe a job runs with: the card's recipe, then the job's quality preset, then the
     settings the job gives explicitly (None: not given)."""
-    recipe = card.recipe
+    recipe = card.recipe if spec.objective is None else card.recipe_for(spec.objective)
     given = {name: getattr(spec, name) for name in OPTIONAL}
     settings = {**card.preset(spec.quality), **{k: v for k, v in given.items() if v is not None}}
 
@@ -266,6 +323,15 @@ def _value(hint: Any, value: Any) -> Any:
     if isinstance(hint, type) and is_dataclass(hint):
         return _build(hint, value)
     return tuple(value) if isinstance(value, list) else value
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` (a to_dict tree) with the leaves `changes` gives replaced; an unknown key stays, for
+    `_build` to refuse by name."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import PromptMeshError
-from .vocab import Device, ErrorCode, Quality, ViewPrompt
+from .vocab import Device, ErrorCode, Objective, Quality, ViewPrompt
 
 MAX_PROMPT_CHARS = 1000
 MAX_MODEL_CHARS = 512
@@ -94,6 +94,8 @@ class JobSpec:
     texture_size: int | None = None
     # The model's quality preset (its recipe.json says what each sets); None: standard.
     quality: str | None = None
+    # The distillation objective (shared.vocab.Objective); None: the model card's.
+    objective: str | None = None
 
     def validate(self) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text)."""
@@ -109,7 +111,7 @@ class JobSpec:
                 raise SpecError(name, f"has {len(getattr(self, name))} characters; at most {MAX_PROMPT_CHARS} allowed")
         if not self.model.strip() or len(self.model) > MAX_MODEL_CHARS:
             raise SpecError("model", f"must be 'embedded', a Hub id or a folder (1 to {MAX_MODEL_CHARS} characters)")
-        for name, words in (("device", Device), ("view_prompt", ViewPrompt), ("quality", Quality)):
+        for name, words in (("device", Device), ("view_prompt", ViewPrompt), ("quality", Quality), ("objective", Objective)):
             value = getattr(self, name)
             if (value is not None or name == "device") and value not in set(words):
                 raise SpecError(name, f"must be one of {', '.join(words)}, got {str(value)[:40]!r}")

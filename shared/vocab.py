@@ -1,5 +1,5 @@
 """The project's words, each spelled once: job states, stages, error codes, message types,
-output formats, view-prompt modes, quality presets and devices.
+output formats, view-prompt modes, quality presets, distillation objectives and devices.
 
 Every one is a `StrEnum`, so a member is the very string the wire, the job database, the
 JSON metadata and Blender's enum properties carry: it compares equal to it, packs as it and
@@ -87,6 +87,18 @@ class Quality(StrEnum):
     DRAFT = "draft"
     STANDARD = "standard"
     HIGH = "high"
+
+
+class Objective(StrEnum):
+    """What the prior's noise prediction pulls the renders towards (a job's `objective`;
+    backend/guidance/base.py computes each, backend/recipe.py Objective holds its settings)."""
+
+    SDS = "sds"  # DreamFusion's score distillation
+    X0 = "x0"  # MVDream's regression onto the one-step reconstruction
+    VSD = "vsd"  # ProlificDreamer's variational score distillation (a LoRA of the prior, per job)
+    NFSD = "nfsd"  # noise-free score distillation (Katzir et al., ICLR 2024)
+    CSD = "csd"  # classifier score distillation (Yu et al. 2023)
+    ISM = "ism"  # interval score matching (LucidDreamer, CVPR 2024)
 
 
 class Device(StrEnum):

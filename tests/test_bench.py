@@ -166,3 +166,38 @@ def test_gpu_day_dry_run_runs_every_part_at_tiny_size_on_the_cpu(tmp_path):
     accuracy = (out / "logs" / "prompt_accuracy-trained.txt").read_text()
     assert f"--model {work / '2d' / 'prior'}" in accuracy and "objects: 1;" in accuracy
     assert summary["total_s"] < 900
+
+
+def test_the_objectives_bench_dry_run_runs_every_objective_and_counts_what_each_costs(capsys):
+    """bench/objectives.py --quick: every objective on a shape and an object with a front, judged
+    and tabled; the denoiser passes per step are each objective's own (SDS, NFSD and CSD 2 on the
+    embedded prior, which reads no negative prompt; VSD 4; ISM 3 plus its inversion's 1 to 5)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from objectives import main
+
+    rows = main(["--quick"])
+    assert sorted((r["objective"], r["subject"]) for r in rows) == sorted(
+        (o, s) for o in ("sds", "nfsd", "csd", "ism", "vsd") for s in ("cube", "mug"))
+    passes = {r["objective"]: r["passes"] for r in rows if "passes" in r}
+    assert passes["sds"] == passes["nfsd"] == passes["csd"] == 2 and passes["vsd"] == 4
+    assert 4 <= passes["ism"] <= 8
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert table.startswith("| objective") and "cube sharpness" in table
+    assert table.count("\n| ") == 5  # a line per objective below the header
+
+
+def test_cube_sharpness_is_one_for_a_cube_at_any_yaw_and_small_for_a_sphere():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    import trimesh
+    from objectives import cube_sharpness
+
+    from promptmesh.backend.prior.judge import _turned
+
+    box = trimesh.creation.box((1, 1, 1))
+    assert cube_sharpness(_turned(box.vertices, 0.4), box.faces) > 0.999
+    sphere = trimesh.creation.icosphere(4)
+    assert cube_sharpness(sphere.vertices, sphere.faces) < 0.2
+    rounded = trimesh.creation.box((1, 1, 1)).subdivide().subdivide()
+    rounded.vertices = rounded.vertices / np.linalg.norm(rounded.vertices, axis=1, keepdims=True) ** 0.3  # bulged
+    assert 0.2 < cube_sharpness(rounded.vertices, rounded.faces) < 0.999

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import __version__
 from ..cameras import Cameras
@@ -14,6 +15,7 @@ from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
 from ..recipe import ModelCard
 from .base import Guidance, ModelLoadError, weight_hashes
 from .traced import Traced
+from .vsd import camera_labels
 
 
 class EmbeddedGuidance(Guidance):
@@ -48,9 +50,20 @@ class EmbeddedGuidance(Guidance):
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prior.encode_text(texts)
 
+    def lora_base(self) -> nn.Module:
+        return self.prior.unet
+
     def predict_noise(
-        self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras
+        self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], cameras: Cameras,
+        unet: nn.Module | None = None,
     ) -> torch.Tensor:
         states, pooled = cond
         features = camera_features(cameras, self.recipe.cameras).to(noisy.device)
-        return self.prior.predict_noise(noisy, t, states, pooled, features, unet=self.denoise)
+        if unet is None:
+            return self.prior.predict_noise(noisy, t, states, pooled, features, unet=self.denoise)
+
+        def lora(noisy: torch.Tensor, t: torch.Tensor, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            labels = camera_labels(labels, cameras, labels.dtype, labels.device)
+            return unet(noisy, t, encoder_hidden_states=states, class_labels=labels, return_dict=False)[0]
+
+        return self.prior.predict_noise(noisy, t, states, pooled, features, unet=lora)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
+from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..cameras import Cameras, mvdream_cameras
@@ -16,6 +17,7 @@ from ..models import CATALOGUE, cached_file
 from ..multiview import load_unet, views_per_group
 from ..recipe import ModelCard
 from .base import Guidance, ModelLoadError, weight_hashes
+from .vsd import camera_labels
 
 DEFAULT_MODEL_ID = CATALOGUE["sd21"].repos[0]
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -157,8 +159,18 @@ class StableDiffusionGuidance(Guidance):
         ).input_ids
         return self.text_encoder(ids.to(self.device)).last_hidden_state
 
-    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+    def lora_base(self) -> nn.Module:
+        return self.unet
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cameras: Cameras,
+                      unet: nn.Module | None = None) -> torch.Tensor:
         labels = mvdream_cameras(cameras).to(noisy.device, self.dtype) if self.views_per_group > 1 else None
+        if unet is not None:  # VSD's LoRA, told the camera; with autograd, so that it can learn
+            labels = camera_labels(labels, cameras, self.dtype, noisy.device)
+            # fp16 weights with float32 adapters: autocast runs each layer in the precision it can
+            with torch.autocast(noisy.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                return unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype),
+                            class_labels=labels).sample.float()
         with torch.no_grad():
             return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype),
                              class_labels=labels).sample.float()

@@ -79,7 +79,8 @@ class CheckpointMismatch(PromptMeshError):
 class Checkpointer:
     """Where a job's state goes every `every` steps of a stage and at the end of each stage that
     another follows, with the job's spec and recipe, so a resume can check it continues the same
-    run; the job's generator is saved with it, so a resumed run repeats the uninterrupted one."""
+    run; the job's generator and objective state (VSD's LoRA and its optimiser) are saved with
+    it, so a resumed run repeats the uninterrupted one."""
 
     path: Path
     meta: dict  # the job's spec
@@ -103,7 +104,7 @@ class Checkpointer:
         return state
 
     def save(self, ctx: JobContext, models: list[StageModel]) -> None:
-        state = {"meta": self.meta, "recipe": self.recipe.to_dict(), "generator": ctx.generator.get_state(),
+        state = {"meta": self.meta, "recipe": self.recipe.to_dict(), **ctx.state_dict(),
                  "stages": [m.state_dict() for m in models]}
         atomic_write(self.path, lambda f: torch.save(state, f))
 
