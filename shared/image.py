@@ -19,7 +19,10 @@ from .errors import PromptMeshError
 from .vocab import ErrorCode
 
 MIN_SIDE = 32  # pixels: below this an image cannot show an object's outline
-MAX_SIDE = 4096
+# An image travels whole in one request, which a server takes up to 32 MB of: 2048^2 RGBA is 16 MB.
+# The reference view is rendered at the prior's resolution (32 to 128 px), so nothing is lost;
+# read_image shrinks a larger file to fit.
+MAX_SIDE = 2048
 MIN_FOREGROUND = 0.01  # share of the pixels: less is a speck, not an object
 MAX_FOREGROUND = 0.95  # share of the pixels: more is the whole frame, no outline to fit
 # The border matte: a pixel is foreground when its RGB distance (0..441) from the border's median
@@ -137,20 +140,33 @@ def read_image(path: str, mask_path: str | None = None) -> np.ndarray:
             img.load()
         except FileNotFoundError:
             raise ImageError(f"{what}: no file {p}") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ImageError(f"{what}: {p} is not an image Pillow can read ({exc})") from None
-        check_size(*img.size)
         return img
 
     img = load(path, "image")
     if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "F"):
         raise ImageError(f"image: {path} has {img.mode} channels; give RGB(A) or grey (CMYK and others are not read)")
     has_alpha = img.mode in ("LA", "PA", "RGBA") or (img.mode == "P" and "transparency" in img.info)
-    rgba = np.asarray(img.convert("RGBA"))
+    size = img.size
+    img = img.convert("RGBA")
+    if max(size) > MAX_SIDE:  # shrunk to travel; the mask, if any, follows
+        img = img.resize(_fit(size), Image.Resampling.LANCZOS)
+    check_size(*img.size)
+    rgba = np.asarray(img)
     mask = None
     if mask_path is not None:
         m = load(mask_path, "mask")
+        if m.size != size:
+            raise ImageError(f"mask: its size {m.size[0]}x{m.size[1]} is not the image's {size[0]}x{size[1]}")
+        m = m.resize(img.size, Image.Resampling.NEAREST) if m.size != img.size else m
         alpha_channel = np.asarray(m.getchannel("A")) if m.mode in ("LA", "RGBA") else None
         transparent = alpha_channel is not None and int(alpha_channel.min()) < 255
         mask = alpha_channel if transparent else np.asarray(m.convert("L"))
     return foreground_rgba(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] if has_alpha else None, mask)
+
+
+def _fit(size: tuple[int, int]) -> tuple[int, int]:
+    """`size` (w, h) scaled so that its longer side is MAX_SIDE."""
+    scale = MAX_SIDE / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))

@@ -107,6 +107,21 @@ def test_image_files_are_read_with_pillow_and_bad_ones_refused(tmp_path):
     assert np.array_equal(got[..., 3] > 0, disc_rgba(96)[..., 3] > 0)
 
 
+def test_a_file_larger_than_travels_is_shrunk_with_its_mask_and_a_mask_of_another_size_refused(tmp_path):
+    big = np.full((1000, 2500, 3), 255, np.uint8)
+    big[200:800, 1000:1500] = (20, 20, 200)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    mask = np.zeros((1000, 2500), np.uint8)
+    mask[200:800, 1000:1250] = 255  # only the left half of the box
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    got = read_image(str(tmp_path / "big.png"), str(tmp_path / "mask.png"))
+    assert got.shape == (819, 2048, 4)  # 2048 / 2500 of each side: one request carries at most 16 MB of it
+    assert abs((got[..., 3] > 0).mean() - (mask > 0).mean()) < 0.002
+    Image.fromarray(mask[:, :2000]).save(tmp_path / "narrow.png")
+    with pytest.raises(ImageError, match="mask: its size 2000x1000 is not the image's 2500x1000"):
+        read_image(str(tmp_path / "big.png"), str(tmp_path / "narrow.png"))
+
+
 # ---- the reference camera and recentring ----------------------------------------------------------
 def test_the_reference_camera_stands_at_the_front_framing_as_the_prior_does():
     ranges = CameraRanges()
