@@ -52,15 +52,13 @@ class Reference:
 
 def check_camera(elevation: object, fov: object) -> tuple[float, float | None]:
     """The reference camera's elevation and field of view as numbers in range, or ImageError."""
-    out = []
-    for name, value, (lo, hi) in (("elevation", elevation, ELEVATION_RANGE), ("fov", fov, FOV_RANGE)):
-        if value is None and name == "fov":
-            out.append(None)
-            continue
+
+    def degrees(name: str, value: object, lo: float, hi: float) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
             raise ImageError(f"{name}: must be a number of degrees from {lo:g} to {hi:g}, got {str(value)[:40]!r}")
-        out.append(float(value))
-    return out[0], out[1]  # type: ignore[return-value]
+        return float(value)
+
+    return degrees("elevation", elevation, *ELEVATION_RANGE), None if fov is None else degrees("fov", fov, *FOV_RANGE)
 
 
 def check_rgba(rgba: np.ndarray) -> np.ndarray:
