@@ -11,8 +11,8 @@ user's render on a plain backdrop would. `pipeline.run` makes the object with th
 (the nearest palette hue) and, for an object with a front, whether its front is where the
 image's is (judge_front: the best-fitting yaw within 45 degrees of 0). With --baseline the same
 subject is also made from its prompt alone, for the time ratio. Prints a row per result, then
-the rates and the median times, and the figures `image_both_right`, `image_front_right` and
-`image_time_ratio`. Asserts nothing.
+the rates and the median times, and the figures `image_both_right`, `image_front_right`,
+`image_front_and_shape_right` and `image_time_ratio`. Asserts nothing.
 
     python bench/image_to_3d.py [--subjects sphere,cube,duck] [--colors red,blue] [--seeds 2]
                                 [--elevations 0,30] [--steps N] [--no-prompt] [--baseline] [--workers 2]
@@ -121,13 +121,16 @@ def main() -> None:
     fronts = [r for r in images if r[7] is not None]
     both = sum(r[5] and r[6] for r in images) / len(images)
     front = sum(bool(r[7]) for r in fronts) / len(fronts) if fronts else float("nan")
+    # stricter: the front right on an object whose shape is right (a blob can still fit best turned one way)
+    strict = sum(bool(r[7]) and r[5] for r in fronts) / len(fronts) if fronts else float("nan")
     image_s = statistics.median(r[11] for r in images)
-    print(f"\n{'results':>7} {'shape':>6} {'colour':>6} {'both':>6} {'fronts':>7} {'median s':>9}")
+    print(f"\n{'results':>7} {'shape':>6} {'colour':>6} {'both':>6} {'fronts':>7} {'front+shape':>11} {'median s':>9}")
     print(f"{len(images):>7} {sum(r[5] for r in images) / len(images):>6.0%} {sum(r[6] for r in images) / len(images):>6.0%} "
-          f"{both:>6.0%} {front:>7.0%} {image_s:>9.0f}")
+          f"{both:>6.0%} {front:>7.0%} {strict:>11.0%} {image_s:>9.0f}")
     report("image_both_right", 100 * both, "%")
     if fronts:
         report("image_front_right", 100 * front, "%")
+        report("image_front_and_shape_right", 100 * strict, "%")
     texts = [r for r in rows if r[0] == "text"]
     if texts:
         text_s = statistics.median(r[11] for r in texts)

@@ -266,3 +266,27 @@ def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list:
             if msg.id == msg_id:
                 return [msg]
     raise AssertionError(f"no reply to {msg_id}")
+
+
+@pytest.mark.parametrize("name", ["duck", "mug"])
+def test_the_front_judge_finds_where_an_objects_front_is(name):
+    """The analytic object itself has its front where the image's is; turned a half or a quarter
+    turn, it does not, and the judge says by how much it is turned."""
+    from skimage.measure import marching_cubes
+
+    from promptmesh.backend.prior.judge import judge_front
+    from promptmesh.backend.prior.shapes import object_sdf
+    from promptmesh.shared.result import Mesh
+
+    n = 64
+    axis = np.linspace(-1, 1, n, dtype=np.float32)
+    points = torch.from_numpy(np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3))
+    v, f, _, _ = marching_cubes(object_sdf(name, points).numpy().reshape(n, n, n), 0.0, spacing=(2 / (n - 1),) * 3)
+    v = (v - 1).astype(np.float32)
+    for turn in (0.0, 90.0, 180.0):
+        a = math.radians(turn)
+        rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], np.float32)
+        mesh = Mesh(v @ rot.T, f.astype(np.int32), np.full((len(v), 3), 0.5, np.float32), np.zeros_like(v))
+        verdict = judge_front(mesh, name)
+        assert verdict.right == (turn == 0.0) and verdict.iou > 0.8, (turn, verdict)
+        assert abs((verdict.yaw - turn + 180) % 360 - 180) <= 5, (turn, verdict)
