@@ -253,6 +253,14 @@ def test_an_image_job_travels_as_an_array_frame_and_a_bad_image_stores_nothing(t
             assert previews and all(m.fields["w"] == 2 * m.fields["h"] for m in previews)
             with np.load(srv.data_dir / "jobs" / job / "reference.npz") as stored:
                 assert np.array_equal(stored["image"], disc_rgba()) and float(stored["elevation"]) == 15.0
+
+        # the CLI's submit sends the same request from a file, checked first as the server checks it
+        Image.fromarray(disc_rgba()).save(tmp_path / "disc.png")
+        proc = promptmesh("submit", "--image", str(tmp_path / "disc.png"), "--elevation", "10", "--endpoint", srv.endpoint,
+                          "--model", tiny_sd.name, "--steps", "4", "--resolution", "16", "--device", "cpu", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        with np.load(srv.data_dir / "jobs" / proc.stdout.split()[-1] / "reference.npz") as stored:
+            assert np.array_equal(stored["image"], disc_rgba()) and float(stored["elevation"]) == 10.0
     finally:
         srv.stop(signal.SIGINT)
 
