@@ -118,7 +118,9 @@ def run(
     guidance = cached_guidance(spec.model, str(device))
     recipe = resolve(guidance.card, spec)
     ctx = JobContext.create(guidance, guidance.embed_prompt(spec.prompt, spec.negative), recipe, spec.seed, device)
-    saver = None if checkpoint is None else Checkpointer(checkpoint, spec.to_dict(), recipe, checkpoint_every)
+    # An image job's checkpoint also names its image and camera: a resume with another one is another job.
+    meta = spec.to_dict() if reference is None else {**spec.to_dict(), "reference": reference.identity()}
+    saver = None if checkpoint is None else Checkpointer(checkpoint, meta, recipe, checkpoint_every)
     saved = saver.load(device) if saver is not None and resume else None
     stages: list[Callable[[], StageModel]]
     nerf = None

@@ -11,6 +11,7 @@ background's colour defeats it, and an image that shows no clear foreground is r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,12 @@ class Reference:
     rgba: np.ndarray
     elevation: float = 0.0
     fov: float | None = None  # vertical field of view; None: the prior's own mean
+
+    def identity(self) -> dict[str, object]:
+        """What tells this image and camera from another (a checkpoint records it)."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.rgba).tobytes()).hexdigest()[:16]
+        return {"image": f"{self.rgba.shape[1]}x{self.rgba.shape[0]} sha256:{digest}", "elevation": self.elevation,
+                "fov": self.fov}
 
 
 def check_camera(elevation: object, fov: object) -> tuple[float, float | None]:

@@ -193,6 +193,26 @@ def test_tiny_stable_diffusion_makes_an_object_of_an_image_with_a_prompt(tiny_sd
     assert result.metadata["reference"]["fov"] == 30.0 and result.metadata["stages"] == [Stage.OPTIMISING]
 
 
+def test_an_image_job_resumes_its_checkpoint_only_with_the_same_image_and_camera(tiny_sd, tmp_path):
+    import threading
+
+    from promptmesh.backend.pipeline import Cancelled, StepEvent
+    from promptmesh.shared.errors import PromptMeshError
+
+    spec = JobSpec(prompt="", model=str(tiny_sd), steps=6, resolution=32, mesh_resolution=32, texture_size=0)
+    ckpt, cancel = tmp_path / "job.ckpt.pt", threading.Event()
+    with pytest.raises(Cancelled):
+        run(spec, lambda e: isinstance(e, StepEvent) and e.step == 2 and cancel.set(), cancel=cancel, checkpoint=ckpt,
+            checkpoint_every=2, reference=Reference(disc_rgba(), 10.0))
+    for other in (Reference(disc_rgba(), 20.0), Reference(disc_rgba(radius=0.2), 10.0)):
+        with pytest.raises(PromptMeshError, match="belongs to a different job"):
+            run(spec, checkpoint=ckpt, resume=True, reference=other)
+    steps: list[int] = []
+    run(spec, lambda e: isinstance(e, StepEvent) and steps.append(e.step), checkpoint=ckpt, resume=True,
+        reference=Reference(disc_rgba(), 10.0))
+    assert steps == [3, 4, 5, 6]
+
+
 def test_a_job_is_either_a_texture_or_an_image_job_and_only_an_image_job_may_lack_a_prompt():
     from promptmesh.backend.stages import Surface
 
