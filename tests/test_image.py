@@ -147,6 +147,7 @@ def test_recentring_centres_the_foreground_and_scales_it_to_the_prior_framing():
 
 
 # ---- end to end ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_embedded_prior_fits_the_reference_view_of_an_image_it_rendered():
     """A duck rendered by our renderer, no prompt: after a short run the reference camera sees
     the image's silhouette (what the mask term fits), and the previews show the image beside an
@@ -244,6 +245,7 @@ def test_the_cli_refuses_a_bad_image_job_in_one_line(make, args, fragment, tmp_p
     assert set(tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_an_image_job_travels_as_an_array_frame_and_a_bad_image_stores_nothing(tmp_path, tiny_sd):
     srv = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
     try:
