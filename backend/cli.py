@@ -30,6 +30,7 @@ from ..shared.vocab import (
 from .models import EMBEDDED
 
 if TYPE_CHECKING:
+    from ..shared.image import Reference
     from .stages import Surface
 
 EXIT_ERROR = 2
@@ -88,7 +89,8 @@ def output_path(out: str | None, fmt: str | None, prompt: str, formats: tuple[st
 
 def _spec(args: argparse.Namespace) -> JobSpec:
     """The job spec of the options: the backend applies the model's quality preset, then what
-    was given explicitly (an option left out is None: not given)."""
+    was given explicitly (an option left out is None: not given). An image job's prompt may be
+    empty."""
     return JobSpec(
         prompt=args.prompt, negative=args.negative, seed=args.seed, guidance_scale=args.guidance_scale,
         model=args.model or EMBEDDED, quality=args.quality, steps=args.steps, resolution=args.resolution,
@@ -96,16 +98,32 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, view_prompt=args.view_prompt,
         texture_size=args.texture_size, objective=args.objective,
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
-    ).validate()
+    ).validate(image=bool(getattr(args, "image", None)))
+
+
+def _reference(args: argparse.Namespace) -> Reference | None:
+    """The image job's checked image and reference camera (None: a text job); the options that
+    only an image job takes are refused without --image."""
+    from ..shared.image import Reference, check_camera, read_image
+
+    if not getattr(args, "image", None):
+        for flag in ("mask", "elevation", "fov"):
+            if getattr(args, flag, None) is not None:
+                raise CliError(f"--{flag} describes the image of an image job: give --image too")
+        return None
+    elevation, fov = check_camera(0.0 if args.elevation is None else args.elevation, args.fov)
+    return Reference(read_image(args.image, args.mask), elevation, fov)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.model is None:
         print("using the embedded prior (pass --model sd21 for Stable Diffusion 2.1)",
               file=sys.stderr)
+    reference = _reference(args)
     spec = _spec(args)
-    out, fmt = output_path(args.output, args.format, spec.prompt)
-    return _run_and_write(args, spec, out, fmt)
+    name = spec.prompt or (Path(args.image).stem if reference is not None else "")
+    out, fmt = output_path(args.output, args.format, name)
+    return _run_and_write(args, spec, out, fmt, reference=reference)
 
 
 def cmd_texture(args: argparse.Namespace) -> int:
@@ -121,7 +139,8 @@ def cmd_texture(args: argparse.Namespace) -> int:
     return _run_and_write(args, spec, out, fmt, surface)
 
 
-def _run_and_write(args: argparse.Namespace, spec: JobSpec, out: Path, fmt: str, surface: Surface | None = None) -> int:
+def _run_and_write(args: argparse.Namespace, spec: JobSpec, out: Path, fmt: str, surface: Surface | None = None,
+                   reference: Reference | None = None) -> int:
     """Run the job with a progress bar (previews and a checkpoint beside `out`) and write the mesh
     and its sidecar JSON."""
     from .process import prepare_process
@@ -168,7 +187,7 @@ def _run_and_write(args: argparse.Namespace, spec: JobSpec, out: Path, fmt: str,
 
     checkpoint = out.with_name(out.stem + ".ckpt.pt")
     result = run(spec, on_event, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                 threads=args.threads, surface=surface)
+                 threads=args.threads, surface=surface, reference=reference)
     write_mesh(result.mesh, out, fmt)
     meta = {**result.metadata, "file": out.name, "format": fmt}
     if getattr(args, "video", False) and result.nerf is not None:
@@ -298,8 +317,14 @@ def _write_result(message, out: Path) -> Path:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    reference = _reference(args)
     spec = _spec(args)
-    kind, arrays = MessageType.GENERATE, None
+    kind, arrays, fields = MessageType.GENERATE, None, {}
+    if reference is not None:  # an image job: the image travels with it, checked here first as the server will
+        if args.mesh:
+            raise CliError("a job paints --mesh or makes an object from --image, not both")
+        kind, arrays = MessageType.IMAGE, {"image": reference.rgba}
+        fields = {"elevation": reference.elevation, **({} if reference.fov is None else {"fov": reference.fov})}
     if args.mesh:  # a texture job: the mesh travels with it, checked here first as the server will
         from ..shared.surface import check_surface
         from .export import read_surface
@@ -315,7 +340,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CliError("--proxy-dir needs --wait: the proxies arrive while the job runs")
         Path(args.proxy_dir).mkdir(parents=True, exist_ok=True)
     with _client(args) as client:
-        accepted = client.request(kind, spec=spec.to_dict(), timeout=args.timeout, arrays=arrays)
+        accepted = client.request(kind, spec=spec.to_dict(), timeout=args.timeout, arrays=arrays, **fields)
         job = accepted.job
         print(job)
         if not args.wait:
@@ -541,9 +566,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     raise CliError(f"the server is cancelling {args.job}, but it had not stopped within {args.timeout:g} s")
 
 
-def _generation_options(g: argparse.ArgumentParser) -> None:
-    """Options that make a JobSpec; its validate() checks their ranges."""
-    g.add_argument("prompt")
+def _generation_options(g: argparse.ArgumentParser, image: bool = False) -> None:
+    """Options that make a JobSpec; its validate() checks their ranges. `image`: the command
+    also makes objects from an image (--image), whose prompt is optional."""
+    if image:
+        g.add_argument("prompt", nargs="?", default="", help="what the object is (optional with --image)")
+        g.add_argument("--image", metavar="IMG", help="make the object this image shows (PNG, JPEG, WebP, ...): its front "
+                       "is the image's view; the foreground is its alpha, --mask, or else the pixels unlike its "
+                       "border's plain colour")
+        g.add_argument("--mask", metavar="MASK", help="with --image: the foreground as a black-and-white image (white: "
+                       "the object), or its alpha where it has transparency")
+        g.add_argument("--elevation", type=float, help="with --image: degrees above the object the image was taken from "
+                       "(-30..60, default 0)")
+        g.add_argument("--fov", type=float, help="with --image: the image's vertical field of view in degrees (15..90, "
+                       "default: the model's usual one)")
+    else:
+        g.add_argument("prompt")
     g.add_argument("--model", help="'embedded' (default), an alias (sd21, sd15), a Hub id or a folder")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, help="optimisation steps (default: the model's)")
@@ -611,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="optimise a NeRF for a prompt and write a vertex-coloured mesh")
     g.add_argument("-o", "--output", help="output file (default: the prompt's words .glb)")
     g.add_argument("--format", choices=list(MESH_FORMATS), help="file format (default: from -o, else glb)")
-    _generation_options(g)
+    _generation_options(g, image=True)
     g.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
     _run_options(g)
@@ -663,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--proxy-dir", help="with --wait: write the coarse 3D proxies the job sends as PLY files here")
     sm.add_argument("--proxy-every", type=float, default=3.0, help="seconds between proxies (at least 20x their cost)")
     sm.add_argument("--mesh", help="a texture job: paint this mesh file (as `promptmesh texture`) instead of making one")
-    _generation_options(sm)
+    _generation_options(sm, image=True)
     sm.set_defaults(func=cmd_submit)
     jb = sub.add_parser("jobs", help="list a server's jobs: running and queued first, then the newest")
     _client_options(jb)

@@ -20,16 +20,18 @@ from typing import Any
 
 import torch
 
+from ..shared.image import Reference
 from ..shared.result import Mesh
 from ..shared.spec import JobSpec
 from ..shared.vocab import Stage
 from . import __version__
 from .guidance import Guidance, load_guidance
 from .models import download, needs_download
-from .recipe import resolve
+from .recipe import Recipe, resolve
 from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, Surface, TextureModel, run_stage
 from .stages.events import Cancelled, Event, PreviewEvent, ProxyEvent, ResultEvent, StageEvent, StepEvent
 from .stages.loop import PROXY_MAX_FACES, PROXY_RESOLUTION, CheckpointMismatch, LoopSettings, ProxyClock
+from .stages.reference import ReferenceNeRFModel
 from .texture import ColorAt, TextureError, bake
 from .threads import FixedThreads, ThreadTuner, resolve_device
 
@@ -66,6 +68,18 @@ def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Me
         return mesh, [warning]
 
 
+def reference_metadata(reference: Reference, recipe: Recipe) -> dict[str, Any]:
+    """What an image job's result records of its image and reference camera."""
+    from .stages.reference import mean_fov, reference_distance
+
+    fov = mean_fov(recipe.cameras) if reference.fov is None else reference.fov
+    h, w = reference.rgba.shape[:2]
+    return {"width": w, "height": h, "elevation": reference.elevation, "fov": fov, "azimuth": 0.0,
+            "distance": round(reference_distance(recipe.cameras, fov), 4),
+            "foreground": round(float((reference.rgba[..., 3] >= 128).mean()), 4),
+            "priors": {"2d": recipe.reference.prior_2d_weight, "3d": None}}
+
+
 def thread_setting(threads: int | str | None, device: torch.device) -> ThreadTuner | FixedThreads:
     """What sets torch's CPU threads during the optimisation (nothing to tune on a GPU)."""
     if threads == "auto" and device.type == "cpu":
@@ -84,12 +98,16 @@ def run(
     resume: bool = False,
     threads: int | str | None = None,
     surface: Surface | None = None,
+    reference: Reference | None = None,
 ) -> Result:
     """Optimise a NeRF for `spec.prompt` (and refine its surface when the recipe says so) and
     extract the mesh; or, given a `surface`, paint it. `threads`: a CPU thread count, "auto" (chosen from step times as the
     machine's load changes: backend/threads.py) or None (torch's setting as it is). Seeded runs
-    repeat exactly at a fixed count."""
-    spec.validate()
+    repeat exactly at a fixed count. Given a `reference` image, its front view is reconstructed
+    beside the prompt's distillation (stages/reference.py); the prompt may then be empty."""
+    if surface is not None and reference is not None:
+        raise ValueError("a job paints a given mesh or makes an object from an image, not both")
+    spec.validate(image=reference is not None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(spec.device)
@@ -100,14 +118,16 @@ def run(
     guidance = cached_guidance(spec.model, str(device))
     recipe = resolve(guidance.card, spec)
     ctx = JobContext.create(guidance, guidance.embed_prompt(spec.prompt, spec.negative), recipe, spec.seed, device)
-    saver = None if checkpoint is None else Checkpointer(checkpoint, spec.to_dict(), recipe, checkpoint_every)
+    # An image job's checkpoint also names its image and camera: a resume with another one is another job.
+    meta = spec.to_dict() if reference is None else {**spec.to_dict(), "reference": reference.identity()}
+    saver = None if checkpoint is None else Checkpointer(checkpoint, meta, recipe, checkpoint_every)
     saved = saver.load(device) if saver is not None and resume else None
     stages: list[Callable[[], StageModel]]
     nerf = None
     if surface is not None:
         stages = [lambda: TextureModel(ctx, surface, spec.seed)]
     else:
-        nerf = NeRFModel(ctx, spec.seed)
+        nerf = NeRFModel(ctx, spec.seed) if reference is None else ReferenceNeRFModel(ctx, spec.seed, reference)
         stages = [lambda: nerf]
         if recipe.refine.steps:
             stages.append(lambda: DMTetModel(ctx, nerf, nerf.surface_density()))
@@ -146,7 +166,9 @@ def run(
         "texture_size": 0 if mesh.texture is None else len(mesh.texture),
         "warnings": [*(surface.warnings if surface is not None else ()), *warnings],
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
-        "resumed_from_step": resumed_from, "threads": torch.get_num_threads(), "weights": guidance.weights,
+        "resumed_from_step": resumed_from,
+        "threads": torch.get_num_threads(), "weights": guidance.weights,
+        **({} if reference is None else {"reference": reference_metadata(reference, recipe)}),
     }
     result = Result(mesh, metadata, nerf)
     on_event(StageEvent(Stage.DONE))

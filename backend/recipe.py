@@ -153,6 +153,23 @@ class RefineSettings:
 
 
 @dataclass(frozen=True)
+class ReferenceSettings:
+    """An image job's reference view (Magic123, Qian et al. 2023): its colour and mask losses
+    and the balance of the priors on the other views. The paper's weights are for mean-squared
+    errors (lambda_rgb 5, lambda_mask 0.5; threestudio's config keeps the same 10:1 ratio at
+    10000:1000) and its joint prior weighs the 2D (text) prior 1 and the 3D (novel-view) prior 40
+    (its release: --lambda_guidance 1.0 40, guidance scales 100 and 5). Here the errors are
+    summed over pixels like the SDS loss (Optimisation's note), which keeps their balance with
+    it independent of the resolution."""
+
+    rgb_weight: float = 5.0
+    mask_weight: float = 0.5
+    prior_2d_weight: float = 1.0
+    prior_3d_weight: float = 40.0  # used where a novel-view prior is loaded; none ships yet
+    every: int = 1  # steps between reference-view renders (stable-dreamfusion's known_view_interval)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a generation run needs besides the prompt, seed and device."""
 
@@ -169,6 +186,7 @@ class Recipe:
     view_prompts: ViewPrompts = ViewPrompts()
     refine: RefineSettings = RefineSettings()
     objective: Objective = Objective()
+    reference: ReferenceSettings = ReferenceSettings()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists); `from_dict` rebuilds an equal recipe."""

@@ -27,7 +27,7 @@ MAX_PRUNE_DAYS = 36500  # jobs a client may ask `status` for at once
 DTYPES = ("uint8", "int32", "uint32", "float16", "float32")
 
 T = MessageType
-CLIENT_TYPES = (T.HELLO, T.PING, T.GENERATE, T.TEXTURE, T.CANCEL, T.STATUS, T.RESULT, T.PRUNE, T.WATCH, T.MODELS)
+CLIENT_TYPES = (T.HELLO, T.PING, T.GENERATE, T.TEXTURE, T.IMAGE, T.CANCEL, T.STATUS, T.RESULT, T.PRUNE, T.WATCH, T.MODELS)
 SERVER_TYPES = (T.WELCOME, T.PONG, T.ACCEPTED, T.CANCELLING, T.WATCHING, T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.RESULT,
                 T.ERROR, T.STATUS, T.PRUNED, T.MODELS)
 JOB_EVENTS = (T.PROGRESS, T.PREVIEW, T.PROXY, T.DONE, T.ERROR)  # what a job's listeners hear of it
@@ -147,6 +147,22 @@ def _check_surface_arrays(arrays: dict[str, np.ndarray]) -> None:
             raise ProtocolError(f"must be {' or '.join(SURFACE_ARRAYS[name])}, got {arr.dtype.name}", f"arrays.{name}")
 
 
+IMAGE_ARRAY = "image"  # the array an image job carries (a field name, not the message type of the same word)
+
+
+def _check_image_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """The array of an image job: one `image`, uint8 [H, W, 4]; its size and foreground are the
+    server's to check (shared.image.check_rgba)."""
+    if IMAGE_ARRAY not in arrays:
+        raise ProtocolError("is required for an image job", "arrays.image")
+    extra = sorted(set(arrays) - {IMAGE_ARRAY})
+    if extra:
+        raise ProtocolError("is not an image job's array (image)", f"arrays.{extra[0]}")
+    image = arrays[IMAGE_ARRAY]
+    if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 4:
+        raise ProtocolError(f"must be uint8 [H, W, 4] (RGBA), got {image.dtype.name} {list(image.shape)}", "arrays.image")
+
+
 def _decode_arrays(specs: Any, frames: list[bytes]) -> dict[str, np.ndarray]:
     if not isinstance(specs, list):
         raise ProtocolError("expected a list", "arrays")
@@ -175,14 +191,14 @@ def _validate_client(msg: Message) -> None:
     """Per-type checks of what a client may send; unknown fields are refused."""
     allowed: dict[str, tuple[str, ...]] = {T.HELLO: ("client", "protocol"), T.PING: (), T.CANCEL: (), T.STATUS: ("limit",),
                                            T.RESULT: (), T.PRUNE: ("days",), T.WATCH: (), T.MODELS: ()}
-    if msg.type in (T.GENERATE, T.TEXTURE):
+    if msg.type in (T.GENERATE, T.TEXTURE, T.IMAGE):
         try:
-            msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None))
+            msg.fields["spec"] = JobSpec.from_dict(msg.fields.pop("spec", None), image=msg.type == T.IMAGE)
         except SpecError as exc:
             raise ProtocolError(str(exc).split(": ", 1)[-1], f"spec.{exc.field}") from None
         except TypeError as exc:
             raise ProtocolError(str(exc), "spec") from None
-        extra = set(msg.fields) - {"spec"}
+        extra = set(msg.fields) - ({"spec", "elevation", "fov"} if msg.type == T.IMAGE else {"spec"})
     else:
         extra = set(msg.fields) - set(allowed[msg.type])
     if extra:  # keys may be text or (empty) bytes: sort their texts
@@ -191,8 +207,10 @@ def _validate_client(msg: Message) -> None:
         raise ProtocolError("is required", "job")
     if msg.type == T.TEXTURE:
         _check_surface_arrays(msg.arrays)
+    elif msg.type == T.IMAGE:
+        _check_image_arrays(msg.arrays)
     elif msg.arrays:
-        raise ProtocolError("clients send no arrays but a texture job's mesh", "arrays")
+        raise ProtocolError("clients send no arrays but a texture job's mesh and an image job's image", "arrays")
     if msg.type == T.HELLO and "client" in msg.fields:
         _str(msg.fields["client"], "client", 128)
     if msg.type == T.PRUNE:

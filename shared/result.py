@@ -207,6 +207,7 @@ class JobFiles:
     ply = property(lambda self: self.folder / "mesh.ply")
     checkpoint = property(lambda self: self.folder / "checkpoint.pt")
     surface = property(lambda self: self.folder / "surface.npz")  # a texture job's mesh to paint, as given
+    reference = property(lambda self: self.folder / "reference.npz")  # an image job's image and camera, as checked
     record = property(lambda self: self.folder / "job.json")  # the add-on's history entry
 
 

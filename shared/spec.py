@@ -97,14 +97,15 @@ class JobSpec:
     # The distillation objective (shared.vocab.Objective); None: the model card's.
     objective: str | None = None
 
-    def validate(self) -> JobSpec:
-        """Check every field; returns self with the prompts normalised (normalise_text)."""
+    def validate(self, image: bool = False) -> JobSpec:
+        """Check every field; returns self with the prompts normalised (normalise_text). An
+        image job (`image`) may leave the prompt empty: the image says what the object is."""
         for name in ("prompt", "negative", "model", "device"):
             if not isinstance(getattr(self, name), str):
                 raise SpecError(name, f"expected text, got {type(getattr(self, name)).__name__}")
         self.prompt = normalise_text(self.prompt)
         self.negative = normalise_text(self.negative)
-        if not self.prompt:
+        if not self.prompt and not image:
             raise SpecError("prompt", 'is empty: describe the object, e.g. "a red cube"')
         for name in ("prompt", "negative"):
             if len(getattr(self, name)) > MAX_PROMPT_CHARS:
@@ -135,8 +136,9 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> JobSpec:
-        """Build and validate a spec from untrusted data (unknown keys are an error)."""
+    def from_dict(cls, data: Any, image: bool = False) -> JobSpec:
+        """Build and validate a spec from untrusted data (unknown keys are an error); `image`: an
+        image job's, whose prompt may be empty."""
         if not isinstance(data, dict):
             raise SpecError("spec", f"expected a mapping, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
@@ -145,4 +147,4 @@ class JobSpec:
             raise SpecError(unknown[0], "is not a known field")
         if "prompt" not in data:
             raise SpecError("prompt", "is required")
-        return cls(**data).validate()
+        return cls(**data).validate(image)

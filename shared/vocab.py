@@ -116,6 +116,7 @@ class MessageType(StrEnum):
     PING = "ping"
     GENERATE = "generate"
     TEXTURE = "texture"  # a generate that carries a mesh to paint (arrays vertices, faces, uvs?)
+    IMAGE = "image"  # a generate that carries an image to make an object of (array image; elevation, fov?)
     CANCEL = "cancel"
     STATUS = "status"  # also the server's reply
     RESULT = "result"  # also the server's reply

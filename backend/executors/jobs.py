@@ -20,6 +20,7 @@ from ...shared.vocab import Device, ErrorCode, MessageType, Stage
 from .messages import frames
 
 if TYPE_CHECKING:
+    from ...shared.image import Reference
     from ..stages import Surface
 
 log = logging.getLogger("promptmesh.executor")
@@ -42,14 +43,15 @@ def run_job(job: str, spec: JobSpec, files: JobFiles, cancel: threading.Event, s
             send(event)
 
     try:
-        surface = read_surface(files)
+        surface, reference = read_surface(files), read_reference(files)
         try:
             result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, resume=True, threads=threads,
-                         surface=surface)
+                         surface=surface, reference=reference)
         except CheckpointMismatch as exc:  # made before an upgrade changed the recipe: start afresh
             log.warning("job %s starts afresh: %s", job, exc)
             files.checkpoint.unlink(missing_ok=True)
-            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads, surface=surface)
+            result = run(spec, on_event, cancel=cancel, checkpoint=files.checkpoint, threads=threads, surface=surface,
+                         reference=reference)
         return commit_result(job, result.mesh, result.metadata, files)
     except Exception as exc:  # every outcome must reach the client
         if not (isinstance(exc, Cancelled) and stopping.is_set()):
@@ -66,6 +68,17 @@ def read_surface(files: JobFiles) -> Surface | None:
     with np.load(files.surface) as arrays:
         return Surface.checked(arrays["vertices"], arrays["faces"], arrays["uvs"] if "uvs" in arrays else None,
                                max_faces=len(arrays["faces"]))
+
+
+def read_reference(files: JobFiles) -> Reference | None:
+    """An image job's image and reference camera, as the server stored them (None: another job)."""
+    from ...shared.image import Reference, check_rgba
+
+    if not files.reference.exists():
+        return None
+    with np.load(files.reference) as arrays:
+        fov = float(arrays["fov"]) if "fov" in arrays else None
+        return Reference(check_rgba(arrays["image"]), float(arrays["elevation"]), fov)
 
 
 def event_frames(job: str, e: Any) -> list[bytes] | None:

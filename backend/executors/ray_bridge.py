@@ -30,7 +30,7 @@ from ...shared.errors import PromptMeshError
 from ...shared.result import JobFiles, Mesh
 from ...shared.spec import JobSpec
 from ...shared.vocab import Device, ErrorCode, MessageType, Stage
-from .jobs import commit_result, discard_partial_result, error, failure, progress, read_surface
+from .jobs import commit_result, discard_partial_result, error, failure, progress, read_reference, read_surface
 from .messages import Internal, decode, frames
 from .ray_task import job_task
 
@@ -118,9 +118,10 @@ class ClusterDriver:
 
         threads = max(1, int(self.cpus_per_job)) if options["num_gpus"] == 0 else None
         device = self.device if spec.device == Device.AUTO else spec.device
-        surface = read_surface(files)  # a texture job's mesh travels with the task: no worker reads our disk
+        # a texture job's mesh and an image job's image travel with the task: no worker reads our disk
+        surface, reference = read_surface(files), read_reference(files)
         stream = self._task.options(**options, name=f"promptmesh-{job}-{attempt}").remote(
-            job, {**spec.to_dict(), "device": device}, threads, surface)
+            job, {**spec.to_dict(), "device": device}, threads, surface, reference)
         cancelled = error(job, ErrorCode.CANCELLED, "cancelled while running")
         cancelled_at: float | None = None
         node = ""
@@ -215,7 +216,8 @@ def bridge_main(config: dict[str, Any]) -> int:
                 continue
             msg = decode(commands.recv_multipart())
             if msg.type == Internal.SUBMIT and msg.job:
-                driver.submit(msg.job, JobSpec.from_dict(msg.fields["spec"]), JobFiles(Path(msg.fields["folder"])),
+                files = JobFiles(Path(msg.fields["folder"]))  # an image job (its reference stored) may have no prompt
+                driver.submit(msg.job, JobSpec.from_dict(msg.fields["spec"], image=files.reference.exists()), files,
                               context, config["events"])
             elif msg.type == Internal.CANCEL and msg.job:
                 driver.cancel(msg.job)

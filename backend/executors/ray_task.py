@@ -15,10 +15,12 @@ from .jobs import event_frames, failure
 from .messages import Internal, frames
 
 if TYPE_CHECKING:
+    from ...shared.image import Reference
     from ..stages import Surface
 
 
-def job_task(job: str, spec: dict[str, Any], threads: int | None, surface: Surface | None = None) -> Iterator[list[bytes]]:
+def job_task(job: str, spec: dict[str, Any], threads: int | None, surface: Surface | None = None,
+             reference: Reference | None = None) -> Iterator[list[bytes]]:
     """Run in a Ray worker: the pipeline in a thread, each item yielded as an internal message:
     first NODE (where it runs), then the job's events, last OUTCOME (the mesh arrays and
     metadata, which the bridge writes into the job folder: no worker needs the server's disk)
@@ -42,7 +44,8 @@ def job_task(job: str, spec: dict[str, Any], threads: int | None, surface: Surfa
 
     def work() -> None:
         try:
-            run(JobSpec.from_dict(spec), on_event, cancel=stop, threads=threads, surface=surface)
+            run(JobSpec.from_dict(spec, image=reference is not None), on_event, cancel=stop, threads=threads, surface=surface,
+                reference=reference)
         except BaseException as exc:  # every outcome reaches the bridge
             out.put(failure(job, exc))
         out.put(None)

@@ -197,3 +197,32 @@ def judge_janus(mesh: Mesh, name: str) -> JanusVerdict:
 
 
 _JANUS_REFERENCE: dict[tuple[str, str], list[np.ndarray]] = {}
+
+
+# ---- the front judge ------------------------------------------------------------------------
+FRONT_TOLERANCE = 45.0  # degrees: a front turned less than this from where the image shows it counts as right
+
+
+@dataclass
+class FrontVerdict:
+    right: bool  # the object's front is where the reference image's front is (azimuth 0)
+    yaw: float  # degrees in (-180, 180]: how far the best-fitting right object is turned about Z
+    iou: float  # that fit's IoU
+
+
+def judge_front(mesh: Mesh, name: str) -> FrontVerdict:
+    """Where the mesh's front is: the yaw at which the object `name` (unturned: its front at
+    azimuth 0, where an image job's reference camera stands) fits the mesh best, on the Janus
+    judge's grids and yaws; right when that yaw is within FRONT_TOLERANCE of 0 and the fit
+    reaches JANUS_MIN_IOU. Every object with a front has one feature off its mirror axis or on
+    it at one end, so only one yaw fits it well."""
+    grid = _unit_grid(JANUS_GRID)
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    lo, hi = tm.bounds
+    occ = _solid(tm.voxelized(pitch=float((hi - lo).max()) / (2 * JANUS_GRID)).fill().is_filled(_cube_grid(grid, lo, hi)))
+    if (name, "right") not in _JANUS_REFERENCE:
+        _JANUS_REFERENCE[name, "right"] = _occupancies(lambda p: object_sdf(name, p), grid)
+    ious = [float((occ & ref).sum() / max(1, (occ | ref).sum())) for ref in _JANUS_REFERENCE[name, "right"]]
+    best = int(np.argmax(ious))
+    yaw = (float(np.degrees(JANUS_YAWS[best])) + 180.0) % 360.0 - 180.0
+    return FrontVerdict(abs(yaw) <= FRONT_TOLERANCE and ious[best] >= JANUS_MIN_IOU, yaw, ious[best])

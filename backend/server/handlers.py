@@ -14,6 +14,7 @@ import numpy as np
 
 from ...shared import protocol as P
 from ...shared.errors import PromptMeshError
+from ...shared.image import check_camera, check_rgba
 from ...shared.protocol import Message
 from ...shared.result import JobFiles, atomic_write, read_npz
 from ...shared.spec import JobSpec
@@ -74,6 +75,16 @@ def on_texture(server: Server, client: bytes, msg: Message) -> None:
     on_generate(server, client, msg, lambda files: atomic_write(files.surface, lambda out: np.savez(out, **arrays)))
     for warning in warnings:
         log.info("texture job: %s", warning)
+
+
+def on_image(server: Server, client: bytes, msg: Message) -> None:
+    """A generate that makes an object of the image it carries: the image (size, foreground) and
+    its camera are checked whole before anything is stored; they wait in the job's folder
+    (reference.npz), so a restarted server still has them."""
+    elevation, fov = check_camera(msg.fields.get("elevation", 0.0), msg.fields.get("fov"))
+    rgba = check_rgba(msg.arrays["image"])
+    camera = {"elevation": np.float32(elevation), **({} if fov is None else {"fov": np.float32(fov)})}
+    on_generate(server, client, msg, lambda files: atomic_write(files.reference, lambda out: np.savez(out, image=rgba, **camera)))
 
 
 def on_generate(server: Server, client: bytes, msg: Message,
@@ -173,6 +184,6 @@ def find(server: Server, msg: Message) -> Job:
 
 
 HANDLERS: dict[str, Callable[[Server, bytes, Message], None]] = {
-    T.HELLO: on_hello, T.PING: on_ping, T.MODELS: on_models, T.GENERATE: on_generate, T.TEXTURE: on_texture,
+    T.HELLO: on_hello, T.PING: on_ping, T.MODELS: on_models, T.GENERATE: on_generate, T.TEXTURE: on_texture, T.IMAGE: on_image,
     T.CANCEL: on_cancel, T.WATCH: on_watch, T.STATUS: on_status, T.RESULT: on_result, T.PRUNE: on_prune,
 }

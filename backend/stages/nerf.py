@@ -69,10 +69,22 @@ class NeRFModel:
 
     def train_step(self) -> float:
         """One distillation step on a random batch of views; returns the loss."""
+        optim = self.ctx.recipe.optim
+        if self.step >= optim.occupancy_warmup and self.step % optim.occupancy_every == 0:
+            self.occupancy.update(self.field, self.ctx.generator)
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self._update_schedule()
+        return loss.item()
+
+    def loss(self) -> torch.Tensor:
+        """This step's loss: score distillation of a random batch of views and the regularisers
+        (a subclass adds its own terms, so one optimiser step covers them all)."""
         ctx = self.ctx
         r, optim = ctx.recipe, ctx.recipe.optim
-        if self.step >= optim.occupancy_warmup and self.step % optim.occupancy_every == 0:
-            self.occupancy.update(self.field, ctx.generator)
         cameras = ctx.sample_cameras()
         shading = r.shading.sample(ctx.generator)
         out = render(
@@ -85,12 +97,7 @@ class NeRFModel:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)
             entropy = -(o * o.log() + (1 - o) * (1 - o).log())
             loss = loss + optim.entropy_weight * entropy.sum() / o.shape[0]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        self._update_schedule()
-        return loss.item()
+        return loss
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         """Display colour at `points` [N, 3]: the colour model later stages paint with."""

@@ -1,0 +1,114 @@
+"""The NeRF stage of an image job, Magic123's structure (Qian et al. 2023): the reference camera
+(azimuth 0, the object's front; the image's elevation and field of view) reconstructs the
+image's colour on its foreground and its mask as the render's opacity, while every other view
+gets score distillation from the text prior (the prompt, or an empty one) through the job's
+one guidance code, weighted as the paper's joint prior weighs its 2D prior. The loop, mesh
+stage and bake are the text job's.
+
+The image is recentred first, as Magic123 and stable-dreamfusion preprocess theirs: its
+foreground's box is centred and scaled so that its longer side spans the share of the frame
+that an object of FIT_HALF_EXTENT (the embedded prior's training objects, and a texture job's
+fitted mesh) spans in the prior's own renders at the mean of its camera ranges. The reference
+camera stands at the distance that keeps that framing at the image's field of view.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...shared.image import Reference
+from ..cameras import CameraRanges, Cameras, make_cameras, orbit_cameras
+from ..renderer import render
+from .context import JobContext
+from .loop import rgba_uint8
+from .nerf import NeRFModel
+from .texture import FIT_HALF_EXTENT
+
+
+def mean_fov(ranges: CameraRanges) -> float:
+    return sum(ranges.fovy) / 2
+
+
+def frame_share(ranges: CameraRanges) -> float:
+    """The share of the frame's side that an object FIT_HALF_EXTENT across (half) spans in the
+    prior's renders at the mean distance and field of view of `ranges`."""
+    distance = sum(ranges.distance) / 2
+    return FIT_HALF_EXTENT / (distance * math.tan(math.radians(mean_fov(ranges)) / 2))
+
+
+def reference_distance(ranges: CameraRanges, fov: float) -> float:
+    """The camera distance at which an object keeps the prior's framing at field of view `fov`."""
+    return FIT_HALF_EXTENT / (frame_share(ranges) * math.tan(math.radians(fov) / 2))
+
+
+def reference_camera(ranges: CameraRanges, elevation: float, fov: float | None) -> Cameras:
+    """The front camera (azimuth 0) at `elevation`, lit from where it stands."""
+    fov = mean_fov(ranges) if fov is None else fov
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return make_cameras(one(elevation), one(0.0), one(reference_distance(ranges, fov)), one(fov))
+
+
+def recentre(rgba: np.ndarray, size: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([1, 3, size, size] colour, [1, 1, size, size] mask) of a checked RGBA image: the
+    foreground's box centred with its longer side `share` of the frame, resampled with
+    antialiasing (colour premultiplied by the mask, so no background bleeds into the edge)."""
+    mask = rgba[..., 3] >= 128
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(bottom - top, right - left) / share  # the square frame around it, in source pixels
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    x = torch.from_numpy(rgba.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = torch.cat([x[:, :3] * (x[:, 3:] >= 0.5), (x[:, 3:] >= 0.5).float()], 1)  # premultiplied, binary mask
+    # The frame as an affine grid over the source: pixels outside it are empty (zeros).
+    h, w = mask.shape
+    theta = torch.tensor([[[side / w, 0.0, (2 * cx / w) - 1], [0.0, side / h, (2 * cy / h) - 1]]], dtype=torch.float32)
+    fine = max(size, min(1024, int(round(side))))  # sample at the source's density, then average down
+    grid = F.affine_grid(theta, [1, 4, fine, fine], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.interpolate(out, (size, size), mode="area") if fine != size else out
+    alpha = out[:, 3:]
+    return out[:, :3] / alpha.clamp_min(1e-6) * (alpha > 1e-6), alpha
+
+
+class ReferenceNeRFModel(NeRFModel):
+    """The NeRF stage with Magic123's reference-view terms beside score distillation."""
+
+    def __init__(self, ctx: JobContext, seed: int, reference: Reference) -> None:
+        super().__init__(ctx, seed)
+        r = ctx.recipe
+        self.reference = reference
+        self.camera = reference_camera(r.cameras, reference.elevation, reference.fov).to(ctx.device)
+        rgb, mask = recentre(reference.rgba, r.resolution, frame_share(r.cameras))
+        self.image, self.mask = rgb.to(ctx.device), mask.to(ctx.device)
+
+    def loss(self) -> torch.Tensor:
+        """The 2D prior's distillation (weighted as Magic123's joint prior weighs it) and the
+        regularisers, plus, every `reference.every` steps, the reference view's colour error on
+        the foreground and its opacity's error against the mask, each summed over pixels."""
+        settings = self.ctx.recipe.reference
+        loss = settings.prior_2d_weight * super().loss()
+        if self.step % settings.every == 0:
+            loss = loss + self.reference_loss()
+        return loss
+
+    def reference_loss(self) -> torch.Tensor:
+        r = self.ctx.recipe
+        out = render(self.field, self.background, self.camera, r.resolution, r.resolution, shading="lambertian",
+                     ambient=r.shading.ambient, occupancy=self.occupancy if self.step >= r.optim.occupancy_warmup else None,
+                     config=r.render, generator=self.ctx.generator)
+        rgb_error = (self.mask * (out.rgb - self.image) ** 2).sum()
+        mask_error = ((out.opacity - self.mask) ** 2).sum()
+        return r.reference.rgb_weight * rgb_error + r.reference.mask_weight * mask_error
+
+    @torch.no_grad()
+    def preview(self, size: int = 64) -> np.ndarray:
+        """The reference image (as recentred, on white) beside a render from the orbit."""
+        image = self.image * self.mask + (1 - self.mask)
+        ref = rgba_uint8(F.interpolate(image, (size, size), mode="nearest"),
+                         F.interpolate(torch.ones_like(self.mask), (size, size), mode="nearest"))[0]
+        view = self.render_rgba(orbit_cameras(1, start_azimuth=(self.step * 7.0) % 360.0), size)[0]
+        return np.concatenate([ref, view], axis=1)
