@@ -15,6 +15,7 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,12 @@ class CameraEmbedding(nn.Module):
         super().__init__()
         self.original = original
         self.mlp = nn.Sequential(nn.Linear(CAMERA_WIDTH, dim), nn.SiLU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        last = cast(nn.Linear, self.mlp[2])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(labels[:, -CAMERA_WIDTH:].to(self.mlp[0].weight.dtype))
+        out = self.mlp(labels[:, -CAMERA_WIDTH:].to(cast(nn.Linear, self.mlp[0]).weight.dtype))
         if self.original is not None:
             out = out + self.original(labels[:, :-CAMERA_WIDTH])
         return out
@@ -51,14 +53,14 @@ def camera_labels(labels: torch.Tensor | None, cameras: Cameras, dtype: torch.dt
     return c2w if labels is None else torch.cat([labels.to(device, dtype), c2w], -1)
 
 
-def lora_unet(unet: nn.Module, rank: int, seed: int) -> nn.Module:
+def lora_unet(unet: Any, rank: int, seed: int) -> Any:
     """A copy of `unet`'s modules sharing every weight and buffer with it, with LoRA layers of
     `rank` on its attention projections and a CameraEmbedding as its class embedding; only
     those require a gradient. Their initial values come from `seed` (a forked generator)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     shared = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
-    copied = copy.deepcopy(unet, shared)
+    copied: Any = copy.deepcopy(unet, shared)  # a diffusers UNet (untyped here)
     dim = unet.time_embedding.linear_2.out_features
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
