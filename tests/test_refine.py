@@ -39,7 +39,7 @@ class SilhouetteGuidance(EmbeddedGuidance):
     target = trimesh.creation.box(extents=(2 * HALF,) * 3)
 
     def sds_loss(self, images, embeddings, cameras: Cameras, guidance_scale, t_range, generator, views=None,  # type: ignore[override]
-                 objective=None):
+                 objective=None, state=None):
         size = images.shape[-1]
         verts = torch.tensor(self.target.vertices, dtype=torch.float32)
         alpha = rasterize(project(verts, cameras, size, size), torch.tensor(self.target.faces), size, size, 0.5).alpha
