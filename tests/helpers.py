@@ -158,3 +158,13 @@ def glb_accessor(gltf: dict, binary: bytes, index: int) -> np.ndarray:
     view = glb_view(gltf, binary, a["bufferView"])
     values = np.frombuffer(view, dtype, a["count"] * width, a.get("byteOffset", 0)).reshape(a["count"], width)
     return values / np.iinfo(dtype).max if a.get("normalized") else values
+
+
+def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list[Message]:
+    """The reply to request `msg_id` (a list of one), polling; AssertionError if none comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in client.poll(0.5):
+            if msg.id == msg_id:
+                return [msg]
+    raise AssertionError(f"no reply to {msg_id}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ServerProcess, promptmesh, small_spec, wait_for
+from helpers import ServerProcess, promptmesh, small_spec, wait_for, wait_for_id
 from promptmesh.backend.cameras import CameraRanges, make_cameras
 from promptmesh.backend.pipeline import PreviewEvent, StageEvent, run
 from promptmesh.backend.prior.data import render_primitives
@@ -286,16 +286,6 @@ def test_an_image_job_travels_as_an_array_frame_and_a_bad_image_stores_nothing(t
     finally:
         srv.stop(signal.SIGINT)
 
-
-def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in client.poll(0.5):
-            if msg.id == msg_id:
-                return [msg]
-    raise AssertionError(f"no reply to {msg_id}")
 
 
 @pytest.mark.parametrize("name", ["duck", "mug"])

@@ -17,7 +17,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import ServerProcess, free_port, promptmesh, running_and_queued, small_spec, wait_for
+from helpers import ServerProcess, free_port, promptmesh, running_and_queued, small_spec, wait_for, wait_for_id
 from promptmesh.shared import protocol as P
 from promptmesh.shared.client import Client, ClientError
 from promptmesh.shared.protocol import Message
@@ -588,12 +588,3 @@ def test_a_texture_job_paints_the_mesh_it_carries_and_a_bad_mesh_is_refused_with
     finally:
         srv.stop(signal.SIGINT)
 
-
-def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list[Message]:
-    """The reply to request `msg_id` (a list of one), polling."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in client.poll(0.5):
-            if msg.id == msg_id:
-                return [msg]
-    raise AssertionError(f"no reply to {msg_id}")

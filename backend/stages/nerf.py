@@ -34,6 +34,22 @@ def annealed_t_range(schedule: Schedule, step: int) -> tuple[float, float]:
     return lo, max(lo, hi + (schedule.t_max_end - hi) * frac)
 
 
+def field_and_optimiser(ctx: JobContext, seed: int) -> tuple[NeRFField, MLPBackground | SolidBackground, torch.optim.Adam]:
+    """A hash-grid field, the recipe's background and their Adam. The initial values come from
+    `seed` through a forked global generator, so building them changes no process-wide random
+    state."""
+    recipe, optim = ctx.recipe, ctx.recipe.optim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        field = NeRFField(recipe.field).to(ctx.device)
+        background = (SolidBackground() if recipe.background == "white" else MLPBackground()).to(ctx.device)
+    groups = [{"params": list(field.encoding.parameters()), "lr": optim.lr_grid},
+              {"params": list(field.mlp.parameters()), "lr": optim.lr_mlp}]
+    if list(background.parameters()):
+        groups.append({"params": list(background.parameters()), "lr": optim.lr_background})
+    return field, background, torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=optim.fused_adam)
+
+
 class NeRFModel:
     """Owns the field, background, occupancy grid and optimiser of one job's NeRF."""
 
@@ -43,20 +59,8 @@ class NeRFModel:
         """The modules' initial values come from `seed` through a forked global generator, so
         building a model changes no process-wide random state."""
         self.ctx, recipe = ctx, ctx.recipe
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.field = NeRFField(recipe.field).to(ctx.device)
-            self.background = (SolidBackground() if recipe.background == "white" else MLPBackground()).to(ctx.device)
+        self.field, self.background, self.optimizer = field_and_optimiser(ctx, seed)
         self.occupancy = OccupancyGrid(recipe.render).to(ctx.device)
-        optim = recipe.optim
-        groups = [
-            {"params": list(self.field.encoding.parameters()), "lr": optim.lr_grid},
-            {"params": list(self.field.mlp.parameters()), "lr": optim.lr_mlp},
-        ]
-        bg_params = list(self.background.parameters())
-        if bg_params:
-            groups.append({"params": bg_params, "lr": optim.lr_background})
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=optim.fused_adam)
         self.steps = recipe.schedule.steps
         self.step = 0
         self._update_schedule()

@@ -16,14 +16,12 @@ import torch
 from ...shared.result import Mesh
 from ...shared.surface import MAX_FACES, check_surface
 from ...shared.vocab import Stage
-from ..background import MLPBackground, SolidBackground
 from ..cameras import Cameras, orbit_cameras
-from ..field import NeRFField
 from ..mesh import MeshError
 from ..raster import mesh_edges, vertex_normals
 from .context import JobContext
 from .loop import PROXY_MAX_FACES, rgba_uint8
-from .nerf import active_levels, annealed_t_range
+from .nerf import active_levels, annealed_t_range, field_and_optimiser
 from .surface import render_surface
 
 # The largest half-extent a given mesh is scaled to for the cameras: the size of the embedded
@@ -68,16 +66,7 @@ class TextureModel:
         self.vertices = (torch.from_numpy(surface.vertices).to(ctx.device) - self.centre) * self.scale
         self.faces = torch.from_numpy(surface.faces).long().to(ctx.device)
         self.edges = mesh_edges(self.faces)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.field = NeRFField(recipe.field).to(ctx.device)  # its colour head is the colour model
-            self.background = (SolidBackground() if recipe.background == "white" else MLPBackground()).to(ctx.device)
-        optim = recipe.optim
-        groups = [{"params": list(self.field.encoding.parameters()), "lr": optim.lr_grid},
-                  {"params": list(self.field.mlp.parameters()), "lr": optim.lr_mlp}]
-        if list(self.background.parameters()):
-            groups.append({"params": list(self.background.parameters()), "lr": optim.lr_background})
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=optim.fused_adam)
+        self.field, self.background, self.optimizer = field_and_optimiser(ctx, seed)  # its colour head paints
         self.steps = recipe.schedule.steps
         self.step = 0
         self._update_schedule()
