@@ -132,12 +132,12 @@ def byte_progress(report: ByteReport, every: float = 0.5) -> type:
             if self.unit == "B" and self.total:
                 now = time.monotonic()
                 counts = (int(self.n), int(self.total))
-                with lock:  # once per change: two byte bars (network, disk) count the same bytes
-                    due = counts != sent and (now - last >= every or counts[0] >= counts[1])
-                    if due:
+                # Once per change, never backwards: two byte bars (network, disk) count the same
+                # bytes from two threads, so the decision and the report are made under one lock.
+                with lock:
+                    if counts != sent and counts[0] >= sent[0] and (now - last >= every or counts[0] >= counts[1]):
                         last, sent = now, counts
-                if due:
-                    report(*counts)
+                        report(*counts)
             return out
 
         def close(self) -> None:
