@@ -4,6 +4,7 @@ README.md's Layout section gives), and the add-on and shared/ stay free of the b
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,11 @@ def test_the_layer_checker_sees_an_upward_import(tmp_path: Path):
     assert layer_of("backend.stages.loop") > layer_of("backend.recipe") > layer_of("shared.vocab")
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("backend.somewhere_new")
+
+
+def test_no_tracked_path_is_a_symbolic_link():
+    """A clone must stand alone: a committed link (say .ci/node -> a developer's checkout) points
+    at nothing, or at itself, on CI's fresh machine, and npm then fails on it before any test."""
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000 ")]
+    assert links == [], f"tracked symbolic links: {links}"
