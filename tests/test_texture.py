@@ -9,7 +9,9 @@ import trimesh
 
 from promptmesh.backend.pipeline import StageEvent, StepEvent, run
 from promptmesh.backend.prior.judge import color_word
+from promptmesh.backend.prior.shapes import SHAPES, sdf
 from promptmesh.backend.stages import Surface
+from promptmesh.backend.stages.texture import FIT_HALF_EXTENT, FIT_RMS_RADIUS, rms_radius
 from promptmesh.shared.spec import JobSpec
 from promptmesh.shared.surface import SurfaceError, check_surface
 from promptmesh.shared.vocab import Stage
@@ -19,6 +21,36 @@ def box(offset=(5.0, -3.0, 10.0), extents=(2.0, 0.6, 1.0)) -> trimesh.Trimesh:
     mesh = trimesh.creation.box(extents=extents)
     mesh.apply_translation(offset)
     return mesh
+
+
+def test_the_rms_radius_is_exact_against_sampled_surface_points():
+    mesh = trimesh.creation.cone(radius=1.5, height=3.0, sections=24)
+    centre = np.array([0.2, -0.1, 0.7])
+    points, _ = trimesh.sample.sample_surface(mesh, 200_000, seed=0)
+    sampled = float(np.sqrt(((points - centre) ** 2).sum(1).mean()))
+    assert rms_radius(mesh.vertices, mesh.faces, centre) == pytest.approx(sampled, rel=0.01)
+
+
+def test_a_given_mesh_is_fitted_to_the_size_the_prior_draws_its_primitives_at():
+    """The fit's constants are the embedded prior's world: its primitives' RMS radii lie near
+    FIT_RMS_RADIUS and none reaches past FIT_HALF_EXTENT. A 3-unit cube then shrinks to the
+    prior's cube (half-extent 0.42, not the sphere's 0.55), and a rod stops at the half-extent cap."""
+    import torch
+    from skimage.measure import marching_cubes
+
+    grid = np.linspace(-0.8, 0.8, 96)
+    points = torch.from_numpy(np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).astype(np.float32))
+    for shape in SHAPES:
+        vertices, faces, *_ = marching_cubes(sdf(shape, points).numpy(), 0.0, spacing=(grid[1] - grid[0],) * 3)
+        vertices -= 0.8
+        lo, hi = vertices.min(0), vertices.max(0)
+        assert abs(rms_radius(vertices, faces, (lo + hi) / 2) - FIT_RMS_RADIUS) < 0.06, shape
+        assert (hi - lo).max() / 2 < FIT_HALF_EXTENT + 0.03, shape
+    cube = box(extents=(3.0, 3.0, 3.0))
+    centre, scale = Surface(cube.vertices, cube.faces).fit()
+    assert np.allclose(centre, (5.0, -3.0, 10.0)) and 1.5 * scale == pytest.approx(0.403, abs=0.005)
+    rod = box(extents=(0.1, 0.1, 4.0))
+    assert 2.0 * Surface(rod.vertices, rod.faces).fit()[1] == pytest.approx(FIT_HALF_EXTENT)
 
 
 @pytest.mark.parametrize("vertices, faces, complaint", [

@@ -24,8 +24,14 @@ from .loop import PROXY_MAX_FACES, rgba_uint8
 from .nerf import active_levels, annealed_t_range, field_and_optimiser
 from .surface import render_surface
 
-# The largest half-extent a given mesh is scaled to for the cameras: the size of the embedded
-# prior's training objects, which every shipped card's cameras frame whole.
+# A given mesh is scaled for the cameras to the size the prior draws objects at, or it gets
+# painted to look that size: a mesh larger than the prior's idea of its subject has its rim
+# painted the background's white (a 3-unit cube fitted by its box to 0.55: 27 % of it even).
+# Size is the surface's RMS distance from its box centre (area-weighted), which the embedded
+# prior's primitives share (0.47-0.55; a cube's box half-extent is 0.42, a sphere's 0.55), and
+# never a box half-extent over 0.55 (their largest; thin objects, a mug or an arrow, have a
+# small RMS). Every shipped card's cameras frame that size whole.
+FIT_RMS_RADIUS = 0.52
 FIT_HALF_EXTENT = 0.55
 SIGMA = 0.5  # pixels of the rasteriser's antialiased outline
 
@@ -47,11 +53,23 @@ class Surface:
         return cls(v, f, uv, tuple(warnings))
 
     def fit(self) -> tuple[np.ndarray, float]:
-        """(centre, scale) that put the mesh's bounding box centred at the origin with its largest
-        half-extent FIT_HALF_EXTENT: scene point = (point - centre) * scale."""
+        """(centre, scale) that put the mesh's bounding box centred at the origin with an RMS
+        radius of FIT_RMS_RADIUS and no half-extent over FIT_HALF_EXTENT: scene point =
+        (point - centre) * scale."""
         used = self.vertices[np.unique(self.faces)]
         lo, hi = used.min(0), used.max(0)
-        return (lo + hi) / 2, FIT_HALF_EXTENT / float((hi - lo).max() / 2)
+        centre = (lo + hi) / 2
+        return centre, min(FIT_HALF_EXTENT / float((hi - lo).max() / 2),
+                           FIT_RMS_RADIUS / rms_radius(self.vertices, self.faces, centre))
+
+
+def rms_radius(vertices: np.ndarray, faces: np.ndarray, centre: np.ndarray) -> float:
+    """The root mean square distance of the surface from `centre`, over its area: exact, from the
+    mean of |p|^2 over a triangle, (|a|^2 + |b|^2 + |c|^2 + a.b + b.c + c.a) / 6."""
+    a, b, c = (vertices[faces[:, i]].astype(np.float64) - centre for i in range(3))
+    area = np.linalg.norm(np.cross(b - a, c - a), axis=1) / 2
+    mean_square = (a * a + b * b + c * c + a * b + b * c + c * a).sum(1) / 6
+    return float(np.sqrt((mean_square * area).sum() / area.sum()))
 
 
 class TextureModel:
