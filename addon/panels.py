@@ -94,7 +94,7 @@ class PROMPTMESH_PT_advanced(PromptMeshPanel):
             sub = row.row(align=True)
             sub.enabled = not auto
             sub.prop(settings, name, text="")
-        for name in ("texture_size", "preview_every", "proxy_every", "device", "import_when_done"):
+        for name in ("objective", "texture_size", "preview_every", "proxy_every", "device", "import_when_done"):
             layout.prop(settings, name)
 
 

@@ -8,7 +8,7 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from .shared.spec import LIMITS, TEXTURE_SIZES, JobSpec
-from .shared.vocab import Device, JobState, Quality
+from .shared.vocab import Device, JobState, Objective, Quality
 
 JOB_STATES = [
     ("SUBMITTING", "Submitting", "Sent to the backend, not yet accepted", "SORTTIME", 0),
@@ -119,6 +119,19 @@ def _set_resolution(self: Any, value: int) -> None:
     self["resolution"] = min(hi, max(lo, round(value / RESOLUTION_STEP) * RESOLUTION_STEP))
 
 
+# The distillation objectives (shared.vocab.Objective; docs/objectives.md compares them); Auto:
+# the model card's choice.
+OBJECTIVE_ITEMS = [("AUTO", "Auto", "The model's own choice (plain score distillation for the shipped models)", 0),
+                   *[(o.upper(), text, tip, i) for i, (o, text, tip) in enumerate([
+                       (Objective.SDS, "SDS", "DreamFusion's score distillation: the reference, mode-seeking"),
+                       (Objective.X0, "x0", "Regression onto the model's one-step reconstruction (MVDream's)"),
+                       (Objective.VSD, "VSD", "Variational score distillation: a small copy of the model is "
+                                              "trained alongside (ProlificDreamer); about 3x the time per step"),
+                       (Objective.NFSD, "NFSD", "Noise-free score distillation: SDS without its noise term"),
+                       (Objective.CSD, "CSD", "Classifier score distillation: the prompt's pull alone"),
+                       (Objective.ISM, "ISM", "Interval score matching (LucidDreamer): about 3x the time per step"),
+                   ], start=1)]]
+
 # Fields whose value can be left to the quality preset and the model: an "Auto" toggle each.
 # The one place "not given" becomes JobSpec's None (see to_spec).
 AUTO_FIELDS = ("steps", "resolution", "guidance_scale", "mesh_resolution", "max_faces", "refine_steps")
@@ -181,6 +194,8 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                               description="Iterations that polish the surface after the shape is found; 0: none")
     texture_size: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default="1024", options=NO_ANIMATION,
                                description="Size of the colour texture baked onto the object (the vertex colours stay too)")
+    objective: EnumProperty(name="Objective", options=NO_ANIMATION, default="AUTO", items=OBJECTIVE_ITEMS,
+                            description="What the model's judgement pulls the object towards, each step")
     device: EnumProperty(name="Compute On", options=NO_ANIMATION, default=Device.AUTO,
                          items=[(Device.AUTO, "Auto", "The backend's choice"), (Device.CPU, "CPU", "The processor"),
                                 (Device.CUDA, "GPU (CUDA)", "An NVIDIA graphics card")])
@@ -199,6 +214,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
         """The validated JobSpec (SpecError names the bad field)."""
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed if seed is None else seed,
                        model=self.model.strip(), quality=Quality(self.quality.lower()), **self.given(),
+                       objective=None if self.objective == "AUTO" else Objective(self.objective.lower()),
                        preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
                        proxy_every=self.proxy_every if self.show_proxy else 0.0).validate()
 

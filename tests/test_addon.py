@@ -192,6 +192,14 @@ def test_fields_take_only_what_the_backend_takes_and_auto_means_not_given(bpy, a
     assert settings.to_spec().refine_steps is None
     settings.texture_size = "0"
     assert settings.to_spec().texture_size == 0
+    objectives = sys.modules[f"{MODULE}.shared.vocab"].Objective
+    assert settings.objective == "AUTO" and settings.to_spec().objective is None  # the model card's
+    offered = [item.identifier for item in settings.bl_rna.properties["objective"].enum_items]
+    assert offered == ["AUTO", *(o.upper() for o in objectives)]  # every objective the backend runs, no more
+    for identifier in offered[1:]:
+        settings.objective = identifier
+        assert settings.to_spec().objective == identifier.lower()
+    settings.objective = "AUTO"
 
     session._vocabularies["embedded"] = {"a", "red", "sphere"}  # as an embedded backend's welcome tells
     try:
