@@ -116,7 +116,7 @@ def run(
         on_event(StageEvent(Stage.DOWNLOADING))
         download(spec.model, on_bytes=lambda done, total: on_event(StageEvent(Stage.DOWNLOADING, done, total)))
     guidance = cached_guidance(spec.model, str(device))
-    recipe = resolve(guidance.card, spec)
+    recipe = resolve(guidance.card, spec, painting=surface is not None)
     ctx = JobContext.create(guidance, guidance.embed_prompt(spec.prompt, spec.negative), recipe, spec.seed, device)
     # An image job's checkpoint also names its image and camera: a resume with another one is another job.
     meta = spec.to_dict() if reference is None else {**spec.to_dict(), "reference": reference.identity()}

@@ -9,7 +9,7 @@ nearest texel) give the visible surface's mean colour, judged by the palette hue
 and the share of visible pixels within CIELAB distance 15 of that mean (no seams, holes or
 unpainted patches). It also checks the mesh came back in place and size. Asserts nothing.
 
-    python bench/texture.py [--colors red,blue] [--seeds 1] [--steps 1000] [--shapes cube,torus] [--workers 2]
+    python bench/texture.py [--colors red,blue] [--seeds 1] [--steps N] [--shapes cube,torus] [--workers 2]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def visible_colours(mesh, size: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def texture_and_judge(shape: str, color: str, seed: int, steps: int) -> tuple:
+def texture_and_judge(shape: str, color: str, seed: int, steps: int | None) -> tuple:
     """(shape, colour, seed, judged colour, even share, in place, seconds)."""
     from skimage.color import rgb2lab
 
@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join([*SHAPES, OWN_UVS]))
     p.add_argument("--colors", default=",".join(PALETTE))
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1000, help="texture steps (the embedded card's standard)")
+    p.add_argument("--steps", type=int, default=None, help="texture steps (default: the card's, recipe.texture.steps)")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
     jobs = [(shape, color, seed, args.steps) for shape in args.shapes.split(",") for color in args.colors.split(",")

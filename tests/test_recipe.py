@@ -44,6 +44,16 @@ def test_a_spec_without_settings_keeps_the_recipe(card):
     assert resolve(card, JobSpec("a red cube", quality="standard")) == card.recipe
 
 
+def test_a_texture_job_runs_the_cards_texture_steps_whatever_the_preset_unless_it_gives_its_own():
+    texture_steps = EMBEDDED.recipe.texture.steps
+    assert texture_steps != EMBEDDED.recipe.schedule.steps  # else this shows nothing
+    for quality in ("draft", "standard", "high"):
+        spec = JobSpec("a red cube", quality=quality)
+        assert resolve(EMBEDDED, spec, painting=True).schedule.steps == texture_steps
+        assert resolve(EMBEDDED, spec).schedule.steps == EMBEDDED.preset(quality).get("steps", EMBEDDED.recipe.schedule.steps)
+    assert resolve(EMBEDDED, JobSpec("a red cube", steps=77), painting=True).schedule.steps == 77
+
+
 def test_spec_settings_override_the_recipe():
     base = EMBEDDED.recipe
     spec = JobSpec("a red cube", steps=7, resolution=48, guidance_scale=3.5, mesh_resolution=64, max_faces=500,
