@@ -33,18 +33,21 @@ def import_job(context: Any, job: str) -> Any:
     mesh = read_npz(files.mesh)
     prompt = str(meta.get("prompt", ""))
     record = read_json(files.record) if files.record.is_file() else {}
-    if isinstance(record, dict) and record.get("target"):
+    if not isinstance(record, dict):
+        record = {}
+    name = object_name(prompt or str(record.get("prompt", "")))  # an image job without a prompt: its image's name
+    if record.get("target"):
         target = context.scene.objects.get(str(record["target"]))
         if target is None:
             raise texturing.TextureApplyError(f"the object '{record['target']}' it was made for is not in this scene")
-        texturing.apply_result(context, target, mesh, object_name(prompt), str(record.get("uv_map", "")))
+        texturing.apply_result(context, target, mesh, name, str(record.get("uv_map", "")))
         return target
     properties = {"promptmesh_prompt": prompt, "promptmesh_seed": int(meta.get("seed", 0)),
                   "promptmesh_model": str(meta.get("model", "")), "promptmesh_job": job}
     keep = context.mode != "OBJECT"
     layer = context.view_layer
     selected, active = list(layer.objects.selected), layer.objects.active
-    obj = create_object(context, object_name(prompt), mesh.vertices, mesh.faces, mesh.colors,
+    obj = create_object(context, name, mesh.vertices, mesh.faces, mesh.colors,
                         context.scene.cursor.location, properties, mesh.uvs, mesh.texture)
     for notice in finishing.finish(context, obj, preferences(context)):
         notify(f"PromptMesh: {notice}", error=True)

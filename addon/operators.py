@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty
-from bpy_extras.io_utils import ExportHelper
+from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import backend_process, session, texturing
+from . import backend_process, from_image, session, texturing
 from .importer import import_job
 from .preferences import preferences
 from .properties import LIVE_STATES
 from .shared.blender_io import export_objects
 from .shared.errors import PromptMeshError
+from .shared.image import ImageError
 from .shared.spec import SpecError
 from .shared.surface import SurfaceError
 
@@ -35,6 +37,19 @@ def _job_item(context: bpy.types.Context, job: str):
     if job:
         return session.find(st, job)
     return st.jobs[st.jobs_index] if 0 <= st.jobs_index < len(st.jobs) else None
+
+
+def prompt_ready(cls: Any, context: bpy.types.Context, required: bool) -> bool:
+    """Whether the prompt can be sent (`required`: it must not be empty); if not, the poll says why."""
+    settings = context.scene.promptmesh
+    if required and not settings.prompt.strip():
+        cls.poll_message_set("Type a prompt first, e.g. 'a red cube'")
+        return False
+    problem = session.prompt_problem(settings)
+    if problem:
+        cls.poll_message_set(problem)
+        return False
+    return True
 
 
 class PROMPTMESH_OT_connect(bpy.types.Operator):
@@ -56,30 +71,31 @@ class PROMPTMESH_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if not context.scene.promptmesh.prompt.strip():
-            cls.poll_message_set("Type a prompt first, e.g. 'a red cube'")
+        if context.scene.promptmesh.source == "IMAGE" and from_image.chosen_image(context) is None:
+            cls.poll_message_set("Choose an image first (or show one in an Image Editor)")
             return False
-        problem = session.prompt_problem(context.scene.promptmesh)
-        if problem:
-            cls.poll_message_set(problem)
-            return False
-        return True
+        return prompt_ready(cls, context, required=context.scene.promptmesh.source != "IMAGE")
 
     def execute(self, context):
         settings = context.scene.promptmesh
         seeds = session.seeds(settings)
+        image, name = None, ""
         try:
-            specs = [settings.to_spec(seed).to_dict() for seed in seeds]
-        except SpecError as exc:
-            self.report({"ERROR"}, f"Cannot generate: {exc}")
+            if settings.source == "IMAGE":
+                chosen = from_image.chosen_image(context)
+                image, name = from_image.image_rgba(chosen), chosen.name
+            specs = [settings.to_spec(seed, image=image is not None).to_dict() for seed in seeds]
+        except (SpecError, ImageError) as exc:
+            self.report({"ERROR"}, f"Cannot generate: {str(exc).removeprefix('image: ')}")
             return {"CANCELLED"}
-        if session.repeated(specs[0], len(specs)):
+        if session.repeated({**specs[0], "image": name}, len(specs)):
             self.report({"WARNING"}, "Already queued: a second click within a second adds nothing")
             return {"CANCELLED"}
         if not settings.lock_seed:
             settings.seed = seeds[0]  # shown, so that a result worth keeping can be made again
         for spec in specs:
-            if session.submit(context, spec, spec["prompt"], spec["seed"]) is None:
+            label = spec["prompt"] if image is None else spec["prompt"] or name  # the history names an image job
+            if session.submit(context, spec, label, spec["seed"], image=image, elevation=settings.elevation) is None:
                 self.report({"ERROR"}, session.state(context).status)
                 return {"CANCELLED"}
         if len(specs) > 1:
@@ -95,7 +111,7 @@ class PROMPTMESH_OT_texture(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return PROMPTMESH_OT_generate.poll(context)  # the same prompt rules; the object is checked on click
+        return prompt_ready(cls, context, required=True)  # the object is checked on click
 
     def execute(self, context):
         settings, obj = context.scene.promptmesh, context.active_object
@@ -117,6 +133,27 @@ class PROMPTMESH_OT_texture(bpy.types.Operator):
             return {"CANCELLED"}
         self.report({"INFO"}, f"Sent {obj.name}: {len(surface['faces']):,} triangles"
                     + (f", its UV map {uv_map}" if uv_map else ", no UV map (the backend unwraps it)"))
+        return {"FINISHED"}
+
+
+class PROMPTMESH_OT_open_image(bpy.types.Operator, ImportHelper):  # type: ignore[misc]  # stubs: two `check`s
+    """Blender's ImportHelper gives the file browser, filtered to pictures."""
+
+    bl_idname = "promptmesh.open_image"
+    bl_label = "Open Image"
+    bl_description = "Open a picture to make into an object (PNG with transparency, or on a plain background)"
+
+    filter_glob: StringProperty(default="*.png;*.jpg;*.jpeg;*.webp;*.tif;*.tiff;*.bmp;*.exr;*.hdr", options={"HIDDEN"})
+
+    def execute(self, context):
+        path = self.filepath  # type: ignore[attr-defined]  # ImportHelper's RNA property, untyped in the stubs
+        try:
+            image = bpy.data.images.load(path, check_existing=True)
+        except RuntimeError as exc:  # Blender's own words: not found, or not an image it reads
+            self.report({"ERROR"}, f"Cannot open {Path(path).name}: {exc}")
+            return {"CANCELLED"}
+        settings = context.scene.promptmesh
+        settings.image, settings.source = image, "IMAGE"
         return {"FINISHED"}
 
 
@@ -296,9 +333,9 @@ class PROMPTMESH_OT_backend_stop(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_texture, PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice,
-           PROMPTMESH_OT_import, PROMPTMESH_OT_open_folder, PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start,
-           PROMPTMESH_OT_backend_stop)
+CLASSES = (PROMPTMESH_OT_connect, PROMPTMESH_OT_generate, PROMPTMESH_OT_open_image, PROMPTMESH_OT_texture,
+           PROMPTMESH_OT_cancel, PROMPTMESH_OT_notice, PROMPTMESH_OT_import, PROMPTMESH_OT_open_folder,
+           PROMPTMESH_OT_export, PROMPTMESH_OT_backend_start, PROMPTMESH_OT_backend_stop)
 
 # The stubs declare the factory as returning None; it returns (register, unregister).
 register, unregister = bpy.utils.register_classes_factory(CLASSES)  # type: ignore[misc]

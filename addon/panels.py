@@ -7,7 +7,7 @@ from typing import Any
 
 import bpy
 
-from . import session
+from . import from_image, session
 from .operators import EXPORT_ITEMS
 from .preferences import preferences
 from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES
@@ -44,6 +44,12 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         badge = st.device if st.connection == "ONLINE" else CONNECTION_NAMES[st.connection]
         row.label(text=badge, icon=CONNECTION_ICONS[st.connection])
         row.operator("promptmesh.connect", text="", icon="FILE_REFRESH")
+        layout.row(align=True).prop(settings, "source", expand=True)
+        if settings.source == "IMAGE":
+            layout.template_ID(settings, "image", open="promptmesh.open_image")
+            if settings.image is None and from_image.editor_image(context) is not None:
+                layout.label(text=f"Image Editor's: {from_image.editor_image(context).name}", icon="IMAGE_DATA")
+            layout.prop(settings, "elevation")
         layout.prop(settings, "prompt", text="")
         problem = session.prompt_problem(settings)
         if problem:  # said under the field, before anything is sent

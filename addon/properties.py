@@ -7,6 +7,7 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from .shared.image import ELEVATION_RANGE
 from .shared.spec import LIMITS, TEXTURE_SIZES, JobSpec
 from .shared.vocab import Device, JobState, Objective, Quality
 
@@ -151,6 +152,17 @@ def _limit(name: str) -> tuple[int, int]:
 class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
     """What to generate (saved with the .blend)."""
 
+    source: EnumProperty(name="Source", options=NO_ANIMATION, default="PROMPT",
+                         items=[("PROMPT", "Prompt", "Make the object the prompt describes", "TEXT", 0),
+                                ("IMAGE", "Image", "Make the object an image shows, its front where the image's is; "
+                                                   "the prompt, if any, helps with the sides unseen", "IMAGE_DATA", 1)])
+    image: PointerProperty(name="Image", type=bpy.types.Image,
+                           description="The picture to make into an object: the object on transparency or on a plain "
+                                       "background. Empty: the Image Editor's image")
+    elevation: FloatProperty(name="Camera Elevation", min=ELEVATION_RANGE[0], max=ELEVATION_RANGE[1], default=0.0,
+                             options=NO_ANIMATION, precision=0,
+                             description="Degrees above the object's middle the image was taken from: 0 level, 30 "
+                                         "looking down on it")
     prompt: StringProperty(name="Prompt", description="What to make, e.g. 'a red cube'", maxlen=1000, options=NO_ANIMATION)
     negative: StringProperty(name="Negative", description="What to avoid, e.g. 'blurry, low detail'", maxlen=1000,
                              options=NO_ANIMATION)
@@ -210,13 +222,13 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
         """The Advanced fields the artist set (Auto off); the others are None: not given."""
         return {name: None if getattr(self, f"auto_{name}") else getattr(self, name) for name in AUTO_FIELDS}
 
-    def to_spec(self, seed: int | None = None) -> JobSpec:
-        """The validated JobSpec (SpecError names the bad field)."""
+    def to_spec(self, seed: int | None = None, image: bool = False) -> JobSpec:
+        """The validated JobSpec (SpecError names the bad field); an `image` job's prompt may be empty."""
         return JobSpec(prompt=self.prompt, negative=self.negative, seed=self.seed if seed is None else seed,
                        model=self.model.strip(), quality=Quality(self.quality.lower()), **self.given(),
                        objective=None if self.objective == "AUTO" else Objective(self.objective.lower()),
                        preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
-                       proxy_every=self.proxy_every if self.show_proxy else 0.0).validate()
+                       proxy_every=self.proxy_every if self.show_proxy else 0.0).validate(image=image)
 
 
 class PROMPTMESH_PG_job(bpy.types.PropertyGroup):

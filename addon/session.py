@@ -306,16 +306,20 @@ def result_bytes(vertices: int, faces: int, texture: int) -> int:
 
 
 def submit(context: Any, spec: dict[str, Any], prompt: str, seed: int, surface: dict[str, np.ndarray] | None = None,
-           target: str = "", uv_map: str = "") -> Any:
+           target: str = "", uv_map: str = "", image: np.ndarray | None = None, elevation: float = 0.0) -> Any:
     """Queue a generate request (connecting first if needed); returns the history item. With a
-    `surface` (vertices, faces, uvs?) it is a texture request, whose result goes onto `target`."""
+    `surface` (vertices, faces, uvs?) it is a texture request, whose result goes onto `target`;
+    with an `image` (checked RGBA uint8), an image request seen from `elevation` degrees."""
     st = state(context)
     sess = _session if _session is not None and st.connection in ("ONLINE", "CONNECTING") else connect(context)
     if sess is None:
         return None
     sess.quiet = False  # the artist is waiting now: say so if nobody answers
     item = st.jobs.add()
-    if surface is None:
+    if image is not None:  # its reply waits for the image to arrive
+        item.request = sess.send(T.IMAGE, extra_s=image.nbytes / SLOW_LINK_BPS, spec=spec, elevation=float(elevation),
+                                 arrays={"image": image})
+    elif surface is None:
         item.request = sess.send(T.GENERATE, spec=spec)
     else:
         upload = sum(a.nbytes for a in surface.values())  # its reply waits for the mesh to arrive

@@ -1386,3 +1386,99 @@ def test_a_result_in_another_order_lands_on_the_right_corners_and_a_changed_obje
     finally:
         bpy.data.objects.remove(bpy.data.objects[name])
         bpy.context.view_layer.update()
+
+
+# ---- From Image (issue 41) -------------------------------------------------------------------
+def red_disc_rgba(width: int = 64, height: int = 48) -> np.ndarray:
+    """uint8 RGBA, top row first: a red disc on transparency, and one green pixel top left."""
+    yy, xx = np.mgrid[:height, :width]
+    disc = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < (min(width, height) / 3) ** 2
+    rgba = np.zeros((height, width, 4), np.uint8)
+    rgba[disc] = (230, 30, 30, 255)
+    rgba[0, 0] = (0, 255, 0, 0)
+    return rgba
+
+
+def blender_image(bpy, name: str, rgba: np.ndarray, float_buffer: bool = False):
+    """An image in the .blend holding `rgba` (values 0..255 as floats 0..1; Blender stores rows bottom first)."""
+    h, w = rgba.shape[:2]
+    image = bpy.data.images.new(name, w, h, alpha=True, float_buffer=float_buffer)
+    image.pixels.foreach_set((rgba[::-1].astype(np.float32) / 255).ravel())
+    return image
+
+
+def test_from_image_reads_pixels_as_the_backend_wants_and_refuses_what_it_cannot_use(bpy, addon, prefs):
+    """Top row first, display values, the alpha as foreground; a float (linear) image converted to
+    sRGB; one over 2048 px shrunk, adding no image to the .blend; nothing chosen, no object
+    in the picture: one clear message each, and nothing sent."""
+    from_image = sys.modules[f"{MODULE}.from_image"]
+    st, settings = bpy.context.window_manager.promptmesh, bpy.context.scene.promptmesh
+    prefs.endpoint = f"tcp://127.0.0.1:{free_port()}"  # nobody there: a request sent would show as a job
+    made = []
+    try:
+        rgba = red_disc_rgba()
+        made.append(blender_image(bpy, "disc", rgba))
+        read = from_image.image_rgba(made[-1])
+        assert read.shape == (48, 64, 4) and read.dtype == np.uint8
+        assert np.array_equal(read[..., 3] == 255, rgba[..., 3] == 255)  # the alpha is the foreground, top row first
+        assert np.array_equal(read[rgba[..., 3] == 255][:, :3], rgba[rgba[..., 3] == 255][:, :3])
+        made.append(blender_image(bpy, "linear", rgba, float_buffer=True))
+        pixels = np.zeros((48, 64, 4), np.float32)
+        pixels[..., :3], pixels[..., 3] = 0.2140, rgba[..., 3] / 255  # linear 0.214 is sRGB 128
+        made[-1].pixels.foreach_set(pixels[::-1].ravel())
+        assert np.abs(from_image.image_rgba(made[-1])[24, 32, :3].astype(int) - 128).max() <= 1
+        wide = np.zeros((40, 2100, 4), np.uint8)
+        wide[10:30, 900:1200] = (20, 20, 200, 255)
+        made.append(blender_image(bpy, "wide", wide))
+        images = set(bpy.data.images.keys())
+        assert from_image.image_rgba(made[-1]).shape == (39, 2048, 4) and set(bpy.data.images.keys()) == images
+
+        settings.source, settings.prompt, settings.image = "IMAGE", "", None
+        with pytest.raises(RuntimeError, match="Choose an image first"):
+            bpy.ops.promptmesh.generate()
+        made.append(blender_image(bpy, "blank", np.full((48, 64, 4), 255, np.uint8)))
+        settings.image = made[-1]
+        with pytest.raises(RuntimeError, match="Cannot generate: its foreground covers 0.0% of it"):
+            bpy.ops.promptmesh.generate()
+        settings.image = made[0]
+        settings.source = "PROMPT"
+        with pytest.raises(RuntimeError, match="Type a prompt first"):  # the prompt source still needs one
+            bpy.ops.promptmesh.generate()
+        assert len(st.jobs) == 0 and session_of(addon).session() is None  # nothing queued, not even connected
+    finally:
+        settings.source, settings.image, settings.prompt = "PROMPT", None, PROMPT
+        for image in made:
+            bpy.data.images.remove(image)
+
+
+@pytest.mark.slow
+def test_from_image_a_picture_file_becomes_an_object_on_a_live_backend(bpy, addon, prefs, tmp_path, tiny_sd):
+    """Opened from a file (Open Image), sent with no prompt: the backend stores exactly the pixels
+    the add-on read, the job shows previews and ends in an imported object named after the image."""
+    _, session = addon
+    from_image = sys.modules[f"{MODULE}.from_image"]
+    path = tmp_path / "sketch.png"
+    Image.fromarray(red_disc_rgba(96, 80)).save(path)
+    server = ServerProcess(tmp_path / "data", models=tiny_sd.parent)
+    settings = bpy.context.scene.promptmesh
+    try:
+        prefs.endpoint, prefs.timeout = server.endpoint, 10.0
+        st = bpy.context.window_manager.promptmesh
+        tiny_job_settings(bpy, tiny_sd, steps=4)
+        settings.prompt, settings.elevation = "", 20.0
+        assert bpy.ops.promptmesh.open_image(filepath=str(path)) == {"FINISHED"}
+        assert settings.source == "IMAGE" and settings.image.name == "sketch.png"
+        sent = from_image.image_rgba(settings.image)
+        before = set(imported_jobs(bpy))
+        assert bpy.ops.promptmesh.generate() == {"FINISHED"}
+        assert st.jobs[-1].prompt == "sketch.png"  # the history names an image job by its image
+        pump_until(session, lambda: st.jobs[-1].state in FINAL, timeout=300)
+        assert st.jobs[-1].state == "DONE", st.jobs[-1].message
+        assert st.preview_step > 0
+        stored = np.load(next((tmp_path / "data").rglob("reference.npz")))
+        assert np.array_equal(stored["image"], sent) and float(stored["elevation"]) == 20.0
+        made = imported_jobs(bpy)[st.jobs[-1].job]
+        assert st.jobs[-1].job not in before and made.name.startswith("sketch.png")
+    finally:
+        settings.source, settings.image, settings.prompt, settings.elevation = "PROMPT", None, PROMPT, 0.0
+        server.stop()
