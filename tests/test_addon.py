@@ -584,7 +584,7 @@ def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, 
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
         settings.prompt, settings.model = "a red cube", tiny_sd.name
-        given(settings, steps=600, resolution=16, mesh_resolution=32)
+        given(settings, steps=300, resolution=16, mesh_resolution=32)
         settings.device, settings.import_when_done = "cpu", True
         settings.show_proxy, settings.proxy_every = True, 0.5
         bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
@@ -1068,7 +1068,7 @@ def test_a_job_goes_on_to_its_import_across_a_restart_of_the_backend(bpy, addon,
     try:
         prefs.endpoint, prefs.timeout = server.endpoint, 30.0
         st = bpy.context.window_manager.promptmesh
-        tiny_job_settings(bpy, tiny_sd, steps=400)
+        tiny_job_settings(bpy, tiny_sd, steps=200)  # long enough to be stopped mid-run
         for sig, end in ((signal.SIGKILL, "FAILED"), (signal.SIGINT, "DONE")):
             time.sleep(session.REPEAT_S)
             assert bpy.ops.promptmesh.generate() == {"FINISHED"}

@@ -231,10 +231,16 @@ def test_a_client_that_reads_late_still_gets_its_done(server, tiny_sd):
     try:
         spec = small_spec(tiny_sd, steps=60, preview_every=1)
         sock.send_multipart(P.encode(Message("generate", "g", fields={"spec": spec})))
-        time.sleep(25.0)  # 60 steps with a preview each, none read
+        assert sock.poll(30_000)
+        accepted = P.decode(sock.recv_multipart(), P.SERVER_TYPES)  # the one message read before the job ends
+        job = accepted.job
+        assert accepted.type == "accepted"
+        with Client(server.endpoint) as other:  # 60 steps with a preview each, none read meanwhile
+            deadline = time.monotonic() + 180
+            while other.request("status", job).fields["jobs"][0]["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline, "the job did not end"
+                time.sleep(0.5)
         messages = read_all(sock)
-        job = messages[0].job
-        assert messages[0].type == "accepted"
         ends = [m for m in messages if m.job == job and m.type in ("done", "error")]
         assert [m.type for m in ends] == ["done"], [m.type for m in messages][-5:]
     finally:

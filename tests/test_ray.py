@@ -18,7 +18,7 @@ from helpers import ServerProcess, require_tool
 from promptmesh.shared.client import Client
 from promptmesh.shared.protocol import Message
 from promptmesh.shared.result import JobFiles, read_npz
-from test_addon import addon, addon_zip, bpy, prefs, pump_until  # noqa: F401 (fixtures for the add-on test)
+from test_addon import addon, addon_zip, bpy, given, prefs, pump_until  # noqa: F401 (fixtures for the add-on test)
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: nodes on 127.0.0.1 only
 
@@ -196,7 +196,8 @@ def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon
         prefs.endpoint, prefs.timeout = srv.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
         settings.prompt, settings.seed, settings.quality, settings.model = "a red cube", 0, "DRAFT", "embedded"
-        settings.steps, settings.preview_every, settings.mesh_resolution = 60, 20, 32
+        given(settings, steps=60, mesh_resolution=32)  # Auto off: else the draft preset's 600 steps
+        settings.preview_every = 20
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}
         pump_until(session, lambda: len(st.jobs) == 1 and st.jobs[0].state in ("DONE", "FAILED", "CANCELLED"),
@@ -207,7 +208,7 @@ def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon
         import json
 
         meta = json.loads(session.job_files(job.job).meta.read_text())
-        assert meta["attempt"] == 1 and meta["node"]
+        assert meta["attempt"] == 1 and meta["node"] and meta["steps"] == 60
     finally:
         srv.stop()
 
