@@ -4,6 +4,7 @@ random views (DreamFusion), with an occupancy grid to skip empty space once the 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,26 @@ def field_and_optimiser(ctx: JobContext, seed: int) -> tuple[NeRFField, MLPBackg
     return field, background, torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=optim.fused_adam)
 
 
+class Descending(Protocol):
+    step: int
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    def _update_schedule(self) -> None: ...
+
+
+def descend(model: Descending, loss: torch.Tensor) -> float:
+    """One optimiser step of `model` down `loss`, then its step count and schedule moved on; the
+    loss's value."""
+    model.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    model.optimizer.step()
+    model.step += 1
+    model._update_schedule()
+    return loss.item()
+
+
 class NeRFModel:
     """Owns the field, background, occupancy grid and optimiser of one job's NeRF."""
 
@@ -76,13 +97,7 @@ class NeRFModel:
         optim = self.ctx.recipe.optim
         if self.step >= optim.occupancy_warmup and self.step % optim.occupancy_every == 0:
             self.occupancy.update(self.field, self.ctx.generator)
-        loss = self.loss()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        self._update_schedule()
-        return loss.item()
+        return descend(self, self.loss())
 
     def loss(self) -> torch.Tensor:
         """This step's loss: score distillation of a random batch of views and the regularisers

@@ -21,7 +21,7 @@ from ..mesh import MeshError
 from ..raster import mesh_edges, vertex_normals
 from .context import JobContext
 from .loop import PROXY_MAX_FACES, rgba_uint8
-from .nerf import active_levels, annealed_t_range, field_and_optimiser
+from .nerf import active_levels, annealed_t_range, descend, field_and_optimiser
 from .surface import render_surface
 
 # A given mesh is scaled for the cameras to the size the prior draws objects at, or it gets
@@ -106,13 +106,7 @@ class TextureModel:
         ctx = self.ctx
         cameras = ctx.sample_cameras()
         rgb, _ = self.render(cameras, ctx.recipe.resolution, ctx.recipe.shading.sample(ctx.generator))
-        loss = ctx.distill(rgb, cameras, annealed_t_range(ctx.recipe.schedule, self.step))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step += 1
-        self._update_schedule()
-        return loss.item()
+        return descend(self, ctx.distill(rgb, cameras, annealed_t_range(ctx.recipe.schedule, self.step)))
 
     @torch.no_grad()
     def preview(self, size: int = 64) -> np.ndarray:
