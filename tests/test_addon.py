@@ -584,7 +584,7 @@ def test_a_live_proxy_takes_shape_at_the_cursor_and_goes_when_the_job_ends(bpy, 
         prefs.endpoint, prefs.timeout = server.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
         settings.prompt, settings.model = "a red cube", tiny_sd.name
-        given(settings, steps=300, resolution=16, mesh_resolution=32)
+        given(settings, steps=600, resolution=16, mesh_resolution=32)  # 300 showed only two proxies once
         settings.device, settings.import_when_done = "cpu", True
         settings.show_proxy, settings.proxy_every = True, 0.5
         bpy.context.scene.cursor.location = (0.0, 0.0, 1.0)
