@@ -172,11 +172,12 @@ class ReferenceSettings:
 @dataclass(frozen=True)
 class TextureSettings:
     """A texture job's (colour on a given mesh). Its colour settles in fewer steps than a shape:
-    with the embedded prior, on 30 meshes x 2 seeds, 300 steps left 98.1 % of the visible surface
-    even (within CIELAB 15 of its mean) and 1,000 steps 90.9 %, the extra steps painting
-    blotches; the colour was right in every run of both (bench/texture.py, docs/texturing.md)."""
+    with the embedded prior, on 30 meshes x 2 seeds, 200 steps left 99.2 % of the visible surface
+    even (within CIELAB 15 of its mean), 300 steps 98.1 % and 1,000 steps 90.9 %, the extra steps
+    painting blotches; the colour was right in every run of all three (bench/texture.py,
+    docs/texturing.md)."""
 
-    steps: int = 300  # unless the job gives its own; the quality presets' step counts are a shape's
+    steps: int = 200  # unless the job gives its own; the quality presets' step counts are a shape's
 
 
 @dataclass(frozen=True)
