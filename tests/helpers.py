@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def wait_for_id(client: Client, msg_id: str, timeout: float = 30) -> list[Messag
             if msg.id == msg_id:
                 return [msg]
     raise AssertionError(f"no reply to {msg_id}")
+
+
+def cancel_at_step(job, step: int, checkpoint: Path, **run_options) -> None:
+    """Run `job` in process with a checkpoint every 2 steps and cancel it once it reports step
+    `step`; it must end Cancelled. `run_options` go to pipeline.run (a surface, a reference)."""
+    from promptmesh.backend.pipeline import Cancelled, StepEvent, run
+
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        run(job, lambda e: isinstance(e, StepEvent) and e.step == step and cancel.set(), cancel=cancel,
+            checkpoint=checkpoint, checkpoint_every=2, **run_options)

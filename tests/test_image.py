@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ServerProcess, promptmesh, small_spec, wait_for, wait_for_id
+from helpers import ServerProcess, cancel_at_step, promptmesh, small_spec, wait_for, wait_for_id
 from promptmesh.backend.cameras import CameraRanges, make_cameras
 from promptmesh.backend.pipeline import PreviewEvent, StageEvent, run
 from promptmesh.backend.prior.data import render_primitives
@@ -195,16 +195,12 @@ def test_tiny_stable_diffusion_makes_an_object_of_an_image_with_a_prompt(tiny_sd
 
 
 def test_an_image_job_resumes_its_checkpoint_only_with_the_same_image_and_camera(tiny_sd, tmp_path):
-    import threading
-
-    from promptmesh.backend.pipeline import Cancelled, StepEvent
+    from promptmesh.backend.pipeline import StepEvent
     from promptmesh.shared.errors import PromptMeshError
 
     spec = JobSpec(prompt="", model=str(tiny_sd), steps=6, resolution=32, mesh_resolution=32, texture_size=0)
-    ckpt, cancel = tmp_path / "job.ckpt.pt", threading.Event()
-    with pytest.raises(Cancelled):
-        run(spec, lambda e: isinstance(e, StepEvent) and e.step == 2 and cancel.set(), cancel=cancel, checkpoint=ckpt,
-            checkpoint_every=2, reference=Reference(disc_rgba(), 10.0))
+    ckpt = tmp_path / "job.ckpt.pt"
+    cancel_at_step(spec, 2, ckpt, reference=Reference(disc_rgba(), 10.0))
     for other in (Reference(disc_rgba(), 20.0), Reference(disc_rgba(radius=0.2), 10.0)):
         with pytest.raises(PromptMeshError, match="belongs to a different job"):
             run(spec, checkpoint=ckpt, resume=True, reference=other)

@@ -4,17 +4,17 @@ on the tiny Stable Diffusion loaded from disk, and chosen per job through spec, 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import cancel_at_step
 from promptmesh.backend.cameras import make_cameras
 from promptmesh.backend.guidance import load_guidance
 from promptmesh.backend.guidance.vsd import ObjectiveState
-from promptmesh.backend.pipeline import Cancelled, StepEvent, run
+from promptmesh.backend.pipeline import run
 from promptmesh.backend.recipe import ModelCard, Objective, resolve
 from promptmesh.shared.spec import JobSpec, SpecError
 from promptmesh.shared.vocab import Objective as Kind
@@ -246,14 +246,7 @@ def test_a_vsd_job_resumed_from_its_checkpoint_continues_the_lora(tiny_sd, tmp_p
     job = JobSpec(prompt="a blue sphere", model=str(tiny_sd), steps=6, resolution=32, mesh_resolution=40, objective="vsd")
     full = run(job)
     ckpt = tmp_path / "job.ckpt.pt"
-    cancel = threading.Event()
-
-    def stop_after_4(e):
-        if isinstance(e, StepEvent) and e.step == 4:
-            cancel.set()
-
-    with pytest.raises(Cancelled):
-        run(job, stop_after_4, cancel=cancel, checkpoint=ckpt, checkpoint_every=2)
+    cancel_at_step(job, 4, ckpt)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["objective"]["step"] == 4 and saved["objective"]["lora"]["lora"]
     resumed = run(job, checkpoint=ckpt, checkpoint_every=2, resume=True)

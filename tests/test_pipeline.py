@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cancel_at_step
 from promptmesh.backend.guidance.loading import model_card
 from promptmesh.backend.pipeline import (
     PROXY_MAX_FACES,
@@ -77,14 +78,7 @@ def test_cancel_stops_within_a_step(tiny_sd):
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_sd, tmp_path):
     full = run(spec(tiny_sd))
     ckpt = tmp_path / "job.ckpt.pt"
-    cancel = threading.Event()
-
-    def stop_after_4(e):
-        if isinstance(e, StepEvent) and e.step == 4:
-            cancel.set()
-
-    with pytest.raises(Cancelled):
-        run(spec(tiny_sd), stop_after_4, cancel=cancel, checkpoint=ckpt, checkpoint_every=2)
+    cancel_at_step(spec(tiny_sd), 4, ckpt)
     assert [m["step"] for m in torch.load(ckpt, weights_only=False)["stages"]] == [4]
     resumed_steps = []
     resumed = run(spec(tiny_sd), lambda e: isinstance(e, StepEvent) and resumed_steps.append(e.step),
@@ -101,11 +95,8 @@ def test_resume_under_another_recipe_is_refused_naming_the_setting(tiny_sd, tmp_
 
     job = JobSpec(prompt="a blue sphere", model=str(tiny_sd), resolution=32, mesh_resolution=40)  # steps: the recipe's
     ckpt = tmp_path / "job.ckpt.pt"
-    cancel = threading.Event()
     with_steps(6)
-    with pytest.raises(Cancelled):
-        run(job, lambda e: isinstance(e, StepEvent) and e.step == 2 and cancel.set(), cancel=cancel,
-            checkpoint=ckpt, checkpoint_every=2)
+    cancel_at_step(job, 2, ckpt)
     with_steps(8)
     with pytest.raises(PromptMeshError, match=r"was made with a different recipe \(schedule\.steps: 6 -> 8\)") as err:
         run(job, checkpoint=ckpt, resume=True)
@@ -175,10 +166,7 @@ def test_refinement_stage_follows_the_nerf_and_resumes_after_it(tiny_sd, tmp_pat
 
     # The mesh stage checkpoints too: cancelled after a checkpoint inside it, the job resumes
     # there and ends as the uninterrupted run did (its last step tunes the NeRF's colour).
-    cancel = threading.Event()
-    with pytest.raises(Cancelled):
-        run(job, lambda e: isinstance(e, StepEvent) and e.step == 9 and cancel.set(), cancel=cancel, checkpoint=ckpt,
-            checkpoint_every=2)
+    cancel_at_step(job, 9, ckpt)
     assert [m["step"] for m in torch.load(ckpt, weights_only=False)["stages"]] == [6, 2]
     resumed = []
     again = run(job, resumed.append, checkpoint=ckpt, checkpoint_every=2, resume=True)
