@@ -94,7 +94,7 @@ class PROMPTMESH_OT_generate(bpy.types.Operator):
         if not settings.lock_seed:
             settings.seed = seeds[0]  # shown, so that a result worth keeping can be made again
         for spec in specs:
-            label = spec["prompt"] if image is None else spec["prompt"] or name  # the history names an image job
+            label = spec["prompt"] or name  # an image job without a prompt is named by its image
             if session.submit(context, spec, label, spec["seed"], image=image, elevation=settings.elevation) is None:
                 self.report({"ERROR"}, session.state(context).status)
                 return {"CANCELLED"}

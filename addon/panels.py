@@ -47,8 +47,9 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
         layout.row(align=True).prop(settings, "source", expand=True)
         if settings.source == "IMAGE":
             layout.template_ID(settings, "image", open="promptmesh.open_image")
-            if settings.image is None and from_image.editor_image(context) is not None:
-                layout.label(text=f"Image Editor's: {from_image.editor_image(context).name}", icon="IMAGE_DATA")
+            shown = from_image.editor_image(context) if settings.image is None else None
+            if shown is not None:
+                layout.label(text=f"Image Editor's: {shown.name}", icon="IMAGE_DATA")
             layout.prop(settings, "elevation")
         layout.prop(settings, "prompt", text="")
         problem = session.prompt_problem(settings)
