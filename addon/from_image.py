@@ -39,8 +39,8 @@ def _srgb(linear: np.ndarray) -> np.ndarray:
 def image_rgba(image: Any) -> np.ndarray:
     """The image as the backend checks it: uint8 RGBA [H, W, 4], top row first, sRGB, its alpha
     the foreground (its own transparency, else a matte of a plain background); one larger than
-    MAX_SIDE is shrunk (the reference is rendered at the prior's resolution, far smaller). ImageError saying
-    why an image cannot be used."""
+    MAX_SIDE is shrunk (the reference is rendered at the prior's resolution, far smaller).
+    ImageError saying why an image cannot be used."""
     if image is None:
         raise ImageError("image: choose one in the panel, or show one in an Image Editor")
     w, h = image.size  # reading the size loads the file
