@@ -25,6 +25,7 @@ import trimesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from figures import report as figure  # noqa: E402
 from pool import run_all  # noqa: E402
 
 from promptmesh.backend.prior.shapes import PALETTE, SHAPES  # noqa: E402
@@ -139,6 +140,11 @@ def main() -> None:
     print(f"colour right {right}/{len(rows)} ({right / len(rows):.0%}); even share mean {statistics.mean(evens):.1%}, "
           f"min {min(evens):.1%}, at least 95 % on {sum(e >= 0.95 for e in evens)}/{len(rows)}; "
           f"in place {sum(r[5] for r in rows)}/{len(rows)}; median {statistics.median(r[6] for r in rows):.1f} s per mesh")
+    figure("colour_right", 100 * right / len(rows), "%")
+    figure("even_mean", 100 * statistics.mean(evens), "%")
+    figure("even_min", 100 * min(evens), "%")
+    figure("even_at_least_95", sum(e >= 0.95 for e in evens), "runs")
+    figure("seconds_per_mesh", statistics.median(r[6] for r in rows), "s")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,11 @@ class TextureModel:
         self.ctx, self.surface, recipe = ctx, surface, ctx.recipe
         centre, self.scale = surface.fit()
         self.centre = torch.from_numpy(centre.astype(np.float32)).to(ctx.device)
-        self.vertices = (torch.from_numpy(surface.vertices).to(ctx.device) - self.centre) * self.scale
-        self.faces = torch.from_numpy(surface.faces).long().to(ctx.device)
+        # Rendered as its geometry, not as its UVs split it: copies of a vertex are one vertex, or a
+        # cube unwrapped per side renders as six loose squares, flat-shaded with outlined seams.
+        points, welded = np.unique(surface.vertices, axis=0, return_inverse=True)
+        self.vertices = (torch.from_numpy(points).to(ctx.device) - self.centre) * self.scale
+        self.faces = torch.from_numpy(welded.reshape(-1)[surface.faces]).long().to(ctx.device)
         self.edges = mesh_edges(self.faces)
         self.field, self.background, self.optimizer = field_and_optimiser(ctx, seed)  # its colour head paints
         self.steps = recipe.schedule.steps
