@@ -95,7 +95,8 @@ def quality_tooltip(model: str, quality: Quality) -> str:
     device_type = BACKEND_DEVICE[0].replace(":", " ").split(" ")[0]  # "cuda:0 (NVIDIA ...)" -> "cuda"
     seconds = by_device.get(device_type) if isinstance(by_device, dict) else by_device
     words = {"steps": "iterations", "resolution": "px renders", "mesh_resolution": "mesh detail",
-             "refine_steps": "polish iterations", "guidance_scale": "prompt strength"}
+             "refine_steps": "polish iterations", "guidance_scale": "prompt strength",
+             "optim.lr_grid": "grid learning rate", "optim.lr_mlp": "MLP learning rate"}
     said = ", ".join(f"{value} {words.get(name, name)}" for name, value in settings.items()) or "the model's defaults"
     if isinstance(seconds, (int, float)) and seconds > 0:
         cost = f"about {clock(seconds)} (min:s) on {BACKEND_DEVICE[0] or 'the backend'}"

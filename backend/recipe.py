@@ -224,6 +224,7 @@ VIEW_PROMPT_SETTINGS = {  # a job's `view_prompt` as ViewPrompts switches
     ViewPrompt.CAMERA: {"words": False, "interpolate": False, "perp_neg": False},
 }
 RECIPE_FILE = "recipe.json"
+RECIPE_CHANGES = "recipe"  # the key of a preset's or an objective's changes to the recipe tree
 CARDS_DIR = Path(__file__).with_name("recipes")  # the cards of models that carry none (Hub repositories)
 
 
@@ -232,7 +233,8 @@ class ModelCard:
     """A prior's recipe and what each quality preset changes, as stored beside its weights.
 
     `presets` maps a Quality to the job settings it sets (JobSpec field names; the standard
-    preset is the recipe itself); `seconds` records measured time per object, by device type
+    preset is the recipe itself) and, under "recipe", the part of the recipe's tree it changes
+    (a short run's learning rates); `seconds` records measured time per object, by device type
     then preset, with `measured_on` saying where: the add-on shows it before a job is sent."""
 
     recipe: Recipe
@@ -248,10 +250,11 @@ class ModelCard:
         for quality, settings in self.presets.items():
             if quality not in set(Quality):
                 raise ValueError(f"unknown quality preset {quality!r}: use {', '.join(Quality)}")
-            unknown = set(settings) - set(OPTIONAL)
+            unknown = set(settings) - set(OPTIONAL) - {RECIPE_CHANGES}
             if unknown:
                 raise ValueError(f"the {quality} preset sets {', '.join(sorted(unknown))}: "
-                                 f"presets set only {', '.join(OPTIONAL)}")
+                                 f"presets set only {', '.join(OPTIONAL)} and {RECIPE_CHANGES}")
+            self.changed(self.recipe, settings.get(RECIPE_CHANGES, {}))  # an unknown setting is refused at load
         for kind in self.objectives:
             self.recipe_for(kind)  # an unknown kind or setting is refused when the card loads
 
@@ -261,7 +264,7 @@ class ModelCard:
         if kind not in set(ObjectiveKind):
             raise SpecError("objective", f"must be one of {', '.join(ObjectiveKind)}, got {kind!r}")
         base = self.recipe.objective if self.recipe.objective.kind == kind else Objective(kind=kind)
-        settings = {k: v for k, v in self.objectives.get(kind, {}).items() if k != "recipe"}
+        settings = {k: v for k, v in self.objectives.get(kind, {}).items() if k != RECIPE_CHANGES}
         if "kind" in settings and settings["kind"] != kind:
             raise ValueError(f"the card's {kind} objective says kind {settings['kind']!r}")
         hints = get_type_hints(Objective)
@@ -274,9 +277,13 @@ class ModelCard:
         """The recipe of a job choosing objective `kind`: the card's, with what the card's
         `objectives[kind]["recipe"]` changes (a part of the recipe's tree: the guidance scale,
         learning rates, t schedule its paper publishes) and that objective."""
-        changes = self.objectives.get(kind, {}).get("recipe", {})
-        recipe = Recipe.from_dict(_merged(self.recipe.to_dict(), changes)) if changes else self.recipe
-        return replace(recipe, objective=self.objective(kind))
+        return replace(self.changed(self.recipe, self.objectives.get(kind, {}).get(RECIPE_CHANGES, {})),
+                       objective=self.objective(kind))
+
+    @staticmethod
+    def changed(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
+        """`recipe` with the leaves of the tree `changes` replaced (a ValueError names an unknown one)."""
+        return Recipe.from_dict(_merged(recipe.to_dict(), changes)) if changes else recipe
 
     def to_dict(self) -> dict[str, Any]:
         out = {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
@@ -312,18 +319,27 @@ class ModelCard:
         return dict(self.presets.get(quality, {}))
 
     def describe(self) -> dict[str, Any]:
-        """What each preset means, for clients: {quality: {settings, seconds by device}}."""
-        return {q.value: {"settings": self.preset(q), "seconds": {d: s[q.value] for d, s in self.seconds.items() if q.value in s}}
-                for q in Quality}
+        """What each preset means, for clients: {quality: {settings, seconds by device}}; the
+        recipe changes are among the settings as dotted paths ("optim.lr_grid")."""
+        out = {}
+        for q in Quality:
+            settings = self.preset(q)
+            settings |= _leaves(settings.pop(RECIPE_CHANGES, {}))
+            out[q.value] = {"settings": settings, "seconds": {d: s[q.value] for d, s in self.seconds.items() if q.value in s}}
+        return out
 
 
 def resolve(card: ModelCard, spec: JobSpec, painting: bool = False) -> Recipe:
-    """The recipe a job runs with: the card's recipe, then the job's quality preset, then the
-    settings the job gives explicitly (None: not given). A texture job (`painting`) runs the
-    card's texture steps unless it gives its own."""
+    """The recipe a job runs with: the card's recipe (with its objective's changes), then the
+    job's quality preset (its recipe changes, then its settings), then the settings the job
+    gives explicitly (None: not given). A texture job (`painting`) runs the card's texture
+    steps unless it gives its own, and none of the preset's recipe changes."""
     recipe = card.recipe if spec.objective is None else card.recipe_for(spec.objective)
     given = {name: getattr(spec, name) for name in OPTIONAL}
     preset = card.preset(spec.quality)
+    changes = preset.pop(RECIPE_CHANGES, {})
+    if not painting:  # a preset's changes are tuned for its generation run, not for painting
+        recipe = card.changed(recipe, changes)
     if painting:
         preset = {**preset, "steps": recipe.texture.steps}
     settings = {**preset, **{k: v for k, v in given.items() if v is not None}}

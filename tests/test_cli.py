@@ -128,7 +128,7 @@ def test_quality_presets_come_from_the_models_card_and_explicit_options_win():
     standard = recipe()
     assert (standard.schedule.steps, standard.mesh.resolution, standard.refine.steps, standard.mesh.texture_size) == (
         1000, 128, 0, 1024)  # the embedded card's own recipe
-    assert recipe("--quality", "draft").schedule.steps == 600
+    assert recipe("--quality", "draft").schedule.steps == 500
     assert recipe("--quality", "draft", "--steps", "700").schedule.steps == 700
     high = recipe("--quality", "high")
     assert (high.schedule.steps, high.mesh.resolution, high.refine.steps) == (2400, 192, 300)

@@ -196,7 +196,7 @@ def test_a_job_from_the_add_on_runs_on_the_cluster(cluster, tmp_path, bpy, addon
         prefs.endpoint, prefs.timeout = srv.endpoint, 10.0
         settings, st = bpy.context.scene.promptmesh, bpy.context.window_manager.promptmesh
         settings.prompt, settings.seed, settings.quality, settings.model = "a red cube", 0, "DRAFT", "embedded"
-        given(settings, steps=60, mesh_resolution=32)  # Auto off: else the draft preset's 600 steps
+        given(settings, steps=60, mesh_resolution=32)  # Auto off: else the draft preset's 500 steps
         settings.preview_every = 20
         settings.device, settings.import_when_done = "cpu", False
         assert bpy.ops.promptmesh.generate() == {"FINISHED"}

@@ -103,7 +103,7 @@ def test_a_bad_texture_size_is_refused_naming_the_field(size, complaint):
 
 
 def test_quality_presets_come_from_the_models_card_and_explicit_settings_win():
-    assert resolve(EMBEDDED, JobSpec("a red cube", quality="draft")).schedule.steps == EMBEDDED.presets["draft"]["steps"] == 600
+    assert resolve(EMBEDDED, JobSpec("a red cube", quality="draft")).schedule.steps == EMBEDDED.presets["draft"]["steps"] == 500
     high = resolve(EMBEDDED, JobSpec("a red cube", quality="high"))
     assert (high.schedule.steps, high.mesh.resolution, high.refine.steps) == (2400, 192, 300)
     assert resolve(EMBEDDED, JobSpec("a red cube", quality="high", steps=50, refine_steps=0)).changes_from(
@@ -112,6 +112,23 @@ def test_quality_presets_come_from_the_models_card_and_explicit_settings_win():
     assert (sd_draft.schedule.steps, sd_draft.resolution) == (1500, 64)  # not the embedded prior's draft
     with pytest.raises(SpecError, match="quality: must be one of draft, standard, high, got 'ultra'"):
         JobSpec.from_dict({"prompt": "a red cube", "quality": "ultra"})
+
+
+def test_a_preset_may_change_the_recipe_tree_for_generation_but_not_for_painting():
+    """A short preset's own learning rates: applied under that quality only, before explicit
+    settings, not to a texture job, shown to clients as dotted paths, and refused when unknown."""
+    base = EMBEDDED.recipe
+    card = replace(EMBEDDED, presets={"draft": {"steps": 40, "recipe": {"optim": {"lr_grid": 0.05}}}})
+    draft = resolve(card, JobSpec("a red cube", quality="draft", steps=30))
+    assert draft.changes_from(base.to_dict()) == [f"schedule.steps: {base.schedule.steps} -> 30",
+                                                  f"optim.lr_grid: {base.optim.lr_grid} -> 0.05"]
+    assert resolve(card, JobSpec("a red cube")) == base
+    assert resolve(card, JobSpec("a red cube", quality="draft"), painting=True).optim == base.optim
+    assert resolve(card, JobSpec("a red cube", quality="draft", objective="nfsd")).optim.lr_grid == 0.05
+    assert card.describe()["draft"]["settings"] == {"steps": 40, "optim.lr_grid": 0.05}
+    assert card.presets["draft"]["recipe"] == {"optim": {"lr_grid": 0.05}}  # resolving took nothing from the card
+    with pytest.raises(ValueError, match="Optim.* no setting.* lr_warp"):
+        ModelCard(base, {"draft": {"recipe": {"optim": {"lr_warp": 1.0}}}})
 
 
 def test_a_card_saved_beside_weights_reloads_exactly_and_a_bad_one_is_named(tmp_path):

@@ -528,7 +528,8 @@ def test_models_lists_what_the_server_offers_with_labels_and_the_default(server,
         assert all(set(m) == {"name", "label", "default", "presets"} for m in entries.values())
         # each model's presets from its own card: the embedded prior's draft is not Stable Diffusion's
         embedded, sd21 = entries["embedded"]["presets"], entries["sd21"]["presets"]
-        assert embedded["draft"]["settings"] == {"steps": 600} and embedded["draft"]["seconds"]["cpu"] > 0
+        assert embedded["draft"]["settings"] == {"steps": 500, "optim.lr_grid": 0.03, "optim.lr_mlp": 0.003}
+        assert embedded["draft"]["seconds"]["cpu"] > 0
         assert sd21["draft"]["settings"] == {"steps": 1500, "resolution": 64} and sd21["draft"]["seconds"] == {}
         assert entries[tiny_sd.name]["presets"]["high"]["settings"]["steps"] == 10000  # a SD folder: SD's card
 
