@@ -221,7 +221,10 @@ def test_the_shipped_stable_diffusion_card_carries_each_papers_settings_marked_u
     assert "not yet run on a GPU" in card.notes
     spec = JobSpec("a red cube")
     assert resolve(card, replace(spec, objective="nfsd")).objective.negative  # the paper's negative prompt
-    assert resolve(card, replace(spec, objective="ism")).objective.ism_delta_s == 200
+    ism = resolve(card, replace(spec, objective="ism")).objective
+    assert (ism.ism_delta_s, ism.ism_delta_t) == (200, 80)  # LucidDreamer's xs_delta_t and delta_t
+    csd = resolve(card, replace(spec, objective="csd"))  # the authors' scales: text 1, negative 0 -> 1
+    assert (csd.guidance_scale, csd.objective.csd_negative_weight) == (1.0, (0.0, 1.0))
     vsd = resolve(card, replace(spec, objective="vsd"))  # the paper's guidance scale and t schedule, not SDS's 100
     assert (vsd.guidance_scale, vsd.schedule.t_max_end, vsd.objective.lora_lr) == (7.5, 0.5, 1e-4)
     assert resolve(card, replace(spec, objective="vsd", guidance_scale=3.0)).guidance_scale == 3.0  # explicit wins
