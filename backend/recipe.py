@@ -338,10 +338,10 @@ def resolve(card: ModelCard, spec: JobSpec, painting: bool = False) -> Recipe:
     given = {name: getattr(spec, name) for name in OPTIONAL}
     preset = card.preset(spec.quality)
     changes = preset.pop(RECIPE_CHANGES, {})
-    if not painting:  # a preset's changes are tuned for its generation run, not for painting
-        recipe = card.changed(recipe, changes)
-    if painting:
+    if painting:  # a preset's recipe changes are tuned for its generation run, not for painting
         preset = {**preset, "steps": recipe.texture.steps}
+    else:
+        recipe = card.changed(recipe, changes)
     settings = {**preset, **{k: v for k, v in given.items() if v is not None}}
 
     def pick(name: str, default: T) -> T:
