@@ -208,6 +208,11 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         return _build(cls, data)
 
+    def changed(self, changes: dict[str, Any]) -> Recipe:
+        """This recipe with the leaves of the tree `changes` replaced (a preset's or an objective's;
+        a ValueError names an unknown setting)."""
+        return Recipe.from_dict(_merged(self.to_dict(), changes)) if changes else self
+
     def changes_from(self, old: dict[str, Any]) -> list[str]:
         """`dotted.path: old -> new` for every setting that differs from `old` (a `to_dict()`)."""
         before, after = _leaves(old), _leaves(self.to_dict())
@@ -254,7 +259,7 @@ class ModelCard:
             if unknown:
                 raise ValueError(f"the {quality} preset sets {', '.join(sorted(unknown))}: "
                                  f"presets set only {', '.join(OPTIONAL)} and {RECIPE_CHANGES}")
-            self.changed(self.recipe, settings.get(RECIPE_CHANGES, {}))  # an unknown setting is refused at load
+            self.recipe.changed(settings.get(RECIPE_CHANGES, {}))  # an unknown setting is refused at load
         for kind in self.objectives:
             self.recipe_for(kind)  # an unknown kind or setting is refused when the card loads
 
@@ -277,13 +282,8 @@ class ModelCard:
         """The recipe of a job choosing objective `kind`: the card's, with what the card's
         `objectives[kind]["recipe"]` changes (a part of the recipe's tree: the guidance scale,
         learning rates, t schedule its paper publishes) and that objective."""
-        return replace(self.changed(self.recipe, self.objectives.get(kind, {}).get(RECIPE_CHANGES, {})),
+        return replace(self.recipe.changed(self.objectives.get(kind, {}).get(RECIPE_CHANGES, {})),
                        objective=self.objective(kind))
-
-    @staticmethod
-    def changed(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
-        """`recipe` with the leaves of the tree `changes` replaced (a ValueError names an unknown one)."""
-        return Recipe.from_dict(_merged(recipe.to_dict(), changes)) if changes else recipe
 
     def to_dict(self) -> dict[str, Any]:
         out = {"recipe": self.recipe.to_dict(), "presets": self.presets, "seconds": self.seconds,
@@ -341,7 +341,7 @@ def resolve(card: ModelCard, spec: JobSpec, painting: bool = False) -> Recipe:
     if painting:  # a preset's recipe changes are tuned for its generation run, not for painting
         preset = {**preset, "steps": recipe.texture.steps}
     else:
-        recipe = card.changed(recipe, changes)
+        recipe = recipe.changed(changes)
     settings = {**preset, **{k: v for k, v in given.items() if v is not None}}
 
     def pick(name: str, default: T) -> T:
