@@ -96,7 +96,7 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         model=args.model or EMBEDDED, quality=args.quality, steps=args.steps, resolution=args.resolution,
         mesh_resolution=args.mesh_resolution, refine_steps=args.refine_steps,
         preview_every=args.preview_every, max_faces=args.max_faces, device=args.device, view_prompt=args.view_prompt,
-        texture_size=args.texture_size, objective=args.objective,
+        texture_size=args.texture_size, objective=args.objective, novel_view=getattr(args, "novel_view", None),
         proxy_every=args.proxy_every if getattr(args, "proxy_dir", None) else 0.0,  # proxies only for someone to see
     ).validate(image=bool(getattr(args, "image", None)))
 
@@ -107,9 +107,9 @@ def _reference(args: argparse.Namespace) -> Reference | None:
     from ..shared.image import Reference, check_camera, read_image
 
     if not getattr(args, "image", None):
-        for flag in ("mask", "elevation", "fov"):
+        for flag in ("mask", "elevation", "fov", "novel_view"):
             if getattr(args, flag, None) is not None:
-                raise CliError(f"--{flag} describes the image of an image job: give --image too")
+                raise CliError(f"--{flag.replace('_', '-')} belongs to an image job: give --image too")
         return None
     elevation, fov = check_camera(0.0 if args.elevation is None else args.elevation, args.fov)
     return Reference(read_image(args.image, args.mask), elevation, fov)
@@ -506,11 +506,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     for m in CATALOGUE.values():
         where = cached_repo(m.alias)
         state = "ready" if where == "package" else (f"cached ({where})" if where else "not downloaded")
-        print(f"{m.alias:<9} {state:<52} {m.size}\n          {m.description}; licence {m.licence}")
+        print(f"{m.alias:<10} {state:<51} {m.size}\n           {m.description}; licence {m.licence}")
+        if m.novel_view:  # no card: an image job's recipe holds its settings
+            continue
         for quality, preset in model_card(m.alias).describe().items():
             settings = ", ".join(f"{k} {v}" for k, v in preset["settings"].items()) or "the recipe as it is"
             timed = "; ".join(f"{s:.0f} s on {device}" for device, s in preset["seconds"].items())
-            print(f"          {quality:<8} {settings}{f' ({timed})' if timed else ''}")
+            print(f"           {quality:<8} {settings}{f' ({timed})' if timed else ''}")
     return 0
 
 
@@ -580,6 +582,9 @@ def _generation_options(g: argparse.ArgumentParser, image: bool = False) -> None
                        "(-30..60, default 0)")
         g.add_argument("--fov", type=float, help="with --image: the image's vertical field of view in degrees (15..90, "
                        "default: the model's usual one)")
+        g.add_argument("--novel-view", metavar="MODEL", help="with --image: a novel-view prior beside the text prior, "
+                       "weighted as Magic123 weighs it: zero123-xl (Zero-1-to-3 XL from the Hub, MIT; a CUDA GPU "
+                       "recommended), its Hub id or a folder (default: none)")
     else:
         g.add_argument("prompt")
     g.add_argument("--model", help="'embedded' (default), an alias (sd21, sd15), a Hub id or a folder")

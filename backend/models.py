@@ -21,6 +21,7 @@ from ..shared.errors import PromptMeshError
 from ..shared.vocab import ErrorCode
 
 EMBEDDED = "embedded"
+TEXT_WEIGHTS = ("text_encoder", "unet", "vae")  # what a text prior's distillation loads weights for
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Model:
     size: str = ""  # what SDS needs, estimated from the components' parameter counts in fp16
     card: str = "stable-diffusion.json"  # its recipe and presets: a file of backend/recipes/ (the embedded
     # prior's lives beside its weights)
+    novel_view: bool = False  # an image job's novel-view (3D) prior (JobSpec.novel_view), not a text prior
+    weights: tuple[str, ...] = TEXT_WEIGHTS  # the components distillation loads the weights of
 
 
 CATALOGUE = {m.alias: m for m in (
@@ -44,12 +47,18 @@ CATALOGUE = {m.alias: m for m in (
           licence="CreativeML Open RAIL++-M", size="about 2.6 GB (UNet 865 M, OpenCLIP-H text 340 M, VAE 84 M parameters)"),
     Model("sd15", "Stable Diffusion 1.5, 512 px (CUDA GPU recommended)", ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
           licence="CreativeML Open RAIL-M", size="about 2.1 GB (UNet 860 M, CLIP-L text 123 M, VAE 84 M parameters)"),
+    # The Hub pages of both copies give the MIT licence (checked 2026-12-07); Zero-1-to-3 was
+    # fine-tuned from Stable Diffusion Image Variations, whose use restrictions its model card
+    # repeats. Stability AI's Stable Zero123 (non-commercial) is not offered.
+    Model("zero123-xl", "Zero-1-to-3 XL novel-view prior for image jobs (--novel-view), 256 px (CUDA GPU recommended)",
+          ("bennyguo/zero123-xl-diffusers", "ashawkey/zero123-xl-diffusers"),
+          licence="MIT (its model card also repeats Stable Diffusion's use restrictions)",
+          size="about 2.5 GB (UNet 860 M, CLIP ViT-L/14 image encoder 304 M, VAE 84 M parameters)",
+          novel_view=True, weights=("unet", "vae", "image_encoder", "clip_camera_projection")),
 )}
 # What SDS loads from a Stable Diffusion repository: no safety checker, no feature extractor,
 # and the fp16 weights where the repository has them (else its full-precision safetensors).
-SDS_CONFIGS = ("model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json", "unet/config.json",
-               "vae/config.json")
-SDS_WEIGHTS = ("text_encoder", "unet", "vae")
+SDS_CONFIGS = ("model_index.json", "scheduler/*", "tokenizer/*", "*/config.json")
 # Hub ids Stability AI removed in November 2025 (lower-cased: the Hub matches ids without case),
 # and the alias to use instead. Asked for without a cached copy, each gets one line that says
 # so before any network call: offline, the Hub's advice would be to download what no longer
@@ -99,13 +108,15 @@ def needs_download(model: str) -> bool:
     return not offline and model != EMBEDDED and hub_id and not Path(model).exists() and cached_repo(model) is None
 
 
-def sds_files(names: list[str]) -> list[str]:
-    """Of a repository's file names, what SDS loads: the configs, and for each weighted component
-    its fp16 safetensors where the repository has them, else its full-precision ones."""
-    chosen = [n for n in names if any(fnmatch(n, p) for p in SDS_CONFIGS)]
-    for component in SDS_WEIGHTS:
-        weights = [n for n in names if n.startswith(f"{component}/") and n.endswith(".safetensors")]
-        chosen += [n for n in weights if n.endswith(".fp16.safetensors")] or weights
+def sds_files(names: list[str], weights: tuple[str, ...] = TEXT_WEIGHTS) -> list[str]:
+    """Of a repository's file names, what distillation loads: the configs, and for each of the
+    `weights` components its fp16 safetensors where the repository has them, else its
+    full-precision ones (the safety checker's are never fetched)."""
+    chosen = [n for n in names if any(fnmatch(n, p) for p in SDS_CONFIGS)
+              and (n.count("/") == 0 or n.split("/")[0] in (*weights, "scheduler", "tokenizer"))]
+    for component in weights:
+        files = [n for n in names if n.startswith(f"{component}/") and n.endswith(".safetensors")]
+        chosen += [n for n in files if n.endswith(".fp16.safetensors")] or files
     return chosen
 
 
@@ -155,10 +166,11 @@ def download(model: str, on_bytes: ByteReport | None = None) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
     bars: dict[str, Any] = {} if on_bytes is None else {"tqdm_class": byte_progress(on_bytes)}
+    weights = CATALOGUE[model].weights if model in CATALOGUE else TEXT_WEIGHTS
     errors = []
     for repo in candidates(model):
         try:  # the exact files first, so that one snapshot (and one byte total) fetches them all
-            snapshot_download(repo, allow_patterns=sds_files(HfApi().list_repo_files(repo)), **bars)
+            snapshot_download(repo, allow_patterns=sds_files(HfApi().list_repo_files(repo), weights), **bars)
             return repo
         except Exception as exc:  # the next mirror; the first error is the one to report
             errors.append(exc)
@@ -197,9 +209,13 @@ class Offer:
     models_dir: Path | None = None  # each subfolder is a model, named by the folder's name
     allowed_hub_ids: tuple[str, ...] = ()  # extra Hub ids the operator allows
 
-    def names(self) -> list[str]:
-        folders = sorted(p.name for p in self.models_dir.iterdir() if p.is_dir()) if self.models_dir else []
-        return [*CATALOGUE, *folders, *self.allowed_hub_ids]
+    def names(self, novel_view: bool = False) -> list[str]:
+        """The text priors offered, or (`novel_view`) the novel-view priors for image jobs: a
+        folder is one when it has a camera projection (Zero-1-to-3's layout)."""
+        folders = sorted(p.name for p in self.models_dir.iterdir()
+                         if p.is_dir() and (p / "clip_camera_projection").is_dir() == novel_view) if self.models_dir else []
+        aliases = [a for a, m in CATALOGUE.items() if m.novel_view == novel_view]
+        return [*aliases, *folders, *([] if novel_view else self.allowed_hub_ids)]
 
     def resolve(self, name: str) -> str:
         """The model value to run for a client's `name`; PromptMeshError for anything not offered."""
@@ -209,5 +225,6 @@ class Offer:
             folder = self.models_dir / name
             if folder.is_dir():
                 return str(folder)
-        raise PromptMeshError(f"this server does not offer the model {name[:80]!r}; it offers: {', '.join(self.names())}",
+        raise PromptMeshError(f"this server does not offer the model {name[:80]!r}; it offers: {', '.join(self.names())}"
+                              f" and, for image jobs' novel_view, {', '.join(self.names(novel_view=True))}",
                               ErrorCode.BAD_REQUEST)

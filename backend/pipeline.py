@@ -25,7 +25,8 @@ from ..shared.result import Mesh
 from ..shared.spec import JobSpec
 from ..shared.vocab import Stage
 from . import __version__
-from .guidance import Guidance, load_guidance
+from .guidance import Guidance, load_guidance, load_novel_view
+from .guidance.zero123 import NovelViewGuidance
 from .models import download, needs_download
 from .recipe import Recipe, resolve
 from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, Surface, TextureModel, run_stage
@@ -54,6 +55,12 @@ def cached_guidance(model: str, device: str) -> Guidance:
     return load_guidance(model, device)
 
 
+@lru_cache(maxsize=1)
+def cached_novel_view(model: str, device: str) -> NovelViewGuidance:
+    """The most recently used novel-view prior, likewise."""
+    return load_novel_view(model, device)
+
+
 def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Mesh, list[str]]:
     """The mesh with its baked base-colour texture (`size` 0: none; of `color_at`, else of the
     vertex colours), and warnings. A failed bake (xatlas crashes on some meshes) keeps the
@@ -68,7 +75,8 @@ def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Me
         return mesh, [warning]
 
 
-def reference_metadata(reference: Reference, recipe: Recipe) -> dict[str, Any]:
+def reference_metadata(reference: Reference, recipe: Recipe, novel_view: str | None = None,
+                       novel: NovelViewGuidance | None = None) -> dict[str, Any]:
     """What an image job's result records of its image and reference camera."""
     from .stages.reference import mean_fov, reference_distance
 
@@ -77,7 +85,10 @@ def reference_metadata(reference: Reference, recipe: Recipe) -> dict[str, Any]:
     return {"width": w, "height": h, "elevation": reference.elevation, "fov": fov, "azimuth": 0.0,
             "distance": round(reference_distance(recipe.cameras, fov), 4),
             "foreground": round(float((reference.rgba[..., 3] >= 128).mean()), 4),
-            "priors": {"2d": recipe.reference.prior_2d_weight, "3d": None}}
+            "priors": {"2d": recipe.reference.prior_2d_weight,
+                       "3d": None if novel is None else recipe.reference.prior_3d_weight},
+            **({} if novel is None else {"novel_view": {"model": novel_view, "weights": novel.weights,
+                                                        "guidance_scale": recipe.reference.novel_view_guidance_scale}})}
 
 
 def thread_setting(threads: int | str | None, device: torch.device) -> ThreadTuner | FixedThreads:
@@ -112,10 +123,12 @@ def run(
     t0 = time.perf_counter()
     device = resolve_device(spec.device)
     on_event(StageEvent(Stage.LOADING))
-    if needs_download(spec.model):  # the first use of a model: say so, rather than a long silence
-        on_event(StageEvent(Stage.DOWNLOADING))
-        download(spec.model, on_bytes=lambda done, total: on_event(StageEvent(Stage.DOWNLOADING, done, total)))
+    for name in (spec.model, spec.novel_view):  # the first use of a model: say so, rather than a long silence
+        if name is not None and needs_download(name):
+            on_event(StageEvent(Stage.DOWNLOADING))
+            download(name, on_bytes=lambda done, total: on_event(StageEvent(Stage.DOWNLOADING, done, total)))
     guidance = cached_guidance(spec.model, str(device))
+    novel = None if spec.novel_view is None else cached_novel_view(spec.novel_view, str(device))
     recipe = resolve(guidance.card, spec, painting=surface is not None)
     ctx = JobContext.create(guidance, guidance.embed_prompt(spec.prompt, spec.negative), recipe, spec.seed, device)
     # An image job's checkpoint also names its image and camera: a resume with another one is another job.
@@ -127,7 +140,7 @@ def run(
     if surface is not None:
         stages = [lambda: TextureModel(ctx, surface, spec.seed)]
     else:
-        nerf = NeRFModel(ctx, spec.seed) if reference is None else ReferenceNeRFModel(ctx, spec.seed, reference)
+        nerf = NeRFModel(ctx, spec.seed) if reference is None else ReferenceNeRFModel(ctx, spec.seed, reference, novel)
         stages = [lambda: nerf]
         if recipe.refine.steps:
             stages.append(lambda: DMTetModel(ctx, nerf, nerf.surface_density()))
@@ -168,7 +181,7 @@ def run(
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from,
         "threads": torch.get_num_threads(), "weights": guidance.weights,
-        **({} if reference is None else {"reference": reference_metadata(reference, recipe)}),
+        **({} if reference is None else {"reference": reference_metadata(reference, recipe, spec.novel_view, novel)}),
     }
     result = Result(mesh, metadata, nerf)
     on_event(StageEvent(Stage.DONE))

@@ -165,7 +165,8 @@ class ReferenceSettings:
     rgb_weight: float = 5.0
     mask_weight: float = 0.5
     prior_2d_weight: float = 1.0
-    prior_3d_weight: float = 40.0  # used where a novel-view prior is loaded; none ships yet
+    prior_3d_weight: float = 40.0  # where the job names a novel-view prior (JobSpec.novel_view)
+    novel_view_guidance_scale: float = 5.0  # the 3D prior's classifier-free guidance (Magic123's release)
     every: int = 1  # steps between reference-view renders (stable-dreamfusion's known_view_interval)
 
 

@@ -96,6 +96,9 @@ class JobSpec:
     quality: str | None = None
     # The distillation objective (shared.vocab.Objective); None: the model card's.
     objective: str | None = None
+    # An image job's novel-view (3D) prior beside the text prior (an alias such as zero123-xl, a
+    # Hub id or a folder); None: the text prior alone.
+    novel_view: str | None = None
 
     def validate(self, image: bool = False) -> JobSpec:
         """Check every field; returns self with the prompts normalised (normalise_text). An
@@ -112,6 +115,12 @@ class JobSpec:
                 raise SpecError(name, f"has {len(getattr(self, name))} characters; at most {MAX_PROMPT_CHARS} allowed")
         if not self.model.strip() or len(self.model) > MAX_MODEL_CHARS:
             raise SpecError("model", f"must be 'embedded', a Hub id or a folder (1 to {MAX_MODEL_CHARS} characters)")
+        if self.novel_view is not None:
+            if not isinstance(self.novel_view, str) or not self.novel_view.strip() or len(self.novel_view) > MAX_MODEL_CHARS:
+                raise SpecError("novel_view", f"must be a novel-view prior's alias (zero123-xl), Hub id or folder "
+                                f"(1 to {MAX_MODEL_CHARS} characters)")
+            if not image:
+                raise SpecError("novel_view", "only an image job takes a novel-view prior: give an image")
         for name, words in (("device", Device), ("view_prompt", ViewPrompt), ("quality", Quality), ("objective", Objective)):
             value = getattr(self, name)
             if (value is not None or name == "device") and value not in set(words):

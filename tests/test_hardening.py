@@ -337,11 +337,14 @@ def test_an_offer_resolves_aliases_folders_and_allowed_ids_and_nothing_else(tmp_
     from promptmesh.backend.models import Offer
 
     (tmp_path / "mine").mkdir()
+    (tmp_path / "views" / "clip_camera_projection").mkdir(parents=True)  # a Zero-1-to-3 folder
     (tmp_path / "notes.txt").write_text("not a model")
     offer = Offer(tmp_path, ("someone/their-model",))
     assert offer.resolve("sd21") == "sd21" and offer.resolve("mine") == str(tmp_path / "mine")
     assert offer.resolve("someone/their-model") == "someone/their-model"
+    assert offer.resolve("zero123-xl") == "zero123-xl" and offer.resolve("views") == str(tmp_path / "views")
     assert offer.names() == ["embedded", "sd21", "sd15", "mine", "someone/their-model"]
+    assert offer.names(novel_view=True) == ["zero123-xl", "views"]
     for name in ("notes.txt", "missing", "", ".", str(tmp_path / "mine"), "someone/other"):
         with pytest.raises(PromptMeshError, match="does not offer"):
             offer.resolve(name)

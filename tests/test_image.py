@@ -225,7 +225,8 @@ def test_a_job_is_either_a_texture_or_an_image_job_and_only_an_image_job_may_lac
     (None, ["--image", "missing.png"], "no file"),
     ("full", ["--image", "disc.png", "--mask", "white.png"], "the whole frame"),
     ("disc", ["--image", "disc.png", "--elevation", "80"], "elevation: must be"),
-    (None, ["a red cube", "--mask", "m.png"], "--mask describes the image of an image job"),
+    (None, ["a red cube", "--mask", "m.png"], "--mask belongs to an image job"),
+    (None, ["a red cube", "--novel-view", "zero123-xl"], "--novel-view belongs to an image job"),
     (None, [], "prompt: is empty"),
 ])
 def test_the_cli_refuses_a_bad_image_job_in_one_line(make, args, fragment, tmp_path):
@@ -260,6 +261,14 @@ def test_an_image_job_travels_as_an_array_frame_and_a_bad_image_stores_nothing(t
                 reply = next(m for m in wait_for_id(c, msg_id))
                 assert reply.type == MessageType.ERROR and reply.fields["code"] == ErrorCode.BAD_REQUEST, reply.fields
                 assert complaint in reply.fields["message"], reply.fields["message"]
+            for bad, complaint in [({"novel_view": "/tmp"}, "does not offer the model '/tmp'"),
+                                   ({"novel_view": 5}, "novel_view: must be")]:
+                msg_id = c.send(MessageType.IMAGE, spec={**spec, **bad}, arrays={"image": disc_rgba()})
+                reply = next(m for m in wait_for_id(c, msg_id))
+                assert reply.type == MessageType.ERROR and complaint in reply.fields["message"], reply.fields
+            msg_id = c.send(MessageType.GENERATE, spec={**spec, "prompt": "a ball", "novel_view": "zero123-xl"})
+            reply = next(m for m in wait_for_id(c, msg_id))
+            assert "novel_view: only an image job" in reply.fields["message"], reply.fields
             assert c.request(MessageType.STATUS).fields["jobs"] == []  # nothing stored for any of them
             assert not (srv.data_dir / "jobs").exists() or not list((srv.data_dir / "jobs").iterdir())
 

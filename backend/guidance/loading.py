@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from ..prior import WEIGHTS_DIR
 from ..recipe import CARDS_DIR, RECIPE_FILE, ModelCard
 from .base import Guidance, ModelLoadError
 
+if TYPE_CHECKING:
+    from .zero123 import NovelViewGuidance
+
 # The card of a folder that carries none, by kind: (an embedded-style prior?, multi-view?)
 FALLBACK_CARDS = {(False, False): "stable-diffusion.json", (False, True): "mvdream.json",
                   (True, True): "embedded-multiview.json"}
@@ -23,6 +27,7 @@ FALLBACK_CARDS = {(False, False): "stable-diffusion.json", (False, True): "mvdre
 def model_card(model: str) -> ModelCard:
     """The recipe and quality presets of `model`: its folder's recipe.json; an alias's card;
     for a folder or Hub id without one, the card of its kind (read from its UNet's config)."""
+    refuse_novel_view(model)
     if model == EMBEDDED:
         return _card(WEIGHTS_DIR)
     if model in CATALOGUE:
@@ -45,6 +50,36 @@ def model_card(model: str) -> ModelCard:
     if embedded_style and not multiview:
         return _card(WEIGHTS_DIR)
     return _card(CARDS_DIR / FALLBACK_CARDS[embedded_style, multiview])
+
+
+def refuse_novel_view(model: str) -> None:
+    """A novel-view prior named where a text prior belongs gets one line that says where it goes."""
+    entry = CATALOGUE.get(model)
+    if entry is not None and entry.novel_view:
+        text = ", ".join(a for a, m in CATALOGUE.items() if not m.novel_view)
+        raise ModelLoadError(f"{model} is a novel-view prior for image jobs: pass it as --novel-view (the spec's "
+                             f"novel_view) with an image; the model is a text prior: {text}, a Hub id or a folder")
+
+
+def load_novel_view(model: str, device: torch.device | str = "cpu") -> NovelViewGuidance:
+    """An image job's novel-view prior (Zero-1-to-3 in diffusers layout): an alias tries its
+    mirrors in order and reports the first one's error if none loads."""
+    from .zero123 import NovelViewGuidance
+
+    entry = CATALOGUE.get(model)
+    if model == EMBEDDED or (entry is not None and not entry.novel_view):
+        novel = ", ".join(a for a, m in CATALOGUE.items() if m.novel_view)
+        raise ModelLoadError(f"{model} is a text prior, not a novel-view prior: use {novel}, a Hub id or a folder")
+    errors: list[ModelLoadError] = []
+    for name in candidates(model):
+        path = Path(name).expanduser()
+        if not path.exists():
+            check_hub_id(name)
+        try:
+            return NovelViewGuidance(str(path) if path.exists() else name, device=device)
+        except ModelLoadError as exc:
+            errors.append(exc)
+    raise errors[0]
 
 
 def check_hub_id(model: str) -> None:

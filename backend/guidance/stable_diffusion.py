@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,9 +64,9 @@ def _variant(folder: Path | None, component: str) -> str | None:
     return "fp16" if weights and all(".fp16." in name for name in weights) else None
 
 
-def provenance(model: str, local: bool) -> dict:
+def provenance(model: str, local: bool, components: tuple[str, ...]) -> dict:
     """Where the weights came from: the folder, or the Hub id with the cached snapshot's commit,
-    and the sha256 of the weight files SDS uses (UNet, VAE, text encoder)."""
+    and the sha256 of the weight files of the `components` distillation uses."""
     if local:
         folder, source, revision = Path(model), str(Path(model).resolve()), None
     else:
@@ -74,7 +75,7 @@ def provenance(model: str, local: bool) -> dict:
             raise FileNotFoundError(f"{model} is not in the Hugging Face cache")
         folder = snapshot
         source, revision = model, folder.name
-    return {"source": source, "revision": revision, "sha256": weight_hashes(folder, ("unet", "vae", "text_encoder"))}
+    return {"source": source, "revision": revision, "sha256": weight_hashes(folder, components)}
 
 
 def repository_missing(exc: BaseException) -> bool:
@@ -91,6 +92,48 @@ def repository_missing(exc: BaseException) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a diffusers-layout model loads from: a folder, the local cache, or the Hub."""
+
+    local: bool  # a folder
+    local_only: bool  # no network: a folder, offline, or already cached
+    folder: Path | None  # the files, where they are here already
+
+
+def open_source(model: str, components: tuple[str, ...]) -> Source:
+    """Check that a folder has every component folder, or that a Hub id is cached or the Hub
+    can be reached, before any from_pretrained: each failure gets one line that says what to do."""
+    local = Path(model).is_dir()
+    if not local and Path(model).exists():
+        raise ModelLoadError(f"model path {model} is not a folder")
+    if local:
+        missing = [c for c in components if not (Path(model) / c).is_dir()]
+        if missing:
+            raise ModelLoadError(f"model folder {model} lacks the component folder(s): {', '.join(missing)}")
+    local_only = local or _offline() or _is_cached(model)
+    if not local_only and not _hub_reachable():
+        raise ModelLoadError(
+            f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be reached: "
+            f"download it on a connected machine (`promptmesh models download {model}`) or pass a local folder"
+        )
+    return Source(local, local_only, Path(model) if local else (_snapshot(model) if local_only else None))
+
+
+def load_failure(model: str, local: bool, exc: BaseException, what: str) -> ModelLoadError:
+    """The one-line error for a from_pretrained that failed on `model` (a `what`)."""
+    if not local and repository_missing(exc):
+        return ModelLoadError(
+            f"the Hugging Face Hub has no model {model!r} (removed, renamed, private or gated): use an alias, "
+            f"{' or '.join(a for a in CATALOGUE if a != 'embedded')}, or a local folder")
+    where = "folder" if local else "Hub id"
+    hint = "" if local else (
+        " (offline: download it first with `huggingface-cli download "
+        f"{model}` on a connected machine, or pass a local folder)"
+    )
+    return ModelLoadError(f"cannot load {what} from {where} {model!r}{hint}: {exc}")
+
+
 class StableDiffusionGuidance(Guidance):
     """SDS against Stable Diffusion: renders are upsampled to the UNet's native size (512 for
     SD 2.1-base), VAE-encoded, and scored by the frozen UNet (fp16 and no grad on CUDA)."""
@@ -102,20 +145,8 @@ class StableDiffusionGuidance(Guidance):
         device = torch.device(device)
         # Half precision on CUDA (fp16 LayerNorm has no CPU kernel); the SDS arithmetic stays fp32.
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        local = Path(model).is_dir()
-        if not local and Path(model).exists():
-            raise ModelLoadError(f"model path {model} is not a folder")
-        if local:
-            missing = [c for c in COMPONENTS if not (Path(model) / c).is_dir()]
-            if missing:
-                raise ModelLoadError(f"model folder {model} lacks the component folder(s): {', '.join(missing)}")
-        local_only = local or _offline() or _is_cached(model)
-        if not local_only and not _hub_reachable():
-            raise ModelLoadError(
-                f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be reached: "
-                f"download it on a connected machine (`promptmesh models download {model}`) or pass a local folder"
-            )
-        folder = Path(model) if local else (_snapshot(model) if local_only else None)
+        source = open_source(model, COMPONENTS)
+        local, local_only, folder = source.local, source.local_only, source.folder
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local_only)
             self.text_encoder = CLIPTextModel.from_pretrained(
@@ -130,19 +161,10 @@ class StableDiffusionGuidance(Guidance):
                                                      variant=_variant(folder, "vae"))
             scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local_only)
         except (OSError, ValueError) as exc:
-            if not local and repository_missing(exc):
-                raise ModelLoadError(
-                    f"the Hugging Face Hub has no model {model!r} (removed, renamed, private or gated): use an alias, "
-                    f"{' or '.join(a for a in CATALOGUE if a != 'embedded')}, or a local folder") from exc
-            where = "folder" if local else "Hub id"
-            hint = "" if local else (
-                " (offline: download it first with `huggingface-cli download "
-                f"{model}` on a connected machine, or pass a local folder)"
-            )
-            raise ModelLoadError(f"cannot load Stable Diffusion from {where} {model!r}{hint}: {exc}") from exc
+            raise load_failure(model, local, exc, "Stable Diffusion") from exc
         for module in (self.text_encoder, self.unet, self.vae):
             module.requires_grad_(False).eval().to(device)
-        self.weights = provenance(model, local)
+        self.weights = provenance(model, local, ("unet", "vae", "text_encoder"))
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(device, torch.float32), persistent=False)
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = self.unet.config.sample_size * vae_scale

@@ -37,7 +37,8 @@ DEFAULT_MODEL = next((f.default for f in dataclasses.fields(JobSpec) if f.name =
 def on_hello(server: Server, client: bytes, msg: Message) -> None:
     server.reply(client, Message(T.WELCOME, msg.id, fields={
         "protocol": P.PROTOCOL_VERSION, "version": __version__, "device": server.scheduler.device,
-        "models": server.offer.names(), "vocabularies": {EMBEDDED: server.embedded_words}}))
+        "models": server.offer.names(), "novel_views": server.offer.names(novel_view=True),
+        "vocabularies": {EMBEDDED: server.embedded_words}}))
 
 
 def on_ping(server: Server, client: bytes, msg: Message) -> None:
@@ -63,7 +64,8 @@ def model_entry(server: Server, name: str) -> dict[str, Any]:
 
 def on_models(server: Server, client: bytes, msg: Message) -> None:
     server.reply(client, Message(T.MODELS, msg.id, fields={
-        "models": [model_entry(server, name) for name in server.offer.names()], "device": server.scheduler.device}))
+        "models": [model_entry(server, name) for name in server.offer.names()],
+        "novel_views": server.offer.names(novel_view=True), "device": server.scheduler.device}))
 
 
 def on_texture(server: Server, client: bytes, msg: Message) -> None:
@@ -97,6 +99,8 @@ def on_generate(server: Server, client: bytes, msg: Message,
                               "wait for one to start, or cancel one", ErrorCode.QUEUE_FULL)
     spec = msg.fields["spec"]
     spec.model = server.offer.resolve(spec.model)  # only what this server offers; never a client's path
+    if spec.novel_view is not None:
+        spec.novel_view = server.offer.resolve(spec.novel_view)
     job = server.registry.add(spec, owner=server.keys.of(client), store=store)
     server.listeners.submitted(job.id, client)
     server.scheduler.add(job.id)

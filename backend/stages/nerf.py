@@ -111,12 +111,16 @@ class NeRFModel:
             occupancy=self.occupancy if self.step >= optim.occupancy_warmup else None, config=r.render,
             generator=ctx.generator,
         )
-        loss = ctx.distill(out.rgb, cameras, self.t_range()) + optim.orientation_weight * out.orientation
+        loss = self.distill(out.rgb, cameras) + optim.orientation_weight * out.orientation
         if self.step >= optim.entropy_from * r.schedule.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)
             entropy = -(o * o.log() + (1 - o) * (1 - o).log())
             loss = loss + optim.entropy_weight * entropy.sum() / o.shape[0]
         return loss
+
+    def distill(self, images: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        """The prior's score distillation of this step's renders (an image job adds its 3D prior's)."""
+        return self.ctx.distill(images, cameras, self.t_range())
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         """Display colour at `points` [N, 3]: the colour model later stages paint with."""

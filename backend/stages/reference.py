@@ -1,9 +1,10 @@
 """The NeRF stage of an image job, Magic123's structure (Qian et al. 2023): the reference camera
 (azimuth 0, the object's front; the image's elevation and field of view) reconstructs the
 image's colour on its foreground and its mask as the render's opacity, while every other view
-gets score distillation from the text prior (the prompt, or an empty one) through the job's
-one guidance code, weighted as the paper's joint prior weighs its 2D prior. The loop, mesh
-stage and bake are the text job's.
+gets score distillation from the text prior (the prompt, or an empty one) and, where the job
+names one, from a novel-view prior (Zero-1-to-3) conditioned on the image, each through the one
+guidance code and weighted as the paper's joint prior weighs them. The loop, mesh stage and
+bake are the text job's.
 
 The image is recentred first, as Magic123 and stable-dreamfusion preprocess theirs: its
 foreground's box is centred and scaled so that its longer side spans the share of the frame
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ...shared.image import Reference
 from ..cameras import CameraRanges, Cameras, make_cameras, orbit_cameras
+from ..guidance.zero123 import ImageEmbeddings, NovelViewGuidance
 from ..renderer import render
 from .context import JobContext
 from .loop import rgba_uint8
@@ -77,21 +79,38 @@ def recentre(rgba: np.ndarray, size: int, share: float) -> tuple[torch.Tensor, t
 class ReferenceNeRFModel(NeRFModel):
     """The NeRF stage with Magic123's reference-view terms beside score distillation."""
 
-    def __init__(self, ctx: JobContext, seed: int, reference: Reference) -> None:
+    def __init__(self, ctx: JobContext, seed: int, reference: Reference, novel: NovelViewGuidance | None = None) -> None:
         super().__init__(ctx, seed)
         r = ctx.recipe
         self.reference = reference
         self.camera = reference_camera(r.cameras, reference.elevation, reference.fov).to(ctx.device)
         rgb, mask = recentre(reference.rgba, r.resolution, frame_share(r.cameras))
         self.image, self.mask = rgb.to(ctx.device), mask.to(ctx.device)
+        self.novel = novel
+        self.novel_cond: ImageEmbeddings | None = None
+        if novel is not None:  # the image at the 3D prior's own size, on white as its training images
+            rgb, mask = recentre(reference.rgba, novel.image_size, frame_share(r.cameras))
+            fov = float(torch.rad2deg(self.camera.fovy[0]))
+            self.novel_cond = novel.embed_image(rgb * mask + (1 - mask), reference.elevation, float(self.camera.distance[0]),
+                                                fov, FIT_HALF_EXTENT)
+
+    def distill(self, images: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        """Magic123's joint prior: the 2D (text) prior's distillation and, with a novel-view
+        prior, its distillation given the image and each view's camera relative to the
+        reference, weighted prior_2d_weight and prior_3d_weight."""
+        settings = self.ctx.recipe.reference
+        loss = settings.prior_2d_weight * super().distill(images, cameras)
+        if self.novel is not None and self.novel_cond is not None:
+            loss = loss + settings.prior_3d_weight * self.novel.sds_loss(
+                images, self.novel_cond, cameras, settings.novel_view_guidance_scale, self.t_range(), self.ctx.generator)
+        return loss
 
     def loss(self) -> torch.Tensor:
-        """The 2D prior's distillation (weighted as Magic123's joint prior weighs it) and the
-        regularisers, plus, every `reference.every` steps, the reference view's colour error on
-        the foreground and its opacity's error against the mask, each summed over pixels."""
-        settings = self.ctx.recipe.reference
-        loss = settings.prior_2d_weight * super().loss()
-        if self.step % settings.every == 0:
+        """The joint prior's distillation and the regularisers, plus, every `reference.every`
+        steps, the reference view's colour error on the foreground and its opacity's error
+        against the mask, each summed over pixels."""
+        loss = super().loss()
+        if self.step % self.ctx.recipe.reference.every == 0:
             loss = loss + self.reference_loss()
         return loss
 
