@@ -219,6 +219,21 @@ def cmd_prior_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prior_train_views(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from .prior import WEIGHTS_DIR
+    from .prior.views import ViewsConfig, train_views
+
+    given = {"steps": args.steps, "batch_size": args.batch_size, "references": args.references, "lr": args.lr,
+             "seed": args.seed}  # left out: ViewsConfig's defaults
+    config = ViewsConfig(**{k: v for k, v in given.items() if v is not None},
+                         init=str(WEIGHTS_DIR) if args.init == EMBEDDED else args.init)
+    train_views(Path(args.out), config, resume=args.resume)
+    print(f"a novel-view prior in {Path(args.out) / 'prior'}: `generate --image IMG --novel-view` that folder",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_prior_sample(args: argparse.Namespace) -> int:
     _quiet_libraries()
     import imageio.v3 as iio
@@ -780,6 +795,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to render the data and train (auto: a CUDA GPU if torch sees one)")
     t.set_defaults(func=cmd_prior_train)
+    v = prior.add_parser("train-views", help="train an embedded novel-view prior for image jobs (--novel-view)")
+    v.add_argument("--steps", type=int, help="optimiser steps (default 1,500)")
+    v.add_argument("--batch-size", type=int, help="pairs a step (default 48)")
+    v.add_argument("--references", type=int, help="pictures rendered, each with 4 other views of its subject (default 4,000)")
+    v.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    v.add_argument("--seed", type=int)
+    v.add_argument("--init", default=EMBEDDED, help="the prior to fine-tune: 'embedded' or a prior folder")
+    v.add_argument("--out", default="runs/views")
+    v.add_argument("--resume", action="store_true")
+    v.set_defaults(func=cmd_prior_train_views)
     s = prior.add_parser("sample", help="draw 2D samples around the object to see what the prior knows")
     s.add_argument("prompt")
     s.add_argument("-o", "--output", default="samples.png")

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from promptmesh.backend import __version__  # noqa: E402
 from promptmesh.backend.cameras import sample_views  # noqa: E402
-from promptmesh.backend.cli import _spec, build_parser  # noqa: E402
+from promptmesh.backend.cli import _reference, _spec, build_parser  # noqa: E402
 from promptmesh.backend.export import write_mesh  # noqa: E402
 from promptmesh.backend.pipeline import PreviewEvent, StageEvent, StepEvent, run  # noqa: E402
 from promptmesh.shared.vocab import Stage  # noqa: E402
@@ -144,7 +144,7 @@ def measure(generate_args: list[str], out: Path) -> dict[str, Any]:
     _reset_peaks(cuda)
     current.append(Stage.LOADING)
     marks[Stage.LOADING] = time.perf_counter() - STARTED
-    result = run(spec, on_event, threads=args.threads)
+    result = run(spec, on_event, threads=args.threads, reference=_reference(args))  # --image: an image job
     write_mesh(result.mesh, out / "mesh.glb")
     probe = half_precision_probe(result.nerf.ctx)
     figures: dict[str, Any] = {
@@ -159,6 +159,7 @@ def measure(generate_args: list[str], out: Path) -> dict[str, Any]:
         "first_preview_seconds": marks.get("first preview"), "total_seconds": time.perf_counter() - STARTED,
         "nonfinite_losses": sum(not math.isfinite(v) for v in losses), "half_precision": probe,
         "stages": stages, "faces": result.metadata["faces"], "weights": result.metadata["weights"],
+        "novel_view": result.metadata.get("reference", {}).get("novel_view", {}).get("weights"),
         "threads": result.metadata["threads"],
         "machine": f"promptmesh {__version__}, torch {torch.__version__}, "
                    f"{torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "

@@ -95,7 +95,7 @@ def test_the_full_size_models_are_built_at_their_published_sizes():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
     from fullsize_cpu import SIZES, sd_unet_config
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from promptmesh.backend.mvdream import unet_config
 
@@ -113,6 +113,16 @@ def test_the_full_size_models_are_built_at_their_published_sizes():
     camera = 16 * 1280 + 1280 + 1280 * 1280 + 1280  # linear, SiLU, linear into the 1,280-wide time embedding
     assert count(mv) == count(sd) + camera
     assert sd.config.sample_size == 64 and mv.config.sample_size == 32  # 512 px images; MVDream's 256 px
+    z_unet, z_vae, z_vision = size.zero123
+    with torch.device("meta"):
+        zero123 = UNet2DConditionModel(**z_unet)
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**z_vision))
+    # SD 1's UNet (859,520,964) with 4 more input channels' 3x3 kernels into 320
+    assert count(zero123) == 859_520_964 + 4 * 9 * 320
+    # CLIP ViT-L/14's image tower: 14 px patches, 257 positions, 24 layers of 1,024, projection to 768
+    layer = 4 * (1024 * 1024 + 1024) + 2 * 2048 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)
+    assert count(vision) == 3 * 14 * 14 * 1024 + 1024 + 257 * 1024 + 2048 + 24 * layer + 2048 + 1024 * 768
+    assert AutoencoderKL(**z_vae).config == vae.config and zero123.config.sample_size == 32  # SD's VAE; 256 px
 
 
 def test_gpu_day_plans_the_trainings_into_the_time_left_and_drops_them_when_it_is_short():
@@ -140,20 +150,25 @@ def test_gpu_day_dry_run_runs_every_part_at_tiny_size_on_the_cpu(tmp_path):
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    sd, mv = summary["smoke"]["sd"], summary["smoke"]["mvdream"]
-    assert sd["ok"] and mv["ok"]
-    for figures in (sd, mv):
+    sd, mv, z = summary["smoke"]["sd"], summary["smoke"]["mvdream"], summary["smoke"]["zero123"]
+    assert sd["ok"] and mv["ok"] and z["ok"], z
+    for figures in (sd, mv, z):
         assert figures["seconds_per_step"] > 0 and figures["nonfinite_losses"] == 0 and figures["faces"] > 0
         assert figures["half_precision"]["vae_finite"] and figures["half_precision"]["unet_finite"]
         assert 0 < figures["stages"]["optimising"]["rss_gib"] < 8 and figures["first_preview_seconds"] > 0
     assert sd["refine_steps"] == 1 and sd["refine_seconds_per_step"] > 0 and "refining" in sd["stages"]
     assert mv["refine_steps"] == 0 and mv["resolution"] == 64
+    assert z["refine_steps"] == 0 and "zero123-random-tiny" in z["novel_view"]["source"]  # an image job with it
     models = work / "models"
     weights = sorted(p.relative_to(models).as_posix() for p in models.rglob("*.safetensors"))
     assert weights == ["mvdream-random-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
                        "sd21-random-tiny/text_encoder/model.fp16.safetensors",
                        "sd21-random-tiny/unet/diffusion_pytorch_model.fp16.safetensors",
-                       "sd21-random-tiny/vae/diffusion_pytorch_model.fp16.safetensors"]  # MVDream links SD's others
+                       "sd21-random-tiny/vae/diffusion_pytorch_model.fp16.safetensors",  # MVDream links SD's others
+                       "zero123-random-tiny/clip_camera_projection/diffusion_pytorch_model.safetensors",
+                       "zero123-random-tiny/image_encoder/model.safetensors",
+                       "zero123-random-tiny/unet/diffusion_pytorch_model.safetensors",
+                       "zero123-random-tiny/vae/diffusion_pytorch_model.safetensors"]  # fp16, unnamed, as released
     assert "FAILED" not in (out / "smoke" / "report.txt").read_text()
     assert summary["plan"]["train_steps"] == 2
     for kind in ("2d", "mv"):

@@ -12,10 +12,12 @@ from .. import __version__
 from ..cameras import Cameras
 from ..prior import WEIGHTS_DIR
 from ..prior.model import IMAGE_SIZE, EmbeddedPrior, camera_features
+from ..prior.views import REFERENCE_CHANNELS
 from ..recipe import ModelCard
 from .base import Guidance, ModelLoadError, weight_hashes
 from .traced import Traced
 from .vsd import camera_labels
+from .zero123 import ImageEmbeddings
 
 
 class EmbeddedGuidance(Guidance):
@@ -67,3 +69,45 @@ class EmbeddedGuidance(Guidance):
             return unet(noisy, t, encoder_hidden_states=states, class_labels=labels, return_dict=False)[0]
 
         return self.prior.predict_noise(noisy, t, states, pooled, features, unet=lora)
+
+
+class EmbeddedNovelView(EmbeddedGuidance):
+    """The embedded novel-view prior (prior/views.py): the embedded prior's UNet told the
+    reference picture on three more input channels, its caption always empty; dropped, the
+    picture is zeros (its unconditional branch)."""
+
+    image_size = IMAGE_SIZE
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        try:
+            card = ModelCard.load(Path(path))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read the novel-view prior's card in {path}: {exc}") from exc
+        super().__init__(card, path, device)
+        channels = self.prior.unet.config.in_channels
+        if channels != 3 + REFERENCE_CHANNELS:
+            raise ModelLoadError(f"{path}: not a novel-view prior: its UNet takes {channels} channels, not a view's and a "
+                                 f"picture's ({3 + REFERENCE_CHANNELS}); `promptmesh prior train-views` makes one")
+        with torch.no_grad():
+            self.empty = self.prior.encode_text([""])
+
+    def check_prompt(self, text: str) -> None:
+        raise ModelLoadError("a novel-view prior reads a picture, not text")
+
+    @torch.no_grad()
+    def embed_image(self, image: torch.Tensor, elevation: float, distance: float, fov: float,
+                    half_extent: float) -> ImageEmbeddings:
+        """The picture [1, 3, H, W] in 0..1 on white, framed as the prior's renders (the
+        camera's figures are unused: the prior learnt the front camera, its elevation read
+        from the picture)."""
+        x = F.interpolate(image.to(self.device), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
+                          align_corners=False) * 2 - 1
+        states, pooled = self.empty
+        keep = torch.ones(1, 1, device=self.device)
+        return ImageEmbeddings((states, pooled, x, keep), (states, pooled, torch.zeros_like(x), keep * 0))
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...], cameras: Cameras,
+                      unet: nn.Module | None = None) -> torch.Tensor:
+        states, pooled, picture, keep = cond
+        x = torch.cat([noisy, picture * keep.view(-1, 1, 1, 1)], 1)
+        return super().predict_noise(x, t, (states, pooled), cameras, unet)

@@ -62,8 +62,10 @@ def refuse_novel_view(model: str) -> None:
 
 
 def load_novel_view(model: str, device: torch.device | str = "cpu") -> NovelViewGuidance:
-    """An image job's novel-view prior (Zero-1-to-3 in diffusers layout): an alias tries its
-    mirrors in order and reports the first one's error if none loads."""
+    """An image job's novel-view prior: Zero-1-to-3 in diffusers layout, or a folder that
+    `prior train-views` wrote (a unet and no vae). An alias tries its mirrors in order and
+    reports the first one's error if none loads."""
+    from .embedded import EmbeddedNovelView
     from .zero123 import NovelViewGuidance
 
     entry = CATALOGUE.get(model)
@@ -76,6 +78,8 @@ def load_novel_view(model: str, device: torch.device | str = "cpu") -> NovelView
         if not path.exists():
             check_hub_id(name)
         try:
+            if path.is_dir() and not _is_stable_diffusion(path) and (path / "unet").is_dir():
+                return EmbeddedNovelView(path, device=device)  # type: ignore[return-value]
             return NovelViewGuidance(str(path) if path.exists() else name, device=device)
         except ModelLoadError as exc:
             errors.append(exc)

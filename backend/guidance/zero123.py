@@ -121,15 +121,11 @@ UNIT_HALF_EXTENT = 0.5  # Zero-1-to-3's objects fit a unit cube: its radii are i
 
 
 class ImageEmbeddings(PromptEmbeddings):
-    """The reference image as the novel-view prior's prompt: every view word's row and the
-    prompt's are the image's condition, the negative and the null prompt's the unconditional
-    one (zero context, zero image latents). A row is (CLIP image embedding [W], image latents
-    [C, h, w], the reference camera (elevation and azimuth in degrees, distance, vertical field
-    of view in radians) [4], kept 1 or dropped 0 [1])."""
+    """The reference image as a novel-view prior's prompt: every view word's row and the
+    prompt's are the image's condition `image`, the negative and the null prompt's the
+    unconditional one `null` (rows of one row each, as the prior's predict_noise reads them)."""
 
-    def __init__(self, image: tuple[torch.Tensor, ...]) -> None:
-        embeds, latents, pose, keep = image
-        null = (torch.zeros_like(embeds), torch.zeros_like(latents), pose, torch.zeros_like(keep))  # the pose stays finite
+    def __init__(self, image: tuple[torch.Tensor, ...], null: tuple[torch.Tensor, ...]) -> None:
         super().__init__("<reference image>", "", lambda texts: cat_cond(*(image if t else null for t in texts)))
 
 
@@ -184,15 +180,20 @@ class NovelViewGuidance(Guidance):
         """The condition of a reference image [1, 3, H, W] (display colour in 0..1 on white, the
         object centred as the prior's training images frame theirs) seen from the front camera
         at `elevation` degrees, `distance` and vertical field of view `fov` degrees, of an
-        object `half_extent` across (half, in the scene's units). Its latents are the VAE
-        posterior's mode, unscaled (as the released checkpoints were trained)."""
+        object `half_extent` across (half, in the scene's units): (embedding [W], image latents
+        [C, h, w], that camera (elevation and azimuth in degrees, distance, field of view in
+        radians) and the scale to Zero-1-to-3's units [5], kept 1 or dropped 0 [1]). Its latents
+        are the VAE posterior's mode, unscaled (as the released checkpoints were trained)."""
         x = F.interpolate(image.to(self.device), (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         size = int(self.image_encoder.config.image_size)  # type: ignore[arg-type]  # an int in every CLIP vision config
         embeds = self.image_encoder(pixel_values=clip_pixels(x, size).to(self.dtype)).image_embeds
         latents = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist.mode()
         pose = torch.tensor([[elevation, 0.0, distance, math.radians(fov), UNIT_HALF_EXTENT / half_extent]],
                             device=self.device)
-        return ImageEmbeddings((embeds.float(), latents.float(), pose, torch.ones(1, 1, device=self.device)))
+        keep = torch.ones(1, 1, device=self.device)
+        image_row = (embeds.float(), latents.float(), pose, keep)
+        # unconditional: zero context and zero image latents (the pose stays finite: the zeros are multiplied in)
+        return ImageEmbeddings(image_row, (torch.zeros_like(image_row[0]), torch.zeros_like(image_row[1]), pose, keep * 0))
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...], cameras: Cameras,
                       unet: nn.Module | None = None) -> torch.Tensor:
