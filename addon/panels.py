@@ -10,7 +10,7 @@ import bpy
 from . import from_image, session
 from .operators import EXPORT_ITEMS
 from .preferences import preferences
-from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES
+from .properties import AUTO_FIELDS, CONNECTION, FINAL_STATES, JOB_STATES, LIVE_STATES, NOVEL_VIEWS
 from .shared.vocab import Stage
 
 # Blender icon ids from our enum tables (Any: the stubs want each id as a literal).
@@ -51,6 +51,8 @@ class PROMPTMESH_PT_main(PromptMeshPanel):
             if shown is not None:
                 layout.label(text=f"Image Editor's: {shown.name}", icon="IMAGE_DATA")
             layout.prop(settings, "elevation")
+            if NOVEL_VIEWS or settings.novel_view:  # only where the backend offers one (or the scene names one)
+                layout.prop(settings, "novel_view", icon="VIEW_CAMERA")
         layout.prop(settings, "prompt", text="")
         problem = session.prompt_problem(settings)
         if problem:  # said under the field, before anything is sent

@@ -43,6 +43,7 @@ TEXTURE_ITEMS = [(str(px), f"{px} px" if px else "Off", f"A {px} x {px} texture"
 # offers the embedded prior and whatever model the scene names.
 OFFERED_MODELS: list[str] = []
 MODELS: list[dict[str, Any]] = []
+NOVEL_VIEWS: list[str] = []  # the novel-view priors an image job may name (welcome's and models' `novel_views`)
 BACKEND_DEVICE: list[str] = [""]  # the connected backend's device, for the quality tooltips
 _enum_items: dict[str, list[tuple[str, str, str, int]]] = {}  # Blender needs the item strings kept alive
 
@@ -51,6 +52,11 @@ def offered_models(self: Any, context: Any, edit_text: str) -> list[str]:
     """The model names the backend offers that contain `edit_text`."""
     names = [str(m["name"]) for m in MODELS] or OFFERED_MODELS
     return [m for m in names if edit_text.lower() in m.lower()]
+
+
+def offered_novel_views(self: Any, context: Any, edit_text: str) -> list[str]:
+    """The novel-view priors the backend offers that contain `edit_text`."""
+    return [m for m in NOVEL_VIEWS if edit_text.lower() in m.lower()]
 
 
 def model_entries(current: str) -> list[tuple[str, str, str]]:
@@ -164,6 +170,10 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                              options=NO_ANIMATION, precision=0,
                              description="Degrees above the object's middle the image was taken from: 0 level, 30 "
                                          "looking down on it")
+    novel_view: StringProperty(name="Novel-View Prior", default="", search=offered_novel_views,
+                               search_options={"SUGGESTION"}, options=NO_ANIMATION,
+                               description="A 3D prior beside the text prior, as Magic123 weighs them: one the backend "
+                                           "offers, e.g. zero123-xl (a CUDA GPU). Empty: the text prior alone")
     prompt: StringProperty(name="Prompt", description="What to make, e.g. 'a red cube'", maxlen=1000, options=NO_ANIMATION)
     negative: StringProperty(name="Negative", description="What to avoid, e.g. 'blurry, low detail'", maxlen=1000,
                              options=NO_ANIMATION)
@@ -229,6 +239,7 @@ class PROMPTMESH_PG_settings(bpy.types.PropertyGroup):
                        model=self.model.strip(), quality=Quality(self.quality.lower()), **self.given(),
                        objective=None if self.objective == "AUTO" else Objective(self.objective.lower()),
                        preview_every=self.preview_every, device=self.device, texture_size=int(self.texture_size),
+                       novel_view=(self.novel_view.strip() or None) if image else None,
                        proxy_every=self.proxy_every if self.show_proxy else 0.0).validate(image=image)
 
 

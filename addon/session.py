@@ -30,6 +30,7 @@ from .properties import (
     BACKEND_DEVICE,
     FINAL_STATES,
     MODELS,
+    NOVEL_VIEWS,
     OFFERED_MODELS,
     SEED_MAX,
     SERVER_STATES,
@@ -246,6 +247,7 @@ def disconnect(by_user: bool = False) -> None:
     _vocabularies.clear()
     MODELS.clear()
     OFFERED_MODELS.clear()
+    NOVEL_VIEWS.clear()
     if by_user:
         _next_auto_connect = None
     if _session is not None:
@@ -545,6 +547,8 @@ def on_welcome(st: PROMPTMESH_PG_state, sess: Session, msg: Message, kind: str) 
     st.say(f"connected: backend {msg.fields.get('version', '?')} on {st.device}")
     models = msg.fields.get("models")
     OFFERED_MODELS[:] = [str(m) for m in models] if isinstance(models, list) else []
+    novel = msg.fields.get("novel_views")
+    NOVEL_VIEWS[:] = [str(m) for m in novel] if isinstance(novel, list) else []
     vocabularies = msg.fields.get("vocabularies")
     _vocabularies.clear()
     if isinstance(vocabularies, dict):
@@ -563,6 +567,9 @@ def on_models_reply(st: PROMPTMESH_PG_state, sess: Session, msg: Message, pendin
     if not isinstance(models, list):
         return
     MODELS[:] = [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+    novel = msg.fields.get("novel_views")
+    if isinstance(novel, list):
+        NOVEL_VIEWS[:] = [str(m) for m in novel]
     BACKEND_DEVICE[0] = str(msg.fields.get("device") or st.device)
     settings = bpy.context.scene.promptmesh
     default = next((m["name"] for m in MODELS if m.get("default")), None)

@@ -58,7 +58,7 @@ def reference_image(name: str, color: str, elevation: float):  # type: ignore[no
 
 
 def generate_and_judge(mode: str, name: str, color: str, seed: int, elevation: float, steps: int | None,
-                       prompt: bool) -> tuple:
+                       prompt: bool, novel_view: str | None = None, model: str = "embedded") -> tuple:
     """One row: (mode, subject, colour, seed, elevation, shape right, colour right, front right
     (None: no front), judged shape, judged colour, front yaw, seconds)."""
     from promptmesh.backend.mesh import MeshError
@@ -71,7 +71,9 @@ def generate_and_judge(mode: str, name: str, color: str, seed: int, elevation: f
     text = f"a {color} {name}" if prompt or mode == "text" else ""
     t0 = time.perf_counter()
     try:
-        mesh = run(JobSpec(prompt=text, seed=seed, steps=steps, texture_size=0), reference=reference).mesh
+        spec = JobSpec(prompt=text, seed=seed, steps=steps, texture_size=0, model=model,
+                       novel_view=novel_view if reference is not None else None)
+        mesh = run(spec, reference=reference).mesh
     except MeshError:
         return (mode, name, color, seed, elevation, False, False, None if name in SHAPES else False, "(none)", "(none)",
                 float("nan"), time.perf_counter() - t0)
@@ -97,14 +99,19 @@ def main() -> None:
     p.add_argument("--no-prompt", action="store_true", help="image jobs without a prompt (the image alone)")
     p.add_argument("--baseline", action="store_true", help="also make each subject from its prompt alone, once per "
                    "subject, colour and seed, for the time ratio")
+    p.add_argument("--model", default="embedded", help="the text prior (a folder of the embedded prior's kind: its "
+                   "card's recipe is the one used)")
+    p.add_argument("--novel-view", help="the image jobs' novel-view prior (a folder `prior train-views` wrote, or an "
+                   "alias); default none: the text prior alone")
     p.add_argument("--workers", type=int, default=1, help="processes of one thread each; 1 runs here with all threads")
     args = p.parse_args()
     subjects, colors = args.subjects.split(","), args.colors.split(",")
     elevations = [float(e) for e in args.elevations.split(",")]
-    jobs = [("image", s, c, seed, e, args.steps, not args.no_prompt) for s in subjects for c in colors
-            for seed in range(args.seeds) for e in elevations]
+    jobs = [("image", s, c, seed, e, args.steps, not args.no_prompt, args.novel_view, args.model) for s in subjects
+            for c in colors for seed in range(args.seeds) for e in elevations]
     if args.baseline:
-        jobs += [("text", s, c, seed, 0.0, args.steps, True) for s in subjects for c in colors for seed in range(args.seeds)]
+        jobs += [("text", s, c, seed, 0.0, args.steps, True, None, args.model) for s in subjects for c in colors
+                 for seed in range(args.seeds)]
     print(f"{'mode':<5} {'subject':<9} {'colour':<7} {'seed':>4} {'elev':>4} {'shape':<8} {'colour':<7} {'front':<5} "
           f"{'yaw':>5} {'s':>6}")
     rows: list[tuple] = []

@@ -1479,6 +1479,12 @@ def test_from_image_a_picture_file_becomes_an_object_on_a_live_backend(bpy, addo
         assert np.array_equal(stored["image"], sent) and float(stored["elevation"]) == 20.0
         made = imported_jobs(bpy)[st.jobs[-1].job]
         assert st.jobs[-1].job not in before and made.name.startswith("sketch.png")
+        # the backend's novel-view priors are offered; only an image job sends the one chosen
+        properties = sys.modules[f"{MODULE}.properties"]
+        assert properties.NOVEL_VIEWS == ["zero123-xl"]
+        settings.novel_view, settings.prompt = "zero123-xl", "a ball"
+        assert settings.to_spec(image=True).novel_view == "zero123-xl" and settings.to_spec().novel_view is None
     finally:
         settings.source, settings.image, settings.prompt, settings.elevation = "PROMPT", None, PROMPT, 0.0
+        settings.novel_view = ""
         server.stop()

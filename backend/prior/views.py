@@ -33,7 +33,7 @@ from ...shared.errors import PromptMeshError
 from ...shared.image import ImageError, foreground_rgba
 from ...shared.result import atomic_folder, atomic_write
 from ...shared.vocab import ErrorCode
-from ..cameras import make_cameras, sample_cameras
+from ..cameras import Cameras, make_cameras, sample_cameras
 from ..recipe import Recipe
 from . import WEIGHTS_DIR
 from .data import SUBJECTS
@@ -80,6 +80,7 @@ def render_pairs(count: int, per_reference: int, generator: torch.Generator, rec
     [N, 4] (elevation, azimuth, distance, fov in degrees) and each target's reference index."""
     from ..stages.reference import frame_share
     from .data import render_primitives
+    from .train import RENDER_CHUNK
 
     ranges = recipe.cameras
     is_object = torch.rand(count, generator=generator) < 0.5
@@ -92,15 +93,20 @@ def render_pairs(count: int, per_reference: int, generator: torch.Generator, rec
     mean = lambda lo_hi: torch.full((count,), sum(lo_hi) / 2)  # noqa: E731
     front = make_cameras(elevation, torch.zeros(count), mean(ranges.distance), mean(ranges.fovy))
     shapes = [SUBJECTS[i] for i in ids.tolist()]
-    refs = render_primitives(shapes, colors, front, IMAGE_SIZE * REFERENCE_SUPERSAMPLE, ambient=recipe.shading.ambient,
-                             device=device).cpu()
-    refs = framed_references(refs, IMAGE_SIZE, frame_share(ranges))
     owner = torch.arange(count).repeat_interleave(per_reference)
     cams = sample_cameras(len(owner), generator, ranges)
-    targets = render_primitives([shapes[i] for i in owner.tolist()], colors[owner], cams, IMAGE_SIZE,
-                                ambient=recipe.shading.ambient, device=device).cpu()
     to8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
-    return {"references": to8(refs), "targets": to8(targets), "owner": owner,
+
+    def rendered(names: list[str], tint: torch.Tensor, seen: Cameras, size: int) -> torch.Tensor:
+        """In chunks of RENDER_CHUNK (all drawn first, so the data do not depend on the chunk)."""
+        return torch.cat([to8(render_primitives(names[i:i + RENDER_CHUNK], tint[i:i + RENDER_CHUNK],
+                                                seen[i:i + RENDER_CHUNK], size, ambient=recipe.shading.ambient,
+                                                device=device).cpu()) for i in range(0, len(names), RENDER_CHUNK)])
+
+    refs = rendered(shapes, colors, front, IMAGE_SIZE * REFERENCE_SUPERSAMPLE)
+    refs = to8(framed_references(refs.float() / 255, IMAGE_SIZE, frame_share(ranges)))
+    targets = rendered([shapes[i] for i in owner.tolist()], colors[owner], cams, IMAGE_SIZE)
+    return {"references": refs, "targets": targets, "owner": owner,
             "cameras": torch.stack([cams.elevation, cams.azimuth, cams.distance, torch.rad2deg(cams.fovy)], -1)}
 
 
