@@ -608,10 +608,10 @@ def _generation_options(g: argparse.ArgumentParser, image: bool = False) -> None
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, help="render size in pixels, a multiple of 8")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
-    g.add_argument("--device", choices=list(Device), default=Device.AUTO)
+    g.add_argument("--device", choices=[str(v) for v in Device], default=Device.AUTO)
     g.add_argument("--preview-every", type=int, default=0)
     g.add_argument("--mesh-resolution", type=int, help="marching cubes grid (32..256, default: the model's)")
-    g.add_argument("--quality", choices=list(Quality),
+    g.add_argument("--quality", choices=[str(v) for v in Quality],
                    help="the model's preset of steps, resolution, mesh resolution and refinement (default standard; "
                    "`promptmesh models` lists what each sets); explicit options win")
     g.add_argument("--max-faces", type=int, help="decimate the mesh to at most this many faces (default 20,000)")
@@ -620,10 +620,10 @@ def _generation_options(g: argparse.ArgumentParser, image: bool = False) -> None
     g.add_argument("--texture-size", type=int, metavar="PX",
                    help=f"side of the baked base-colour texture: {', '.join(map(str, TEXTURE_SIZES[1:]))}, or 0 for "
                    "vertex colours only (default: the model's, 1024 for every shipped one)")
-    g.add_argument("--view-prompt", choices=list(ViewPrompt), help="view-dependent prompts: the view word (hard), blended "
+    g.add_argument("--view-prompt", choices=[str(v) for v in ViewPrompt], help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")
-    g.add_argument("--objective", choices=list(Objective),
+    g.add_argument("--objective", choices=[str(v) for v in Objective],
                    help="the distillation objective: sds (DreamFusion), vsd (ProlificDreamer: a LoRA of the prior trained "
                    "alongside, about 3x the time a step), nfsd, csd, ism (LucidDreamer: DDIM inversion, 2-6 more denoiser "
                    "passes a step) or x0 (MVDream); default: the model's (docs/objectives.md compares them)")
@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="optimise a NeRF for a prompt and write a vertex-coloured mesh")
     g.add_argument("-o", "--output", help="output file (default: the prompt's words .glb)")
-    g.add_argument("--format", choices=list(MESH_FORMATS), help="file format (default: from -o, else glb)")
+    g.add_argument("--format", choices=[str(v) for v in MESH_FORMATS], help="file format (default: from -o, else glb)")
     _generation_options(g, image=True)
     g.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     g.add_argument("--video", action="store_true", help="also write a turntable MP4 of the final NeRF")
@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     tx = sub.add_parser("texture", help="paint a given mesh from a prompt (its geometry stays as it is)")
     tx.add_argument("mesh", help="the mesh to paint: GLB/glTF, OBJ, PLY, STL, ... (its UVs are kept if it has them)")
     tx.add_argument("-o", "--output", help="output file (default: the mesh's name and the prompt's words .glb)")
-    tx.add_argument("--format", choices=list(MESH_FORMATS), help="file format (default: from -o, else glb)")
+    tx.add_argument("--format", choices=[str(v) for v in MESH_FORMATS], help="file format (default: from -o, else glb)")
     _generation_options(tx)
     tx.add_argument("--preview-dir", help="write a preview PNG every --preview-every steps here")
     _run_options(tx)
@@ -755,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write FBX for Cinema 4D (Blender's exporter, needs bpy), or GLB/PLY/OBJ")
     ex.add_argument("source", help="a job id (in --data-dir) or a mesh file (.npz, .glb, .ply, .obj)")
-    ex.add_argument("-f", "--format", choices=list(OutputFormat), help="default: from -o")
+    ex.add_argument("-f", "--format", choices=[str(v) for v in OutputFormat], help="default: from -o")
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--data-dir", default="promptmesh-data", help="the server's data folder, for job ids")
     ex.set_defaults(func=cmd_export)

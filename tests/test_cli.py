@@ -29,6 +29,8 @@ from helpers import promptmesh
         (["export", "no-such-thing", "-o", "x.fbx"], "neither a mesh file nor a job id"),
         (["texture", "no-such-mesh.ply", "a red cube"], "cannot read no-such-mesh.ply as a mesh"),
         (["export", "0" * 16, "-o", "x.fbx"], "no finished job"),
+        (["generate", "a red cube", "--quality", "best"], "(choose from 'draft', 'standard', 'high')"),
+        (["generate", "a red cube", "--format", "fbx"], "(choose from 'glb', 'ply', 'obj')"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, fragment, tmp_path):
