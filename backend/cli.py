@@ -620,7 +620,8 @@ def _generation_options(g: argparse.ArgumentParser, image: bool = False) -> None
     g.add_argument("--texture-size", type=int, metavar="PX",
                    help=f"side of the baked base-colour texture: {', '.join(map(str, TEXTURE_SIZES[1:]))}, or 0 for "
                    "vertex colours only (default: the model's, 1024 for every shipped one)")
-    g.add_argument("--view-prompt", choices=[str(v) for v in ViewPrompt], help="view-dependent prompts: the view word (hard), blended "
+    g.add_argument("--view-prompt", choices=[str(v) for v in ViewPrompt],
+                   help="view-dependent prompts: the view word (hard), blended "
                    "along the azimuth (interpolated), blended with Perp-Neg (2 more denoiser passes per step), or "
                    "none, the prior's camera input alone (camera); default: the model's")
     g.add_argument("--objective", choices=[str(v) for v in Objective],
