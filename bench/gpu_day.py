@@ -4,11 +4,11 @@
     python bench/gpu_day.py --dry-run --out DIR      # the same at tiny sizes on the CPU (the tests run it)
 
 No Hub access is needed (docs/gpu_day.md has the bare-machine install). In order:
-1. smoke: Stable Diffusion 2.1-base and MVDream at their published sizes with random weights
-   (bench/fullsize_cpu.py builds them; fp16 files), each path in a process of its own through
-   bench/gpu_smoke.py: seconds per step (SD's NeRF, its refinement at 512 px, MVDream's four
-   views), peak VRAM per stage against the 8 GB budget, the time to the first preview, and the
-   fp16 path checked for NaNs. Always runs.
+1. smoke: Stable Diffusion 2.1-base, MVDream and Zero-1-to-3 XL at their published sizes with
+   random weights (bench/fullsize_cpu.py builds them; fp16 files), each path in a process of its
+   own through bench/gpu_smoke.py: seconds per step (SD's NeRF, its refinement at 512 px,
+   MVDream's four views, an image job with SD and Zero-1-to-3), peak VRAM per stage against the
+   8 GB budget, the time to the first preview, and the fp16 path checked for NaNs. Always runs.
 2. trainings, side by side on the GPU: the view-biased embedded prior and the multi-view prior,
    both from the shipped weights (`promptmesh prior train`, with the settings #12 and #13 left
    ready), with as many steps as the time left allows; dropped, with the reason written, when
@@ -62,6 +62,7 @@ class Mode:
     sd_step_s: float  # guess for fp16 on an H100
     refine_step_s: float  # guess (512 px renders through the VAE), its grid's setup included
     mv_step_s: float  # guess
+    image_step_s: float  # an image job's step with SD 2.1 and Zero-1-to-3 XL (guess: SD's and a smaller UNet's)
     train: tuple[str, ...]  # `prior train` options both trainings share
     train_2d: tuple[str, ...]  # the view-biased 2D prior's own
     max_train_steps: int
@@ -79,7 +80,7 @@ class Mode:
 
 FULL = Mode(
     device="cuda", size="full", smoke_steps=50, smoke_refine_steps=10, preview_every=10,
-    build_s=60, smoke_fixed_s=40, sd_step_s=0.3, refine_step_s=1.0, mv_step_s=0.5,
+    build_s=90, smoke_fixed_s=40, sd_step_s=0.3, refine_step_s=1.0, mv_step_s=0.5, image_step_s=0.45,
     train=("--device", "cuda", "--init", "embedded", "--batch-size", "2048", "--dataset-size", "131072",
            "--lr", "1e-3", "--warmup", "100"),
     # #12's next step (issue 12's note): more images of the objects with a front (ducks drew worst)
@@ -93,7 +94,7 @@ FULL = Mode(
 # Every part once at tiny sizes, in the fewest processes: a check that the commands still run.
 DRY = Mode(
     device="cpu", size="tiny", smoke_steps=2, smoke_refine_steps=1, preview_every=1,
-    build_s=10, smoke_fixed_s=25, sd_step_s=3, refine_step_s=25, mv_step_s=10,
+    build_s=10, smoke_fixed_s=25, sd_step_s=3, refine_step_s=25, mv_step_s=10, image_step_s=5,
     train=("--device", "cpu", "--init", "embedded", "--batch-size", "8", "--dataset-size", "32", "--warmup", "1"),
     train_2d=("--object-share", "0.6"), max_train_steps=2, dataset_s=10, train_step_s=3,
     benches={"prompt_accuracy": ("--seeds", "1", "--shapes", "cube", "--colors", "red", "--steps", "20"),
@@ -127,7 +128,7 @@ def make_plan(mode: Mode, budget_s: float, cores: int, margin_s: float = 30.0) -
     still get twice MIN_TRAIN_STEPS beside them (else the GPU's minutes go to training, and the
     benchmarks run later on any machine). With fewer than
     MIN_TRAIN_STEPS fitting, the trainings are dropped and the benchmarks run on the shipped weights."""
-    smoke = (mode.build_s + 2 * mode.smoke_fixed_s + mode.smoke_steps * (mode.sd_step_s + mode.mv_step_s)
+    smoke = (mode.build_s + 3 * mode.smoke_fixed_s + mode.smoke_steps * (mode.sd_step_s + mode.mv_step_s + mode.image_step_s)
              + mode.smoke_refine_steps * mode.refine_step_s)
     workers = max(1, cores - 2)  # two cores feed the GPU
     after = max(bench_seconds(mode.after, workers, mode), mode.mv_consistency_s)
