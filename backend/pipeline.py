@@ -78,7 +78,7 @@ def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Me
 def reference_metadata(reference: Reference, recipe: Recipe, novel_view: str | None = None,
                        novel: NovelViewGuidance | None = None) -> dict[str, Any]:
     """What an image job's result records of its image and reference camera."""
-    from .stages.reference import mean_fov, reference_distance
+    from .framing import mean_fov, reference_distance
 
     fov = mean_fov(recipe.cameras) if reference.fov is None else reference.fov
     h, w = reference.rgba.shape[:2]

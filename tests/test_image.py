@@ -14,10 +14,10 @@ from PIL import Image
 
 from helpers import ServerProcess, cancel_at_step, promptmesh, small_spec, wait_for, wait_for_id
 from promptmesh.backend.cameras import CameraRanges, make_cameras
+from promptmesh.backend.framing import frame_share, recentre, reference_camera, reference_distance
 from promptmesh.backend.pipeline import PreviewEvent, StageEvent, run
 from promptmesh.backend.prior.data import render_primitives
 from promptmesh.backend.prior.shapes import PALETTE
-from promptmesh.backend.stages.reference import frame_share, recentre, reference_camera, reference_distance
 from promptmesh.shared.client import Client
 from promptmesh.shared.image import ImageError, Reference, border_matte, check_camera, check_rgba, foreground_rgba, read_image
 from promptmesh.shared.spec import JobSpec

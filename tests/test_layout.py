@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("shared", ("shared",)),
     ("maths", ("backend.background", "backend.cameras", "backend.dmtet", "backend.export", "backend.field",
-               "backend.mesh", "backend.models", "backend.multiview", "backend.mvdream", "backend.process",
+               "backend.framing", "backend.mesh", "backend.models", "backend.multiview", "backend.mvdream", "backend.process",
                "backend.prompts", "backend.raster", "backend.recipe", "backend.renderer", "backend.shading",
                "backend.texture", "backend.threads", "backend=")),  # `backend=`: that module alone (its version)
     ("prior", ("backend.prior",)),

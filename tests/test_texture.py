@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import trimesh
 
+from promptmesh.backend.framing import FIT_HALF_EXTENT, FIT_RMS_RADIUS
 from promptmesh.backend.pipeline import StageEvent, StepEvent, run
 from promptmesh.backend.prior.judge import color_word
 from promptmesh.backend.prior.shapes import SHAPES, sdf
 from promptmesh.backend.stages import Surface
-from promptmesh.backend.stages.texture import FIT_HALF_EXTENT, FIT_RMS_RADIUS, rms_radius
+from promptmesh.backend.stages.texture import rms_radius
 from promptmesh.shared.spec import JobSpec
 from promptmesh.shared.surface import SurfaceError, check_surface
 from promptmesh.shared.vocab import Stage

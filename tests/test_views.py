@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from promptmesh.backend.framing import frame_share
 from promptmesh.backend.guidance import ModelLoadError, load_novel_view
 from promptmesh.backend.guidance.embedded import EmbeddedNovelView
 from promptmesh.backend.pipeline import run
@@ -14,7 +15,6 @@ from promptmesh.backend.prior import WEIGHTS_DIR
 from promptmesh.backend.prior.model import EmbeddedPrior
 from promptmesh.backend.prior.train import CARD
 from promptmesh.backend.prior.views import ViewsConfig, render_pairs, train_views, widen
-from promptmesh.backend.stages.reference import frame_share
 from promptmesh.shared.image import Reference
 from promptmesh.shared.spec import JobSpec
 

@@ -61,7 +61,7 @@ def widen(unet: UNet2DConditionModel, extra: int = REFERENCE_CHANNELS) -> UNet2D
 def framed_references(rgb: torch.Tensor, size: int, share: float) -> torch.Tensor:
     """[B, 3, S, S] renders in 0..1 on white -> [B, 3, size, size] in 0..1 as an image job sees
     them: the matte's foreground, recentred to `share` of the frame, on white."""
-    from ..stages.reference import recentre  # the image job's own recentring
+    from ..framing import recentre  # the image job's own recentring
 
     out = []
     for image in (rgb.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8):
@@ -78,7 +78,7 @@ def render_pairs(count: int, per_reference: int, generator: torch.Generator, rec
                  device: torch.device | str = "cpu") -> dict:
     """`count` references, each with `per_reference` targets: uint8 images, the targets' cameras
     [N, 4] (elevation, azimuth, distance, fov in degrees) and each target's reference index."""
-    from ..stages.reference import frame_share
+    from ..framing import frame_share
     from .data import render_primitives
     from .train import RENDER_CHUNK
 

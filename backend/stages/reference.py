@@ -15,65 +15,18 @@ camera stands at the distance that keeps that framing at the image's field of vi
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...shared.image import Reference
-from ..cameras import CameraRanges, Cameras, make_cameras, orbit_cameras
+from ..cameras import Cameras, orbit_cameras
+from ..framing import FIT_HALF_EXTENT, frame_share, recentre, reference_camera
 from ..guidance.zero123 import ImageEmbeddings, NovelViewGuidance
 from ..renderer import render
 from .context import JobContext
 from .loop import rgba_uint8
 from .nerf import NeRFModel
-from .texture import FIT_HALF_EXTENT
-
-
-def mean_fov(ranges: CameraRanges) -> float:
-    return sum(ranges.fovy) / 2
-
-
-def frame_share(ranges: CameraRanges) -> float:
-    """The share of the frame's side that an object FIT_HALF_EXTENT across (half) spans in the
-    prior's renders at the mean distance and field of view of `ranges`."""
-    distance = sum(ranges.distance) / 2
-    return FIT_HALF_EXTENT / (distance * math.tan(math.radians(mean_fov(ranges)) / 2))
-
-
-def reference_distance(ranges: CameraRanges, fov: float) -> float:
-    """The camera distance at which an object keeps the prior's framing at field of view `fov`."""
-    return FIT_HALF_EXTENT / (frame_share(ranges) * math.tan(math.radians(fov) / 2))
-
-
-def reference_camera(ranges: CameraRanges, elevation: float, fov: float | None) -> Cameras:
-    """The front camera (azimuth 0) at `elevation`, lit from where it stands."""
-    fov = mean_fov(ranges) if fov is None else fov
-    one = lambda v: torch.tensor([float(v)])  # noqa: E731
-    return make_cameras(one(elevation), one(0.0), one(reference_distance(ranges, fov)), one(fov))
-
-
-def recentre(rgba: np.ndarray, size: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """([1, 3, size, size] colour, [1, 1, size, size] mask) of a checked RGBA image: the
-    foreground's box centred with its longer side `share` of the frame, resampled with
-    antialiasing (colour premultiplied by the mask, so no background bleeds into the edge)."""
-    mask = rgba[..., 3] >= 128
-    rows, cols = np.nonzero(mask)
-    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    side = max(bottom - top, right - left) / share  # the square frame around it, in source pixels
-    cy, cx = (top + bottom) / 2, (left + right) / 2
-    x = torch.from_numpy(rgba.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    x = torch.cat([x[:, :3] * (x[:, 3:] >= 0.5), (x[:, 3:] >= 0.5).float()], 1)  # premultiplied, binary mask
-    # The frame as an affine grid over the source: pixels outside it are empty (zeros).
-    h, w = mask.shape
-    theta = torch.tensor([[[side / w, 0.0, (2 * cx / w) - 1], [0.0, side / h, (2 * cy / h) - 1]]], dtype=torch.float32)
-    fine = max(size, min(1024, int(round(side))))  # sample at the source's density, then average down
-    grid = F.affine_grid(theta, [1, 4, fine, fine], align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = F.interpolate(out, (size, size), mode="area") if fine != size else out
-    alpha = out[:, 3:]
-    return out[:, :3] / alpha.clamp_min(1e-6) * (alpha > 1e-6), alpha
 
 
 class ReferenceNeRFModel(NeRFModel):

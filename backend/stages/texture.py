@@ -17,6 +17,7 @@ from ...shared.result import Mesh
 from ...shared.surface import MAX_FACES, check_surface
 from ...shared.vocab import Stage
 from ..cameras import Cameras, orbit_cameras
+from ..framing import FIT_HALF_EXTENT, FIT_RMS_RADIUS
 from ..mesh import MeshError
 from ..raster import mesh_edges, vertex_normals
 from .context import JobContext
@@ -24,15 +25,6 @@ from .loop import PROXY_MAX_FACES, rgba_uint8
 from .nerf import active_levels, annealed_t_range, descend, field_and_optimiser
 from .surface import render_surface
 
-# A given mesh is scaled for the cameras to the size the prior draws objects at, or it gets
-# painted to look that size: a mesh larger than the prior's idea of its subject has its rim
-# painted the background's white (a 3-unit cube fitted by its box to 0.55: 27 % of it even).
-# Size is the surface's RMS distance from its box centre (area-weighted), which the embedded
-# prior's primitives share (0.47-0.55; a cube's box half-extent is 0.42, a sphere's 0.55), and
-# never a box half-extent over 0.55 (their largest; thin objects, a mug or an arrow, have a
-# small RMS). Every shipped card's cameras frame that size whole.
-FIT_RMS_RADIUS = 0.52
-FIT_HALF_EXTENT = 0.55
 SIGMA = 0.5  # pixels of the rasteriser's antialiased outline
 
 
