@@ -13,8 +13,10 @@ import copy
 import functools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -96,7 +98,15 @@ def load_or_render_dataset(out: Path, config: TrainConfig, views: int = 1, devic
     return data
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
+class LearningSchedule(Protocol):
+    """What learning_rate reads of a training's settings (TrainConfig, views.ViewsConfig)."""
+
+    lr: float
+    warmup: int
+    steps: int
+
+
+def learning_rate(step: int, config: LearningSchedule) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -146,6 +156,58 @@ def draw_batch(data: dict, mirrorable: torch.Tensor, size: int, views: int, gene
     return a.sqrt() * x + (1 - a).sqrt() * noise, captions, cameras, t, noise
 
 
+@dataclass
+class Training:
+    """What a training run carries from step to step and checkpoints: the model, its EMA copy,
+    the optimiser, the one generator and the step. The step's descent and the saving are
+    written once for the 2D, multi-view and novel-view priors."""
+
+    model: EmbeddedPrior
+    ema: EmbeddedPrior
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    ema_decay: float
+    step: int = 0
+
+    @classmethod
+    def start(cls, model: EmbeddedPrior, params: Iterable[torch.nn.Parameter], lr: float, ema_decay: float, seed: int,
+              state: dict | None = None) -> Training:
+        """AdamW over `params`, the EMA a copy of `model`; from a checkpoint's `state` when given."""
+        ema = copy.deepcopy(model).requires_grad_(False)
+        run = cls(model, ema, torch.optim.AdamW(params, lr=lr, weight_decay=1e-4), torch.Generator().manual_seed(seed),
+                  ema_decay)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.generator.set_state(state["generator"])
+            run.step = state["step"]
+        return run
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def descend(self, loss: torch.Tensor) -> None:
+        """One optimiser step on `loss` (gradients clipped to norm 1), then the EMA's update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        self.step += 1
+
+    def save(self, out: Path, config: dict, views: int) -> None:
+        """OUT/checkpoint.pt (with the settings `config` it was trained under) and the EMA
+        weights with their card under OUT/prior."""
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "generator": self.generator.get_state(), "step": self.step, "config": config}
+        atomic_write(out / "checkpoint.pt", functools.partial(torch.save, state))
+        atomic_folder(out / "prior", lambda folder: save_with_card(self.ema, folder, views))
+
+
 def save_with_card(prior: EmbeddedPrior, folder: Path, views: int) -> None:
     """The weights and, beside them, the card SDS reads (recipe.json): a prior's recipe is the one
     it was trained under; no time has been measured for new weights."""
@@ -187,16 +249,8 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     model = initial_model(config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    run = Training.start(model, model.parameters(), config.lr, config.ema_decay, config.seed + 1, state)
+    generator, step = run.generator, run.step
     alphas = model.scheduler.alphas_cumprod
     mirrorable = {v: torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in d["subjects"].tolist()])
                   for v, d in datasets.items()}
@@ -232,31 +286,21 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         noisy, captions, cameras, t, noise = draw_batch(
             datasets[views], mirrorable[views], config.batch_size, views, generator, alphas, config)
         lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        run.set_lr(lr)
         states, pooled = model.encode_ids(caption_ids[[caption_row[c] for c in captions]])
         with single_views(model.unet) if views == 1 else contextlib.nullcontext():
             pred = model.predict_noise(noisy.to(device), t.to(device), states, pooled,
                                        camera_features(cameras, RECIPE.cameras))
         loss = torch.nn.functional.mse_loss(pred, noise.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        step += 1
+        run.descend(loss)
+        step = run.step
         pending.append((step, lr, time.time() - t0, loss.detach()))
         bar.update(1)
         if step % LOG_EVERY == 0:
             write_log()
         if step % config.checkpoint_every == 0 or step == config.steps:
             write_log()
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "generator": generator.get_state(), "step": step, "config": asdict(config)}
-            atomic_write(ckpt_path, functools.partial(torch.save, state))
-            atomic_folder(out / "prior", lambda folder: save_with_card(ema, folder, config.views))
+            run.save(out, asdict(config), config.views)
     bar.close()
     log.close()
-    return ema
+    return run.ema

@@ -17,11 +17,9 @@ from another camera (its class embedding's camera, as for text). `promptmesh pri
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from tqdm import tqdm
 
 from ...shared.errors import PromptMeshError
 from ...shared.image import ImageError, foreground_rgba
-from ...shared.result import atomic_folder, atomic_write
+from ...shared.result import atomic_write
 from ...shared.vocab import ErrorCode
 from ..cameras import Cameras, make_cameras, sample_cameras
 from ..recipe import Recipe
@@ -127,7 +125,7 @@ class ViewsConfig:
 
 def train_views(out: Path, config: ViewsConfig, resume: bool = False) -> EmbeddedPrior:
     """Train (or resume) the novel-view prior; returns the EMA model, also saved under OUT/prior."""
-    from .train import CARD, learning_rate, save_with_card
+    from .train import CARD, Training, learning_rate
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
@@ -147,27 +145,18 @@ def train_views(out: Path, config: ViewsConfig, resume: bool = False) -> Embedde
     torch.manual_seed(config.seed)
     model = EmbeddedPrior.from_pretrained(config.init)
     widen(model.unet)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=config.lr, weight_decay=1e-4)
-    model.text_encoder.requires_grad_(False)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    model.text_encoder.requires_grad_(False)  # captions are empty: only the UNet learns
+    run = Training.start(model, model.unet.parameters(), config.lr, config.ema_decay, config.seed + 1, state)
+    generator = run.generator
     alphas = model.scheduler.alphas_cumprod
     with torch.no_grad():
         states, pooled = model.encode_text([""])
-    lr_config = replace_lr(config)
-    log = open(out / "loss.csv", "a" if step else "w")
-    if step == 0:
+    log = open(out / "loss.csv", "a" if run.step else "w")
+    if run.step == 0:
         log.write("step,loss,lr,seconds\n")
-    bar = tqdm(total=config.steps, initial=step, desc="training novel-view prior", unit="step")
+    bar = tqdm(total=config.steps, initial=run.step, desc="training novel-view prior", unit="step")
     t0, running = time.time(), math.nan
-    while step < config.steps:
+    while run.step < config.steps:
         pick = torch.randint(len(data["owner"]), (config.batch_size,), generator=generator)
         x = data["targets"][pick].float().div(127.5).sub(1.0)
         ref = data["references"][data["owner"][pick]].float().div(127.5).sub(1.0)
@@ -178,39 +167,22 @@ def train_views(out: Path, config: ViewsConfig, resume: bool = False) -> Embedde
         t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = torch.cat([a.sqrt() * x + (1 - a).sqrt() * noise, ref * keep], 1)
-        lr = learning_rate(step, lr_config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = learning_rate(run.step, config)
+        run.set_lr(lr)
         n = config.batch_size
         pred = model.predict_noise(noisy, t, states.expand(n, -1, -1), pooled.expand(n, -1),
                                    camera_features(cameras, CARD.recipe.cameras))
         loss = torch.nn.functional.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
-        optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        step += 1
+        run.descend(loss)
         value = loss.item()
         running = value if math.isnan(running) else 0.98 * running + 0.02 * value
-        log.write(f"{step},{value:.5f},{lr:.3e},{time.time() - t0:.1f}\n")
+        log.write(f"{run.step},{value:.5f},{lr:.3e},{time.time() - t0:.1f}\n")
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps:
             log.flush()
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "generator": generator.get_state(), "step": step, "config": asdict(config)}
-            atomic_write(ckpt_path, functools.partial(torch.save, state))
-            atomic_folder(out / "prior", lambda folder: save_with_card(ema, folder, 1))
+            run.save(out, asdict(config), 1)
     bar.close()
     log.close()
-    return ema
+    return run.ema
 
-
-def replace_lr(config: ViewsConfig):  # noqa: ANN201 - train.TrainConfig, imported late
-    """The schedule's settings as train.learning_rate reads them (warm-up, then cosine decay)."""
-    from .train import TrainConfig
-
-    return replace(TrainConfig(), steps=config.steps, lr=config.lr, warmup=config.warmup)
