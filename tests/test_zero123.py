@@ -1,8 +1,8 @@
-"""Zero-1-to-3's conditioning (backend/guidance/zero123.py) on a tiny randomly initialised UNet
-and CLIP vision model built here: the relative camera, the posed embedding and the 8-channel
-input each reach the noise prediction, and classifier-free guidance drops both. Then the
-novel-view prior loaded from a tiny copy saved in the released checkpoints' diffusers layout
-(tests/tiny_zero123.py), its distillation checked by hand, and an image job that uses it."""
+"""Zero-1-to-3 (backend/guidance/zero123.py): the relative camera and the posed embedding, then
+the novel-view prior loaded from a tiny random copy saved in the released checkpoints' diffusers
+layout (tests/tiny_zero123.py): the camera, the image's embedding and latents each reach the
+noise prediction and the unconditional row sees none of them, its distillation checked by hand,
+and an image job that uses it."""
 
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from helpers import promptmesh
 from promptmesh.backend.cameras import make_cameras
 from promptmesh.backend.guidance import ModelLoadError, load_novel_view
 from promptmesh.backend.guidance.loading import load_guidance, model_card
-from promptmesh.backend.guidance.zero123 import NovelViewGuidance, PosedImageEmbedding, clip_pixels, guided_noise, relative_camera
+from promptmesh.backend.guidance.zero123 import NovelViewGuidance, PosedImageEmbedding, clip_pixels, relative_camera
 from promptmesh.backend.models import CATALOGUE, sds_files
 from promptmesh.backend.pipeline import run
 from promptmesh.shared.image import Reference
@@ -29,23 +27,6 @@ from promptmesh.shared.spec import JobSpec, SpecError
 from tiny_zero123 import save_tiny_zero123
 
 WIDTH = 32
-
-
-@pytest.fixture(scope="module")
-def tiny() -> tuple[UNet2DConditionModel, CLIPVisionModelWithProjection, PosedImageEmbedding]:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=WIDTH, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8,
-        projection_dim=WIDTH)).eval()
-    posed = PosedImageEmbedding(WIDTH)
-    with torch.no_grad():  # a trained projection mixes the camera in; the identity start ignores it
-        posed.proj.weight.add_(torch.randn_like(posed.proj.weight) * 0.5)
-    return unet, clip, posed
 
 
 def test_the_relative_camera_is_polar_angle_sine_cosine_azimuth_and_radius():
@@ -68,33 +49,6 @@ def test_the_posed_embedding_starts_as_the_image_embedding_alone():
     assert out.shape == (3, 1, WIDTH) and torch.allclose(out[:, 0], e, atol=1e-6)
 
 
-@torch.no_grad()
-def test_the_camera_and_the_input_image_reach_the_noise_and_guidance_drops_both(tiny):
-    unet, clip, posed = tiny
-    g = torch.Generator().manual_seed(1)
-    image = torch.rand(1, 3, 48, 48, generator=g)
-    embeds = clip(pixel_values=clip_pixels(image, clip.config.image_size)).image_embeds
-    assert embeds.shape == (1, WIDTH)
-    latents, noisy = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
-    t = torch.tensor([500])
-    side = relative_camera(torch.tensor([0.0]), torch.tensor([90.0]), torch.tensor([2.0]))
-    back = relative_camera(torch.tensor([0.0]), torch.tensor([180.0]), torch.tensor([2.0]))
-
-    def eps(camera, image_latents=latents, scale=3.0, image_embeds=embeds):
-        return guided_noise(unet, posed, noisy, t, image_embeds, image_latents, camera, scale)
-
-    base = eps(side)
-    assert base.shape == (1, 4, 8, 8) and torch.isfinite(base).all()
-    assert not torch.allclose(base, eps(back), atol=1e-4)  # the relative camera matters
-    assert not torch.allclose(base, eps(side, image_latents=latents + 1), atol=1e-4)  # so does the input's latent
-    assert not torch.allclose(base, eps(side, image_embeds=embeds + 1), atol=1e-4)  # and its CLIP embedding
-    # guidance scale 0: the unconditional branch alone, which sees neither camera nor image
-    assert torch.allclose(eps(side, scale=0.0), eps(back, image_latents=latents + 1, scale=0.0), atol=1e-5)
-    # scale 1: the conditional branch alone, as the UNet computes it from 8 channels and the posed token
-    direct = unet(torch.cat([noisy, latents], 1), t, encoder_hidden_states=posed(embeds, side)).sample
-    assert torch.allclose(eps(side, scale=1.0), direct, atol=1e-5)
-
-
 # ---- the novel-view prior from a folder in the released layout ----------------------------------
 @pytest.fixture(scope="module")
 def zero123_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -104,6 +58,35 @@ def zero123_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cameras_at(elevation: list[float], azimuth: list[float], distance: list[float], fov: float):
     n = len(elevation)
     return make_cameras(torch.tensor(elevation), torch.tensor(azimuth), torch.tensor(distance), torch.full((n,), fov))
+
+
+@torch.no_grad()
+def test_the_camera_and_the_input_image_reach_the_noise_and_the_unconditional_row_sees_neither(zero123_folder):
+    prior = NovelViewGuidance(str(zero123_folder))
+    with torch.no_grad():  # a trained projection mixes the camera in strongly; the tiny random one barely
+        prior.posed.proj.weight.add_(torch.randn_like(prior.posed.proj.weight) * 0.5)
+    g = torch.Generator().manual_seed(1)
+    emb = prior.embed_image(torch.rand(1, 3, 48, 48, generator=g), 0.0, 2.0, 40.0, 0.55)
+    embeds, latents, pose, keep = emb.plain_rows(1)
+    assert embeds.shape == (1, WIDTH)
+    noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    side, back = cameras_at([0.0], [90.0], [2.0], 40.0), cameras_at([0.0], [180.0], [2.0], 40.0)
+
+    def eps(cameras, image_latents=latents, image_embeds=embeds, kept=keep):
+        return prior.predict_noise(noisy, t, (image_embeds, image_latents, pose, kept), cameras)
+
+    base = eps(side)
+    assert base.shape == (1, 4, 8, 8) and torch.isfinite(base).all()
+    assert not torch.allclose(base, eps(back), atol=1e-4)  # the relative camera matters
+    assert not torch.allclose(base, eps(side, image_latents=latents + 1), atol=1e-4)  # so does the input's latent
+    assert not torch.allclose(base, eps(side, image_embeds=embeds + 1), atol=1e-4)  # and its CLIP embedding
+    # the unconditional row sees neither camera nor image
+    dropped = keep * 0
+    assert torch.allclose(eps(side, kept=dropped), eps(back, image_latents=latents + 1, kept=dropped), atol=1e-5)
+    # the conditional row, as the UNet computes it from 8 channels and the posed token
+    camera = relative_camera(torch.tensor([0.0]), torch.tensor([90.0]), torch.tensor([0.0]))
+    direct = prior.unet(torch.cat([noisy, latents], 1), t, encoder_hidden_states=prior.posed(embeds, camera)).sample
+    assert torch.allclose(base, direct, atol=1e-5)
 
 
 @torch.no_grad()

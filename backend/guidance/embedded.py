@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...shared.errors import PromptMeshError
+from ...shared.vocab import ErrorCode
 from .. import __version__
 from ..cameras import Cameras
 from ..prior import WEIGHTS_DIR
@@ -92,7 +94,7 @@ class EmbeddedNovelView(EmbeddedGuidance):
             self.empty = self.prior.encode_text([""])
 
     def check_prompt(self, text: str) -> None:
-        raise ModelLoadError("a novel-view prior reads a picture, not text")
+        raise PromptMeshError("a novel-view prior reads a picture, not text", ErrorCode.BAD_REQUEST)
 
     @torch.no_grad()
     def embed_image(self, image: torch.Tensor, elevation: float, distance: float, fov: float,

@@ -100,22 +100,6 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def guided_noise(unet: nn.Module, posed: PosedImageEmbedding, noisy: torch.Tensor, t: torch.Tensor,
-                 image_embeds: torch.Tensor, image_latents: torch.Tensor, camera: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-    """Zero-1-to-3's guided noise prediction for latents `noisy` [B, C, h, w] of the target
-    views: the conditional branch sees the posed embedding and the input image's latents [B, C,
-    h, w] concatenated on channels; the unconditional one a zero context and zero latents;
-    uncond + s * (cond - uncond). `unet` is a diffusers UNet2DConditionModel with 2C input
-    channels and the embedding's width as its cross-attention dimension."""
-    context = posed(image_embeds, camera)
-    sample = torch.cat([torch.cat([noisy, image_latents], 1), torch.cat([noisy, torch.zeros_like(image_latents)], 1)])
-    states = torch.cat([context, torch.zeros_like(context)])
-    eps_cond, eps_uncond = unet(sample, torch.cat([t, t]), encoder_hidden_states=states).sample.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-
-
 ZERO123_COMPONENTS = ("unet", "vae", "image_encoder", "clip_camera_projection", "scheduler")
 UNIT_HALF_EXTENT = 0.5  # Zero-1-to-3's objects fit a unit cube: its radii are in those units
 
