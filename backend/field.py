@@ -133,7 +133,7 @@ class ChunkedMLP(torch.autograd.Function):
             xc, gc = x[s:s + ctx.chunk], grad_out[s:s + ctx.chunk]
             hidden = ChunkedMLP.hidden(xc, w1, b1)
             grad_w2.addmm_(gc.t(), hidden)
-            grad_hidden = (gc @ w2).mul_(hidden > 0)
+            grad_hidden = torch.ops.aten.threshold_backward(gc @ w2, hidden, 0)  # ReLU's gradient, no mask tensor
             grad_w1.addmm_(grad_hidden.t(), xc)
             grad_b1 += grad_hidden.sum(0)
             if grad_x is not None:
