@@ -250,7 +250,7 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         torch.set_float32_matmul_precision("high")
     model = initial_model(config).to(device)
     run = Training.start(model, model.parameters(), config.lr, config.ema_decay, config.seed + 1, state)
-    generator, step = run.generator, run.step
+    generator = run.generator
     alphas = model.scheduler.alphas_cumprod
     mirrorable = {v: torch.tensor([SUBJECTS[i] in MIRROR_SYMMETRIC for i in d["subjects"].tolist()])
                   for v, d in datasets.items()}
@@ -258,10 +258,10 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
     # 2 CPU cores, a sixth of a step on an H100.
     distinct = possible_captions({p for d in datasets.values() for p in d["prompts"]})
     caption_row, caption_ids = {c: i for i, c in enumerate(distinct)}, model.token_ids(distinct)
-    log = open(out / "loss.csv", "a" if step else "w")
-    if step == 0:
+    log = open(out / "loss.csv", "a" if run.step else "w")
+    if run.step == 0:
         log.write("step,loss,lr,seconds\n")
-    bar = tqdm(total=config.steps, initial=step, desc="training prior", unit="step")
+    bar = tqdm(total=config.steps, initial=run.step, desc="training prior", unit="step")
     t0, running = time.time(), None
     pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, seconds, loss on the device)
 
@@ -279,13 +279,13 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{pending[-1][1]:.1e}")
         pending.clear()
 
-    while step < config.steps:
+    while run.step < config.steps:
         views = config.views
         if views > 1 and torch.rand((), generator=generator) < config.single_view_share:
             views = 1
         noisy, captions, cameras, t, noise = draw_batch(
             datasets[views], mirrorable[views], config.batch_size, views, generator, alphas, config)
-        lr = learning_rate(step, config)
+        lr = learning_rate(run.step, config)
         run.set_lr(lr)
         states, pooled = model.encode_ids(caption_ids[[caption_row[c] for c in captions]])
         with single_views(model.unet) if views == 1 else contextlib.nullcontext():
@@ -293,12 +293,11 @@ def train(out: Path, config: TrainConfig, resume: bool = False, device: torch.de
                                        camera_features(cameras, RECIPE.cameras))
         loss = torch.nn.functional.mse_loss(pred, noise.to(device))
         run.descend(loss)
-        step = run.step
-        pending.append((step, lr, time.time() - t0, loss.detach()))
+        pending.append((run.step, lr, time.time() - t0, loss.detach()))
         bar.update(1)
-        if step % LOG_EVERY == 0:
+        if run.step % LOG_EVERY == 0:
             write_log()
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps:
             write_log()
             run.save(out, asdict(config), config.views)
     bar.close()
