@@ -11,7 +11,13 @@ table. Asserts nothing.
 
     python bench/objectives.py [--objectives sds,nfsd,csd,ism,vsd] [--steps 300,600,1000] [--colors red,blue]
                                [--seeds 2] [--shapes cube,torus] [--objects mug,duck] [--workers 2] [--quick]
-                               [--texture-size 0]
+                               [--texture-size 0] [--rows FILE]
+
+The whole grid takes longer than a working session, so --rows FILE keeps it across runs: every
+object's row is appended to FILE (JSON lines, with the commit and the time it ran) as it is
+judged, objects already in FILE are not run again, and the table covers FILE's rows of the grid
+asked for. A run stopped part way loses only the objects not yet written (those in flight, and
+any finished behind one in flight: rows are written in the grid's order).
 
 Seconds per object exclude the texture bake unless --texture-size asks for one (the judges
 read vertex colours).
@@ -23,7 +29,9 @@ mesh (the tests' dry run: it checks the plumbing, not the objectives).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,6 +101,34 @@ def generate_and_judge(objective: str, steps: int, subject: str, color: str, see
     return row
 
 
+KEY = ("objective", "steps", "subject", "color", "seed")  # a job's first fields, in its order
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY)
+
+
+def _kept_rows(path: Path | None, jobs: list[tuple], model: str) -> list[dict]:
+    """The rows of `path` that answer one of `jobs` on `model` (the last, where one ran twice)."""
+    if path is None or not path.exists():
+        return []
+    wanted = {job[:len(KEY)] for job in jobs}
+    kept = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("model") == model and _key(row) in wanted:
+                kept[_key(row)] = row
+    return list(kept.values())
+
+
+def _commit() -> str:
+    """The checkout's commit, so that rows kept across runs say which code made them."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, check=False)
+    return out.stdout.strip() or "unknown"
+
+
 def summary(rows: list[dict], shapes: list[str]) -> list[str]:
     """The markdown table: one line per objective and step budget."""
     head = (["objective", "steps", "both right (shapes)", *[f"IoU {s}" for s in shapes], "cube sharpness",
@@ -134,6 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--texture-size", type=int, default=0,
                    help="the baked texture's side (default 0: vertex colours, which the judges read; the bake is no objective's)")
     p.add_argument("--quick", action="store_true", help="a dry run: 3 steps, one shape, one object, one colour and seed")
+    p.add_argument("--rows", type=Path, default=None, help="a JSON-lines file the rows are kept in across runs")
     args = p.parse_args(argv)
     settings: dict[str, Any] = {"model": args.model, "texture_size": args.texture_size}
     if args.quick:
@@ -145,17 +182,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for steps in args.steps.split(",") for objective in args.objectives.split(",")
             for subject in subjects for color in args.colors.split(",")
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    print(f"{len(jobs)} objects; model {args.model}; workers {args.workers}")
+    rows = _kept_rows(args.rows, jobs, args.model)
+    done = {_key(r) for r in rows}
+    todo = [job for job in jobs if job[:len(KEY)] not in done]
+    print(f"{len(jobs)} objects, {len(todo)} to run; model {args.model}; workers {args.workers}")
     print(f"{'objective':<9} {'steps':>5} {'prompt':<20} {'seed':>4} {'judged':<9} {'colour':<7} {'IoU':>5} {'s':>6}")
-    rows: list[dict] = []
+    stamp = {"model": args.model, "commit": _commit()}
 
     def report(row: dict) -> None:
         rows.append(row)
+        if args.rows is not None:
+            with args.rows.open("a") as f:
+                f.write(json.dumps(row | stamp | {"at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
         print(f"{row['objective']:<9} {row['steps']:>5} {'a ' + row['color'] + ' ' + row['subject']:<20} {row['seed']:>4} "
               f"{row['judged']:<9} {row['judged_color']:<7} {row.get('iou', float('nan')):>5.2f} {row['seconds']:>6.1f}",
               flush=True)
 
-    run_all(generate_and_judge, jobs, args.workers, report)
+    run_all(generate_and_judge, todo, args.workers, report)
+    order = {job[:len(KEY)]: i for i, job in enumerate(jobs)}
+    rows.sort(key=lambda r: order[_key(r)])
     print()
     print("\n".join(summary(rows, shapes)))
     return rows

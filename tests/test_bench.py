@@ -201,6 +201,28 @@ def test_the_objectives_bench_dry_run_runs_every_objective_and_counts_what_each_
     assert table.count("\n| ") == 5  # a line per objective below the header
 
 
+def test_the_objectives_bench_keeps_its_rows_across_runs_and_runs_only_what_is_missing(tmp_path, capsys):
+    """--rows: a second run of the same grid runs nothing and tables the kept rows; a row lost from
+    the file (a run stopped part way) is the only one run again."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from objectives import main
+
+    kept = tmp_path / "rows.jsonl"
+    grid = ["--quick", "--objectives", "sds,csd", "--rows", str(kept)]
+    first = main(grid)
+    lines = kept.read_text().splitlines()
+    assert len(first) == len(lines) == 4 and all(json.loads(line)["commit"] for line in lines)
+    capsys.readouterr()
+    again = main(grid)
+    assert "4 objects, 0 to run" in capsys.readouterr().out
+    verdicts = [(r["objective"], r["subject"], r["judged"]) for r in first]
+    assert [(r["objective"], r["subject"], r["judged"]) for r in again] == verdicts
+    kept.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # the third row (csd on the cube) lost
+    third = main(grid)
+    assert "4 objects, 1 to run" in capsys.readouterr().out
+    assert len(kept.read_text().splitlines()) == 4 and [r["subject"] for r in third] == ["cube", "mug", "cube", "mug"]
+
+
 def test_cube_sharpness_is_one_for_a_cube_at_any_yaw_and_small_for_a_sphere():
     sys.path.insert(0, str(ROOT / "bench"))
     import numpy as np
