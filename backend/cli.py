@@ -121,6 +121,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     reference = _reference(args)
     spec = _spec(args)
+    if reference is not None:
+        from .stages.reference import image_job_warnings
+
+        for warning in image_job_warnings(spec.prompt, spec.novel_view):
+            print(f"note: {warning}", file=sys.stderr)
     name = spec.prompt or (Path(args.image).stem if reference is not None else "")
     out, fmt = output_path(args.output, args.format, name)
     return _run_and_write(args, spec, out, fmt, reference=reference)

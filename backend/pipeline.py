@@ -32,7 +32,7 @@ from .recipe import Recipe, resolve
 from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, Surface, TextureModel, run_stage
 from .stages.events import Cancelled, Event, PreviewEvent, ProxyEvent, ResultEvent, StageEvent, StepEvent
 from .stages.loop import PROXY_MAX_FACES, PROXY_RESOLUTION, CheckpointMismatch, LoopSettings, ProxyClock
-from .stages.reference import ReferenceNeRFModel
+from .stages.reference import ReferenceNeRFModel, image_job_warnings
 from .texture import ColorAt, TextureError, bake
 from .threads import FixedThreads, ThreadTuner, resolve_device
 
@@ -177,7 +177,8 @@ def run(
         "resolution": recipe.resolution, "guidance_scale": recipe.guidance_scale,
         "mesh_resolution": recipe.mesh.resolution, "device": str(device), "promptmesh": __version__,
         "texture_size": 0 if mesh.texture is None else len(mesh.texture),
-        "warnings": [*(surface.warnings if surface is not None else ()), *warnings],
+        "warnings": [*(surface.warnings if surface is not None else ()),
+                     *(image_job_warnings(spec.prompt, spec.novel_view) if reference is not None else ()), *warnings],
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from,
         "threads": torch.get_num_threads(), "weights": guidance.weights,

@@ -4,6 +4,7 @@ Diffusion, the CLI's refusals and the server's image request."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 
@@ -181,6 +182,7 @@ def test_the_embedded_prior_fits_the_reference_view_of_an_image_it_rendered():
     assert [e.stage for e in events if isinstance(e, StageEvent)][:2] == [Stage.LOADING, Stage.OPTIMISING]
     meta = result.metadata
     assert meta["prompt"] == "" and meta["reference"]["azimuth"] == 0.0 and meta["reference"]["elevation"] == 0.0
+    assert any("name the object in the prompt" in w for w in meta["warnings"])
     assert len(result.mesh.faces) > 0
 
 
@@ -240,6 +242,16 @@ def test_the_cli_refuses_a_bad_image_job_in_one_line(make, args, fragment, tmp_p
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and fragment in errors[0], proc.stderr
     assert set(tmp_path.iterdir()) == before
+
+
+def test_the_cli_says_at_the_start_that_an_image_job_without_a_prompt_guesses_its_unseen_sides(tmp_path):
+    Image.fromarray(disc_rgba()).save(tmp_path / "disc.png")
+    proc = promptmesh("generate", "--image", "disc.png", "--steps", "1", "--mesh-resolution", "32", "--texture-size", "0",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: no prompt")]
+    assert len(notes) == 1 and proc.stderr.index(notes[0]) < proc.stderr.index("wrote ")
+    assert any("no prompt" in w for w in json.loads((tmp_path / "disc.json").read_text())["warnings"])
 
 
 @pytest.mark.slow

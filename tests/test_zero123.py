@@ -205,6 +205,8 @@ def test_an_image_job_with_a_novel_view_prior_distils_from_both_and_says_so(zero
     assert all(torch.equal(params[1][k], params[2][k]) for k in params[1])  # seeded: the joint job repeats exactly
     meta = joint.metadata["reference"]
     assert meta["priors"] == {"2d": 1.0, "3d": 40.0} and plain.metadata["reference"]["priors"]["3d"] is None
+    # no prompt: only the job without a novel-view prior is told that its unseen sides are a guess
+    assert any("no prompt" in w for w in plain.metadata["warnings"]) and joint.metadata["warnings"] == []
     assert meta["novel_view"]["model"] == str(zero123_folder) and meta["novel_view"]["guidance_scale"] == 5.0
     assert "clip_camera_projection/diffusion_pytorch_model.safetensors" in meta["novel_view"]["weights"]["sha256"]
     assert json.loads(json.dumps(joint.metadata))  # what the result file keeps
@@ -234,6 +236,7 @@ def test_the_cli_fetches_zero123_xl_from_a_mirror_for_an_image_job_and_records_i
                                "--mesh-resolution", "32", "--texture-size", "0", "-o", "disc.glb"],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr
+        assert "no prompt" not in proc.stderr  # the novel-view prior sees the unseen sides
         got = {r.split("/resolve/")[1].split("/", 1)[1] for r in hub.requests if r.startswith("GET /" + second)}
     assert got == set(sds_files(list(files), CATALOGUE["zero123-xl"].weights))
     assert "feature_extractor/preprocessor_config.json" not in got
