@@ -121,14 +121,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     reference = _reference(args)
     spec = _spec(args)
-    if reference is not None:
-        from .stages.reference import image_job_warnings
-
-        for warning in image_job_warnings(spec.prompt, spec.novel_view):
-            print(f"note: {warning}", file=sys.stderr)
+    _say_image_job_warnings(reference, spec)
     name = spec.prompt or (Path(args.image).stem if reference is not None else "")
     out, fmt = output_path(args.output, args.format, name)
     return _run_and_write(args, spec, out, fmt, reference=reference)
+
+
+def _say_image_job_warnings(reference: Reference | None, spec: JobSpec) -> None:
+    """An image job's notes, said before it runs or is sent (the result keeps them too)."""
+    if reference is not None:
+        from ..shared.image import image_job_warnings
+
+        for warning in image_job_warnings(spec.prompt, spec.novel_view):
+            print(f"note: {warning}", file=sys.stderr)
 
 
 def cmd_texture(args: argparse.Namespace) -> int:
@@ -345,6 +350,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise CliError("a job paints --mesh or makes an object from --image, not both")
         kind, arrays = MessageType.IMAGE, {"image": reference.rgba}
         fields = {"elevation": reference.elevation, **({} if reference.fov is None else {"fov": reference.fov})}
+        _say_image_job_warnings(reference, spec)
     if args.mesh:  # a texture job: the mesh travels with it, checked here first as the server will
         from ..shared.surface import check_surface
         from .export import read_surface

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..shared.image import Reference
+from ..shared.image import Reference, image_job_warnings
 from ..shared.result import Mesh
 from ..shared.spec import JobSpec
 from ..shared.vocab import Stage
@@ -32,7 +32,7 @@ from .recipe import Recipe, resolve
 from .stages import Checkpointer, DMTetModel, JobContext, NeRFModel, StageModel, Surface, TextureModel, run_stage
 from .stages.events import Cancelled, Event, PreviewEvent, ProxyEvent, ResultEvent, StageEvent, StepEvent
 from .stages.loop import PROXY_MAX_FACES, PROXY_RESOLUTION, CheckpointMismatch, LoopSettings, ProxyClock
-from .stages.reference import ReferenceNeRFModel, image_job_warnings
+from .stages.reference import ReferenceNeRFModel
 from .texture import ColorAt, TextureError, bake
 from .threads import FixedThreads, ThreadTuner, resolve_device
 

@@ -298,6 +298,7 @@ def test_an_image_job_travels_as_an_array_frame_and_a_bad_image_stores_nothing(t
         proc = promptmesh("submit", "--image", str(tmp_path / "disc.png"), "--elevation", "10", "--endpoint", srv.endpoint,
                           "--model", tiny_sd.name, "--steps", "4", "--resolution", "16", "--device", "cpu", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
+        assert "note: no prompt" in proc.stderr  # said before the job is sent, as generate says it
         with np.load(srv.data_dir / "jobs" / proc.stdout.split()[-1] / "reference.npz") as stored:
             assert np.array_equal(stored["image"], disc_rgba()) and float(stored["elevation"]) == 10.0
     finally:
