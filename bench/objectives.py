@@ -108,11 +108,10 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in KEY)
 
 
-def _kept_rows(path: Path | None, jobs: list[tuple], model: str) -> list[dict]:
-    """The rows of `path` that answer one of `jobs` on `model` (the last, where one ran twice)."""
+def _kept_rows(path: Path | None, wanted: dict[tuple, int], model: str) -> list[dict]:
+    """The rows of `path` whose key is in `wanted` on `model` (the last, where one ran twice)."""
     if path is None or not path.exists():
         return []
-    wanted = {job[:len(KEY)] for job in jobs}
     kept = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -182,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for steps in args.steps.split(",") for objective in args.objectives.split(",")
             for subject in subjects for color in args.colors.split(",")
             for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    rows = _kept_rows(args.rows, jobs, args.model)
+    order = {job[:len(KEY)]: i for i, job in enumerate(jobs)}
+    rows = _kept_rows(args.rows, order, args.model)
     done = {_key(r) for r in rows}
     todo = [job for job in jobs if job[:len(KEY)] not in done]
     print(f"{len(jobs)} objects, {len(todo)} to run; model {args.model}; workers {args.workers}")
@@ -199,7 +199,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
               flush=True)
 
     run_all(generate_and_judge, todo, args.workers, report)
-    order = {job[:len(KEY)]: i for i, job in enumerate(jobs)}
     rows.sort(key=lambda r: order[_key(r)])
     print()
     print("\n".join(summary(rows, shapes)))
