@@ -140,6 +140,10 @@ def test_a_card_saved_beside_weights_reloads_exactly_and_a_bad_one_is_named(tmp_
         model_card(str(tmp_path))
     with pytest.raises(ValueError, match="presets set only"):
         ModelCard(EMBEDDED.recipe, {"draft": {"seed": 3}})
+    misplaced = {**EMBEDDED.to_dict(), "reference": {"offset_lr": 0.001}}  # a recipe setting put at the top
+    (tmp_path / "recipe.json").write_text(json.dumps(misplaced))
+    with pytest.raises(ValueError, match="no part.* reference .*go under \"recipe\""):
+        ModelCard.load(tmp_path)
 
 
 def test_a_folder_without_a_card_gets_the_card_of_its_kind(tmp_path):
