@@ -8,7 +8,7 @@ along their local -Z with +Y up. Export converts to each file format's axes (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +53,13 @@ class Cameras:
 
     def cat(self, *others: Cameras) -> Cameras:
         return Cameras(*(torch.cat([getattr(c, f) for c in (self, *others)]) for f in self.__dataclass_fields__))
+
+    def moved(self, offset: torch.Tensor) -> Cameras:
+        """The cameras shifted by `offset` ([3], world units) without turning, differentiably in
+        it (an image job learns where its reference camera stands). `distance` keeps the value
+        they were made with."""
+        shift = torch.nn.functional.pad(offset.reshape(1, 3, 1), (3, 0, 0, 1))  # [1, 4, 4]: the last column's xyz
+        return replace(self, c2w=self.c2w + shift)
 
 
 def spherical_position(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:

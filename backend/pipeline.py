@@ -76,14 +76,16 @@ def textured(mesh: Mesh, size: int, color_at: ColorAt | None = None) -> tuple[Me
 
 
 def reference_metadata(reference: Reference, recipe: Recipe, novel_view: str | None = None,
-                       novel: NovelViewGuidance | None = None) -> dict[str, Any]:
-    """What an image job's result records of its image and reference camera."""
+                       novel: NovelViewGuidance | None = None, offset: torch.Tensor | None = None) -> dict[str, Any]:
+    """What an image job's result records of its image and reference camera (`offset`: how far
+    the camera moved from where it started, world units)."""
     from .framing import mean_fov, reference_distance
 
     fov = mean_fov(recipe.cameras) if reference.fov is None else reference.fov
     h, w = reference.rgba.shape[:2]
     return {"width": w, "height": h, "elevation": reference.elevation, "fov": fov, "azimuth": 0.0,
             "distance": round(reference_distance(recipe.cameras, fov), 4),
+            "offset": [0.0] * 3 if offset is None else [round(float(v), 4) for v in offset],
             "foreground": round(float((reference.rgba[..., 3] >= 128).mean()), 4),
             "priors": {"2d": recipe.reference.prior_2d_weight,
                        "3d": None if novel is None else recipe.reference.prior_3d_weight},
@@ -182,7 +184,8 @@ def run(
         "timings": {k: round(v, 3) for k, v in timings.items()}, **mesh.counts, "recipe": recipe.to_dict(),
         "resumed_from_step": resumed_from,
         "threads": torch.get_num_threads(), "weights": guidance.weights,
-        **({} if reference is None else {"reference": reference_metadata(reference, recipe, spec.novel_view, novel)}),
+        **({} if reference is None else {"reference": reference_metadata(
+            reference, recipe, spec.novel_view, novel, nerf.offset if isinstance(nerf, ReferenceNeRFModel) else None)}),
     }
     result = Result(mesh, metadata, nerf)
     on_event(StageEvent(Stage.DONE))

@@ -168,6 +168,12 @@ class ReferenceSettings:
     prior_3d_weight: float = 40.0  # where the job names a novel-view prior (JobSpec.novel_view)
     novel_view_guidance_scale: float = 5.0  # the 3D prior's classifier-free guidance (Magic123's release)
     every: int = 1  # steps between reference-view renders (stable-dreamfusion's known_view_interval)
+    # Adam's learning rate for where the reference camera stands, learnt with the field (0: it
+    # stays where the picture's recentring puts it, as in Magic123). The recentring centres the
+    # foreground's box, which is not where a prior draws an object whose box is lopsided (a
+    # mug's body, with its handle to one side), nor at its size; moving the camera lets the
+    # text prior, which draws every subject centred and at its own size, place the object.
+    offset_lr: float = 0.0
 
 
 @dataclass(frozen=True)

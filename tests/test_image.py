@@ -147,6 +147,52 @@ def test_recentring_centres_the_foreground_and_scales_it_to_the_prior_framing():
     assert torch.allclose(rgb[0, :, inside], torch.tensor([10, 200, 10]).float()[:, None] / 255, atol=1e-3)
 
 
+def lopsided_rgba(size: int = 64) -> np.ndarray:
+    """A disc with a bar to its right, as a mug's body and handle: its box is not centred on it."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = ((xx - 0.4 * size) ** 2 + (yy - size / 2) ** 2 < (0.2 * size) ** 2)
+    inside |= (xx > 0.55 * size) & (xx < 0.8 * size) & (abs(yy - size / 2) < 0.04 * size)
+    rgba = np.full((size, size, 4), 255, np.uint8)
+    rgba[inside, :3] = (200, 30, 30)
+    rgba[..., 3] = np.where(inside, 255, 0)
+    return rgba
+
+
+def test_the_reference_camera_moves_to_where_the_prior_centres_a_lopsided_object():
+    """Recentring centres the disc-and-bar's box, so the disc sits left of the frame's centre
+    while the field's first blob sits on the axis. The reference error's gradient moves the
+    camera right (the blob then shows left), a step that way lowers the error, and the learnt
+    move survives a checkpoint; without `offset_lr` the camera stays where it started."""
+    from promptmesh.backend.pipeline import cached_guidance
+    from promptmesh.backend.recipe import resolve
+    from promptmesh.backend.stages import JobContext
+    from promptmesh.backend.stages.reference import ReferenceNeRFModel
+
+    guidance = cached_guidance("embedded", "cpu")
+    reference = Reference(lopsided_rgba(), 0.0)
+
+    def model(offset_lr: float) -> ReferenceNeRFModel:
+        recipe = resolve(guidance.card, JobSpec(prompt="a red mug")).changed({"reference": {"offset_lr": offset_lr}})
+        ctx = JobContext.create(guidance, guidance.embed_prompt("a red mug", ""), recipe, 0, torch.device("cpu"))
+        return ReferenceNeRFModel(ctx, 0, reference)
+
+    still = model(0.0)
+    assert not still.offset.requires_grad
+    moving = model(1e-3)
+    assert len(moving.optimizer.param_groups) == len(still.optimizer.param_groups) + 1
+    loss = moving.reference_loss()
+    loss.backward()
+    grad = moving.offset.grad
+    assert grad is not None and grad[0] < 0 and abs(grad[0]) > abs(grad[2]), grad  # right, not up or down
+    with torch.no_grad():
+        moving.offset.copy_(torch.tensor([0.05, 0.0, 0.0]))
+        assert moving.reference_loss() < loss
+        assert torch.allclose(moving.reference_view.origins - moving.camera.origins, torch.tensor([[0.05, 0.0, 0.0]]))
+    restored = model(1e-3)
+    restored.load_state_dict(moving.state_dict())
+    assert torch.equal(restored.offset, moving.offset)
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_embedded_prior_fits_the_reference_view_of_an_image_it_rendered():
@@ -173,7 +219,7 @@ def test_the_embedded_prior_fits_the_reference_view_of_an_image_it_rendered():
         ReferenceNeRFModel.__init__ = original  # type: ignore[method-assign]
     model = models[0]
     with torch.no_grad():
-        out = render(model.field, model.background, model.camera, 32, 32, occupancy=model.occupancy,
+        out = render(model.field, model.background, model.reference_view, 32, 32, occupancy=model.occupancy,
                      config=model.ctx.recipe.render)
     seen, truth = out.opacity[0, 0] > 0.5, model.mask[0, 0] > 0.5
     assert (seen & truth).sum() / (seen | truth).sum() > 0.6, float((seen & truth).sum() / (seen | truth).sum())

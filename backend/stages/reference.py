@@ -10,7 +10,9 @@ The image is recentred first, as Magic123 and stable-dreamfusion preprocess thei
 foreground's box is centred and scaled so that its longer side spans the share of the frame
 that an object of FIT_HALF_EXTENT (the embedded prior's training objects, and a texture job's
 fitted mesh) spans in the prior's own renders at the mean of its camera ranges. The reference
-camera stands at the distance that keeps that framing at the image's field of view.
+camera starts at the distance that keeps that framing at the image's field of view; with
+`reference.offset_lr`, where it stands is learnt with the field (a box is not where a prior
+centres a lopsided object, nor at its size: docs/image_to_3d.md).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class ReferenceNeRFModel(NeRFModel):
         r = ctx.recipe
         self.reference = reference
         self.camera = reference_camera(r.cameras, reference.elevation, reference.fov).to(ctx.device)
+        self.offset = torch.zeros(3, device=ctx.device, requires_grad=r.reference.offset_lr > 0)  # the camera's move
+        if r.reference.offset_lr > 0:
+            self.optimizer.add_param_group({"params": [self.offset], "lr": r.reference.offset_lr})
         rgb, mask = recentre(reference.rgba, r.resolution, frame_share(r.cameras))
         self.image, self.mask = rgb.to(ctx.device), mask.to(ctx.device)
         self.novel = novel
@@ -67,14 +72,28 @@ class ReferenceNeRFModel(NeRFModel):
             loss = loss + self.reference_loss()
         return loss
 
+    @property
+    def reference_view(self) -> Cameras:
+        """The reference camera where it stands now (moved by the learnt offset)."""
+        return self.camera.moved(self.offset)
+
     def reference_loss(self) -> torch.Tensor:
         r = self.ctx.recipe
-        out = render(self.field, self.background, self.camera, r.resolution, r.resolution, shading="lambertian",
+        out = render(self.field, self.background, self.reference_view, r.resolution, r.resolution, shading="lambertian",
                      ambient=r.shading.ambient, occupancy=self.occupancy if self.step >= r.optim.occupancy_warmup else None,
                      config=r.render, generator=self.ctx.generator)
         rgb_error = (self.mask * (out.rgb - self.image) ** 2).sum()
         mask_error = ((out.opacity - self.mask) ** 2).sum()
         return r.reference.rgb_weight * rgb_error + r.reference.mask_weight * mask_error
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "reference_offset": self.offset.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "reference_offset" in state:  # a checkpoint from before the camera was learnt stood still
+            with torch.no_grad():
+                self.offset.copy_(state["reference_offset"])
+        super().load_state_dict(state)
 
     @torch.no_grad()
     def preview(self, size: int = 64) -> np.ndarray:
