@@ -85,7 +85,7 @@ def reference_metadata(reference: Reference, recipe: Recipe, novel_view: str | N
     h, w = reference.rgba.shape[:2]
     return {"width": w, "height": h, "elevation": reference.elevation, "fov": fov, "azimuth": 0.0,
             "distance": round(reference_distance(recipe.cameras, fov), 4),
-            "offset": [0.0] * 3 if offset is None else [round(float(v), 4) for v in offset],
+            "offset": [0.0] * 3 if offset is None else [round(v, 4) for v in offset.detach().tolist()],
             "foreground": round(float((reference.rgba[..., 3] >= 128).mean()), 4),
             "priors": {"2d": recipe.reference.prior_2d_weight,
                        "3d": None if novel is None else recipe.reference.prior_3d_weight},

@@ -228,6 +228,7 @@ def test_the_embedded_prior_fits_the_reference_view_of_an_image_it_rendered():
     assert [e.stage for e in events if isinstance(e, StageEvent)][:2] == [Stage.LOADING, Stage.OPTIMISING]
     meta = result.metadata
     assert meta["prompt"] == "" and meta["reference"]["azimuth"] == 0.0 and meta["reference"]["elevation"] == 0.0
+    assert meta["reference"]["offset"] == [round(v, 4) for v in model.offset.tolist()] != [0.0] * 3  # learnt, recorded
     assert any("name the object in the prompt" in w for w in meta["warnings"])
     assert len(result.mesh.faces) > 0
 
