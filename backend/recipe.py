@@ -240,9 +240,6 @@ RECIPE_CHANGES = "recipe"  # the key of a preset's or an objective's changes to 
 CARDS_DIR = Path(__file__).with_name("recipes")  # the cards of models that carry none (Hub repositories)
 
 
-CARD_PARTS = frozenset({"recipe", "presets", "seconds", "measured_on", "objectives", "notes"})
-
-
 @dataclass(frozen=True)
 class ModelCard:
     """A prior's recipe and what each quality preset changes, as stored beside its weights.
@@ -305,10 +302,11 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         """A misplaced part (a recipe setting at the top) is refused by name, not ignored."""
-        unknown = set(data) - CARD_PARTS
+        parts = {f.name for f in fields(cls)}
+        unknown = set(data) - parts
         if unknown:
             raise ValueError(f"a model card has no part(s) {', '.join(sorted(unknown))} (its parts: "
-                             f"{', '.join(sorted(CARD_PARTS))}; recipe settings go under \"recipe\")")
+                             f"{', '.join(sorted(parts))}; recipe settings go under \"recipe\")")
         return cls(Recipe.from_dict(data["recipe"]), data.get("presets", {}), data.get("seconds", {}),
                    data.get("measured_on", ""), data.get("objectives", {}), data.get("notes", ""))
 
