@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cameras import BOUND_RADIUS
+from .trilinear import lookup
 
 PRIMES = (1, 2654435761, 805459861)
 MLP_CHUNK_ROWS = 4096  # 1 MB of 64-wide hidden layer: 17 ms for 133k rows, 18 at 2,048, 21 at 16,384 (2 threads)
@@ -74,23 +75,30 @@ class HashGrid(nn.Module):
         w = torch.where(corners[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # [N, 8]
         return (table[slot] * w[..., None]).sum(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, 3] in [-1, 1]."""
+    def _dense_grid_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense levels by `grid_sample` (CUDA, and any dtype the CPU kernels don't take)."""
         # The CPU kernel of grid_sample parallelises over the batch only: the points are split
         # into one batch entry per thread (same values, the grid broadcast, not copied).
         n, f = x.shape[0], self.config.features_per_level
         parts = max(1, min(torch.get_num_threads(), n)) if x.device.type == "cpu" else 1
         padded = F.pad(x, (0, 0, 0, -n % parts)) if n % parts else x
         grid = padded.view(parts, 1, 1, -1, 3)
-        # Dense levels come first (their resolutions grow); their features are joined along the
-        # channels and laid out as [N, features] in one copy rather than one per level.
+        # Their features are joined along the channels and laid out as [N, features] in one copy.
         # grid_sample wants (x, y, z) for (W, H, D); our tensors are laid out [D=z, H=y, W=x].
         dense = [
             F.grid_sample(param.expand(parts, -1, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=True)
             if level < self.active_levels else grid.new_zeros(parts, f, 1, 1, grid.shape[3])
             for level, param in enumerate(self.dense)
         ]  # each [parts, F, 1, 1, N / parts]
-        outs = [torch.cat(dense, 1).permute(0, 4, 1, 2, 3).reshape(-1, len(dense) * f)[:n]] if dense else []
+        return torch.cat(dense, 1).permute(0, 4, 1, 2, 3).reshape(-1, len(dense) * f)[:n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, 3] in [-1, 1]."""
+        n, f = x.shape[0], self.config.features_per_level
+        outs = []
+        if self.dense:  # dense levels come first (their resolutions grow)
+            fused = x.device.type == "cpu" and x.dtype == torch.float32 and self.dense[0].dtype == torch.float32
+            outs.append(lookup(x, list(self.dense), self.active_levels) if fused else self._dense_grid_sample(x))
         for level, table in enumerate(self.hashed, start=len(self.dense)):
             if level >= self.active_levels:
                 outs.append(x.new_zeros(n, f))
