@@ -4,8 +4,17 @@ import torch
 from promptmesh.backend.field import FieldConfig, HashGrid
 
 
+@pytest.fixture(params=[1, 2], ids=["serial", "parallel"])
+def threads(request):
+    """The kernels' serial build runs at one torch thread, the parallel one above."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("active", [8, 5])
-def test_the_fused_cpu_lookup_computes_what_grid_sample_computes_up_to_rounding(active):
+def test_the_fused_cpu_lookup_computes_what_grid_sample_computes_up_to_rounding(active, threads):
     """Values, the grids' gradients and the points' gradients of every dense level, with points
     beyond the border (clipped, no gradient), on cell corners, and levels switched off."""
     torch.manual_seed(0)
