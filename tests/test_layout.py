@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("maths", ("backend.background", "backend.cameras", "backend.dmtet", "backend.export", "backend.field",
                "backend.framing", "backend.mesh", "backend.models", "backend.multiview", "backend.mvdream", "backend.process",
                "backend.prompts", "backend.raster", "backend.recipe", "backend.renderer", "backend.shading",
-               "backend.texture", "backend.threads", "backend=")),  # `backend=`: that module alone (its version)
+               "backend.texture", "backend.threads", "backend.trilinear",
+               "backend=")),  # `backend=`: that module alone (its version)
     ("prior", ("backend.prior",)),
     ("guidance", ("backend.guidance",)),
     ("generation", ("backend.stages", "backend.pipeline", "backend.video")),
