@@ -242,3 +242,28 @@ def test_the_chunked_mlp_gives_the_modules_values_and_gradients():
     field.zero_grad()
     (field.head(x) * weights).sum().backward()
     assert x.grad is None and torch.allclose(field.mlp[0].weight.grad, results[0][2], rtol=1e-5, atol=1e-3)
+
+
+def test_a_field_the_occupancy_grid_left_empty_on_the_views_still_learns():
+    """ISM faded a chair (objectives bench, a yellow chair at 1,000 steps) until the grid held no
+    cell on a step's rays: the render evaluated nothing, the loss had no gradient, and the job
+    died in backward. Those views are now rendered without the grid, so the step moves the field."""
+    from promptmesh.backend.guidance import load_guidance
+    from promptmesh.backend.recipe import resolve
+    from promptmesh.backend.stages import JobContext, NeRFModel
+    from promptmesh.shared.spec import JobSpec
+
+    guidance = load_guidance("embedded")
+    recipe = resolve(guidance.card, JobSpec("a red cube", steps=100))
+    trainer = NeRFModel(JobContext.create(guidance, guidance.embed_prompt("a red cube"), recipe, 0, torch.device("cpu")), 0)
+    trainer.step = recipe.optim.occupancy_warmup + 1  # the grid in use, and not refreshed on this step
+    assert trainer.step % recipe.optim.occupancy_every != 0
+    trainer.occupancy.mask.zero_()
+    with torch.no_grad():
+        empty = render(trainer.field, trainer.background, front_camera(), 32, 32, occupancy=trainer.occupancy)
+    assert empty.samples == 0 and not empty.rgb.requires_grad  # what the step met
+    before = [p.detach().clone() for p in trainer.field.mlp.parameters()]
+    trainer.train_step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, trainer.field.mlp.parameters(), strict=True)]
+    assert all(moved), moved
+    assert not trainer.occupancy.mask.any()  # the grid itself is left to its own refresh

@@ -16,7 +16,7 @@ from ..cameras import Cameras, orbit_cameras, ray_bundle
 from ..field import NeRFField
 from ..mesh import extract_mesh
 from ..recipe import Schedule
-from ..renderer import OccupancyGrid, render
+from ..renderer import OccupancyGrid, RenderOutput, render
 from .context import JobContext
 from .loop import PROXY_MAX_FACES, PROXY_RESOLUTION, rgba_uint8
 
@@ -106,17 +106,27 @@ class NeRFModel:
         r, optim = ctx.recipe, ctx.recipe.optim
         cameras = ctx.sample_cameras()
         shading = r.shading.sample(ctx.generator)
-        out = render(
-            self.field, self.background, cameras, r.resolution, r.resolution, shading=shading, ambient=r.shading.ambient,
-            occupancy=self.occupancy if self.step >= optim.occupancy_warmup else None, config=r.render,
-            generator=ctx.generator,
-        )
+        out = self.render_training(cameras, shading)
         loss = self.distill(out.rgb, cameras) + optim.orientation_weight * out.orientation
         if self.step >= optim.entropy_from * r.schedule.steps:
             o = out.opacity.clamp(1e-5, 1 - 1e-5)
             entropy = -(o * o.log() + (1 - o) * (1 - o).log())
             loss = loss + optim.entropy_weight * entropy.sum() / o.shape[0]
         return loss
+
+    def render_training(self, cameras: Cameras, shading: str) -> RenderOutput:
+        """Renders at the recipe's resolution with gradients, through the occupancy grid once it
+        is warm. Where the grid leaves no sample on these rays (the field faded where they look),
+        they are rendered without it: the field still gets a gradient and can grow back, where
+        an empty render would have none and end the job."""
+        r, ctx = self.ctx.recipe, self.ctx
+        occupancy = self.occupancy if self.step >= r.optim.occupancy_warmup else None
+        out = render(self.field, self.background, cameras, r.resolution, r.resolution, shading=shading,
+                     ambient=r.shading.ambient, occupancy=occupancy, config=r.render, generator=ctx.generator)
+        if occupancy is not None and out.samples == 0:
+            out = render(self.field, self.background, cameras, r.resolution, r.resolution, shading=shading,
+                         ambient=r.shading.ambient, config=r.render, generator=ctx.generator)
+        return out
 
     def distill(self, images: torch.Tensor, cameras: Cameras) -> torch.Tensor:
         """The prior's score distillation of this step's renders (an image job adds its 3D prior's)."""

@@ -25,7 +25,6 @@ from ...shared.image import Reference
 from ..cameras import Cameras, orbit_cameras
 from ..framing import FIT_HALF_EXTENT, frame_share, recentre, reference_camera
 from ..guidance.zero123 import ImageEmbeddings, NovelViewGuidance
-from ..renderer import render
 from .context import JobContext
 from .loop import rgba_uint8
 from .nerf import NeRFModel
@@ -79,9 +78,7 @@ class ReferenceNeRFModel(NeRFModel):
 
     def reference_loss(self) -> torch.Tensor:
         r = self.ctx.recipe
-        out = render(self.field, self.background, self.reference_view, r.resolution, r.resolution, shading="lambertian",
-                     ambient=r.shading.ambient, occupancy=self.occupancy if self.step >= r.optim.occupancy_warmup else None,
-                     config=r.render, generator=self.ctx.generator)
+        out = self.render_training(self.reference_view, "lambertian")
         rgb_error = (self.mask * (out.rgb - self.image) ** 2).sum()
         mask_error = ((out.opacity - self.mask) ** 2).sum()
         return r.reference.rgb_weight * rgb_error + r.reference.mask_weight * mask_error
