@@ -124,7 +124,11 @@ def render(
     points = o[:, None, :] + t[..., None] * d[:, None, :]
     mask = hit[:, None].expand(-1, s)
     if occupancy is not None:
-        mask = mask & occupancy.occupied(points)
+        culled = mask & occupancy.occupied(points)
+        # A grid that leaves no sample on these rays (the field faded where they look) would
+        # leave the render without a gradient, and the field could never grow back.
+        if culled.any():
+            mask = culled
     density = torch.zeros(mask.shape, device=o.device)
     albedo = torch.zeros(*mask.shape, 3, device=o.device)
     if mask.any():

@@ -247,7 +247,8 @@ def test_the_chunked_mlp_gives_the_modules_values_and_gradients():
 def test_a_field_the_occupancy_grid_left_empty_on_the_views_still_learns():
     """ISM faded a chair (objectives bench, a yellow chair at 1,000 steps) until the grid held no
     cell on a step's rays: the render evaluated nothing, the loss had no gradient, and the job
-    died in backward. Those views are now rendered without the grid, so the step moves the field."""
+    died in backward. A grid that would leave a render empty now culls nothing, so the step
+    moves the field."""
     from promptmesh.backend.guidance import load_guidance
     from promptmesh.backend.recipe import resolve
     from promptmesh.backend.stages import JobContext, NeRFModel
@@ -260,8 +261,9 @@ def test_a_field_the_occupancy_grid_left_empty_on_the_views_still_learns():
     assert trainer.step % recipe.optim.occupancy_every != 0
     trainer.occupancy.mask.zero_()
     with torch.no_grad():
-        empty = render(trainer.field, trainer.background, front_camera(), 32, 32, occupancy=trainer.occupancy)
-    assert empty.samples == 0 and not empty.rgb.requires_grad  # what the step met
+        full = render(trainer.field, trainer.background, front_camera(), 32, 32)
+        culled = render(trainer.field, trainer.background, front_camera(), 32, 32, occupancy=trainer.occupancy)
+    assert culled.samples == full.samples > 0 and torch.equal(culled.rgb, full.rgb)
     before = [p.detach().clone() for p in trainer.field.mlp.parameters()]
     trainer.train_step()
     moved = [not torch.equal(a, p) for a, p in zip(before, trainer.field.mlp.parameters(), strict=True)]

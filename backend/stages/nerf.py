@@ -116,17 +116,11 @@ class NeRFModel:
 
     def render_training(self, cameras: Cameras, shading: str) -> RenderOutput:
         """Renders at the recipe's resolution with gradients, through the occupancy grid once it
-        is warm. Where the grid leaves no sample on these rays (the field faded where they look),
-        they are rendered without it: the field still gets a gradient and can grow back, where
-        an empty render would have none and end the job."""
-        r, ctx = self.ctx.recipe, self.ctx
-        occupancy = self.occupancy if self.step >= r.optim.occupancy_warmup else None
-        out = render(self.field, self.background, cameras, r.resolution, r.resolution, shading=shading,
-                     ambient=r.shading.ambient, occupancy=occupancy, config=r.render, generator=ctx.generator)
-        if occupancy is not None and out.samples == 0:
-            out = render(self.field, self.background, cameras, r.resolution, r.resolution, shading=shading,
-                         ambient=r.shading.ambient, config=r.render, generator=ctx.generator)
-        return out
+        is warm."""
+        r = self.ctx.recipe
+        return render(self.field, self.background, cameras, r.resolution, r.resolution, shading=shading,
+                      ambient=r.shading.ambient, occupancy=self.occupancy if self.step >= r.optim.occupancy_warmup else None,
+                      config=r.render, generator=self.ctx.generator)
 
     def distill(self, images: torch.Tensor, cameras: Cameras) -> torch.Tensor:
         """The prior's score distillation of this step's renders (an image job adds its 3D prior's)."""
